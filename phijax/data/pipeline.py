@@ -1,0 +1,297 @@
+"""What the trainer consumes: fixed token windows -> deterministic batches.
+
+The seqio task runs ONCE per (task, seq_len, vocab, corpus) into a .npy window
+cache; training then only does numpy gathers from a memory map. That keeps
+tensorflow off accelerator hosts' hot path (and out of ``import`` entirely:
+seqio/tf are imported inside ``build_window_cache`` only), and makes batches a
+pure function of (seed, step) -- restart- and process-count-invariant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from phijax.data import vocab as vocab_lib
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+WINDOWS_FILE = "windows.npy"
+META_FILE = "meta.json"
+
+
+# --- window cache --------------------------------------------------------------
+def _task_fingerprints(task_name: str) -> tuple[Any, str, str, int]:
+    """(task, vocab fingerprint, corpus fingerprint, vocab size)."""
+    import seqio
+
+    from phijax.data import tasks  # registers the default tasks
+
+    task = seqio.get_mixture_or_task(task_name)
+    vocabulary = task.output_features["targets"].vocabulary
+    vocab_fp = getattr(vocabulary, "fingerprint", None) or repr(vocabulary)
+    info = tasks.TASK_INFO.get(task_name)
+    # A foreign seqio task has no corpus fingerprint we can compute; its cache
+    # is then keyed by task name + vocabulary only.
+    corpus_fp = info.corpus_fingerprint() if info is not None else "unknown"
+    return task, vocab_fp, corpus_fp, vocabulary.vocab_size
+
+
+def window_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def build_window_cache(task_name: str, seq_len: int,
+                       cache_dir: str | os.PathLike | None = None) -> Path:
+    """Materialises ``task_name`` as windows of ``seq_len + 1`` tokens (inputs =
+    w[:-1], targets = w[1:]) in ``<cache>/windows/<task>-L<seq_len>-<key>/``.
+
+    Returns that directory; a complete one is reused as is. Written to a temp
+    dir and renamed into place, so a killed build never leaves a partial cache.
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    task, vocab_fp, corpus_fp, vocab_size = _task_fingerprints(task_name)
+    key_fields = {"format": CACHE_FORMAT_VERSION, "task": task_name, "seq_len": seq_len,
+                  "vocab_fingerprint": vocab_fp, "corpus_fingerprint": corpus_fp}
+    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(cache_dir) if cache_dir is not None else vocab_lib.default_cache_dir()
+    final = root / "windows" / f"{task_name}-L{seq_len}-{key}"
+    if (final / META_FILE).exists():
+        return final
+
+    t0 = time.time()
+    ds = task.get_dataset({"targets": seq_len + 1}, split="train", shuffle=False,
+                          num_epochs=1, use_cached=False)
+    dtype = window_dtype(vocab_size)
+    chunks = [b["targets"].astype(dtype) for b in ds.batch(1024).as_numpy_iterator()]
+    if not chunks:
+        raise ValueError(f"task {task_name!r} yields no window of {seq_len + 1} tokens")
+    windows = np.concatenate(chunks)
+    meta = dict(key_fields, key=key, n_windows=int(windows.shape[0]),
+                n_tokens=int(windows.size), vocab_size=int(vocab_size),
+                padded_vocab_size=vocab_lib.padded_vocab_size(vocab_size),
+                dtype=dtype.name, build_seconds=round(time.time() - t0, 2))
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes 0700; caches may be shared
+        np.save(tmp / WINDOWS_FILE, windows)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / META_FILE).exists():
+                raise
+            # Another process finished the same (deterministic) build first.
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("window cache %s: %d windows x %d tokens in %.1fs",
+             final, meta["n_windows"], seq_len + 1, meta["build_seconds"])
+    return final
+
+
+def load_windows(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
+    """(memory-mapped [N, L+1] windows, meta) from a ``build_window_cache`` dir."""
+    path = Path(path)
+    meta = json.loads((path / META_FILE).read_text())
+    return np.load(path / WINDOWS_FILE, mmap_mode="r"), meta
+
+
+# --- batches ----------------------------------------------------------------------
+def _check_sharding(global_batch_size: int, process_index: int, process_count: int) -> None:
+    if global_batch_size < 1:
+        raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"need 0 <= process_index < process_count, got "
+                         f"process_index={process_index}, process_count={process_count}")
+    if global_batch_size % process_count:
+        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
+                         f"process_count={process_count}")
+
+
+def _check_step(step: int) -> int:
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    return int(step)
+
+
+def _shift(w: np.ndarray) -> dict[str, np.ndarray]:
+    w = np.asarray(w, dtype=np.int32)
+    return {"inputs": w[:, :-1], "targets": w[:, 1:],
+            "loss_weights": np.ones((w.shape[0], w.shape[1] - 1), np.float32)}
+
+
+class _Batches:
+    """Shared (seed, step) -> rows bookkeeping and data-state checks."""
+
+    seq_len: int
+    n_windows: int | None
+
+    def __init__(self, global_batch_size: int, seed: int, process_index: int, process_count: int):
+        _check_sharding(global_batch_size, process_index, process_count)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        self.global_batch_size = int(global_batch_size)
+        self.seed = int(seed)
+        self.process_index = int(process_index)
+        self.process_count = int(process_count)
+        self.local_batch_size = self.global_batch_size // self.process_count
+
+    def _local_range(self) -> tuple[int, int]:
+        lo = self.process_index * self.local_batch_size
+        return lo, lo + self.local_batch_size
+
+    def local_batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's contiguous rows [p*B/P, (p+1)*B/P) of the global batch."""
+        return self._batch(_check_step(step), *self._local_range())
+
+    def global_batch(self, step: int) -> dict[str, np.ndarray]:
+        return self._batch(_check_step(step), 0, self.global_batch_size)
+
+    def epoch_of(self, step: int) -> int:
+        return 0
+
+    def _identity(self) -> dict[str, Any]:
+        return {"seed": self.seed, "n_windows": self.n_windows, "seq_len": self.seq_len,
+                "global_batch_size": self.global_batch_size}
+
+    def state(self, step: int) -> dict[str, Any]:
+        """JSON-serialisable data state to store in a checkpoint."""
+        step = _check_step(step)
+        return dict(self._identity(), step=step, epoch=self.epoch_of(step))
+
+    def check_state(self, state: dict[str, Any]) -> int:
+        """Raises ValueError if a checkpointed state came from a different data
+        stream (dataset size, seq_len, seed, batch size, data fingerprint);
+        returns the checkpointed step to resume from."""
+        mine = self._identity()
+        bad = {k: (state.get(k), v) for k, v in mine.items() if k in state and state[k] != v}
+        missing = [k for k in ("seed", "n_windows", "seq_len", "step") if k not in state]
+        if missing:
+            raise ValueError(f"data state is missing {missing}: {state}")
+        if bad:
+            detail = ", ".join(f"{k}: checkpoint={a!r} vs current={b!r}" for k, (a, b) in bad.items())
+            raise ValueError(f"checkpointed data state does not match this data pipeline ({detail})")
+        return _check_step(state["step"])
+
+    def __iter__(self):
+        step = 0
+        while True:
+            yield self.local_batch(step)
+            step += 1
+
+
+class WindowBatches(_Batches):
+    """Batches of windows [N, L+1]; a pure function of (seed, step).
+
+    Global sample g = step*B + i lives in epoch g // N at position g % N of the
+    seeded permutation for that epoch: every epoch visits every window exactly
+    once, epochs differ, and no process count or restart changes any batch.
+    """
+
+    def __init__(self, windows: np.ndarray, global_batch_size: int, seed: int,
+                 process_index: int = 0, process_count: int = 1, meta: dict | None = None):
+        super().__init__(global_batch_size, seed, process_index, process_count)
+        if windows.ndim != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
+            raise ValueError(f"windows must be [N >= 1, L+1 >= 2], got shape {windows.shape}")
+        self.windows = windows
+        self.n_windows = int(windows.shape[0])
+        self.seq_len = int(windows.shape[1]) - 1
+        self.meta = dict(meta or {})
+        self.vocab_size = self.meta.get("vocab_size")
+        self._perms: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    @classmethod
+    def from_cache(cls, path: str | os.PathLike, global_batch_size: int, seed: int,
+                   process_index: int = 0, process_count: int = 1) -> "WindowBatches":
+        windows, meta = load_windows(path)
+        return cls(windows, global_batch_size, seed, process_index, process_count, meta=meta)
+
+    def _identity(self) -> dict[str, Any]:
+        ident = super()._identity()
+        if "key" in self.meta:  # which cache (task/vocab/corpus) the windows came from
+            ident["data_key"] = self.meta["key"]
+        return ident
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        perm = self._perms.get(epoch)
+        if perm is None:
+            perm = np.random.default_rng((self.seed, epoch)).permutation(self.n_windows)
+            self._perms[epoch] = perm
+            while len(self._perms) > 2:  # a batch spans at most a few epochs
+                self._perms.popitem(last=False)
+        return perm
+
+    def epoch_of(self, step: int) -> int:
+        """Epoch of the step's first global sample."""
+        return _check_step(step) * self.global_batch_size // self.n_windows
+
+    def rows(self, step: int, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """Window indices of global-batch rows [lo, hi) at ``step``."""
+        hi = self.global_batch_size if hi is None else hi
+        g = _check_step(step) * self.global_batch_size + np.arange(lo, hi, dtype=np.int64)
+        epochs, pos = np.divmod(g, self.n_windows)
+        out = np.empty_like(g)
+        for e in np.unique(epochs):
+            m = epochs == e
+            out[m] = self.permutation(int(e))[pos[m]]
+        return out
+
+    def _batch(self, step: int, lo: int, hi: int) -> dict[str, np.ndarray]:
+        return _shift(self.windows[self.rows(step, lo, hi)])
+
+
+class SyntheticBatches(_Batches):
+    """Uniform random tokens, same interface (no data files, no tf): for
+    benchmarks. Each global row has its own RNG keyed by (seed, step, row), so
+    process slices agree with the global batch and nothing depends on history."""
+
+    def __init__(self, vocab_size: int, seq_len: int, global_batch_size: int, seed: int,
+                 process_index: int = 0, process_count: int = 1):
+        super().__init__(global_batch_size, seed, process_index, process_count)
+        if vocab_size < 1 or seq_len < 1:
+            raise ValueError(f"need vocab_size >= 1 and seq_len >= 1, got {vocab_size}, {seq_len}")
+        self.vocab_size = int(vocab_size)
+        self.seq_len = int(seq_len)
+        self.n_windows = None
+        self.meta = {"source": "synthetic", "vocab_size": self.vocab_size}
+
+    def _batch(self, step: int, lo: int, hi: int) -> dict[str, np.ndarray]:
+        w = np.stack([np.random.default_rng((self.seed, step, r)).integers(
+            0, self.vocab_size, self.seq_len + 1, dtype=np.int32) for r in range(lo, hi)])
+        return _shift(w)
+
+
+def make_batches(source: str, *, seq_len: int, global_batch_size: int, seed: int = 0,
+                 vocab_size: int = vocab_lib.DEFAULT_VOCAB_SIZE, task_name: str | None = None,
+                 process_index: int = 0, process_count: int = 1,
+                 cache_dir: str | os.PathLike | None = None) -> _Batches:
+    """``"stdlib"`` (or ``"task"`` with ``task_name``): seqio task -> window
+    cache -> WindowBatches. ``"synthetic"``: SyntheticBatches."""
+    if source == "synthetic":
+        return SyntheticBatches(vocab_size, seq_len, global_batch_size, seed,
+                                process_index, process_count)
+    if source in ("stdlib", "task"):
+        if task_name is None:
+            if source == "task":
+                raise ValueError("source='task' needs task_name")
+            from phijax.data import tasks  # lazy: tf/seqio only when data is built
+
+            task_name = tasks.ensure_stdlib_task(vocab_size)
+        path = build_window_cache(task_name, seq_len, cache_dir)
+        return WindowBatches.from_cache(path, global_batch_size, seed, process_index, process_count)
+    raise ValueError(f"unknown data source {source!r}; expected 'stdlib', 'task' or 'synthetic'")

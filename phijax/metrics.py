@@ -1,0 +1,112 @@
+"""Training metrics: metrics.jsonl, TensorBoard events, and model FLOPs utilisation (MFU).
+
+MFU = tokens_per_second * PhiConfig.flops_per_token(seq_len) / (devices * peak FLOP/s per device),
+with flops_per_token = 6 * matmul_params + 12 * n_layers * n_heads * head_dim * seq_len
+(PaLM appendix B; docs/benchmarks.md). Peaks are the published dense bf16 figures per
+accelerator; on CPU the peak is a fp32 matmul measured in this process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Published dense bf16 peak FLOP/s per device (per chip for TPU).
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,  # v6e / Trillium
+    "TPU v6e": 918e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+}
+
+_measured_cpu_peak: float | None = None
+
+
+def measure_matmul_peak(n: int = 1024, dtype=jnp.float32, seconds: float = 1.0) -> float:
+    """FLOP/s of a large jitted matmul on the default device (a practical peak, e.g. for CPU)."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        f(a).block_until_ready()
+        reps += 1
+    return 2.0 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def device_peak_flops(device=None) -> float:
+    """Peak FLOP/s of one device: the published figure, or a measured matmul peak on CPU."""
+    global _measured_cpu_peak
+    device = device or jax.devices()[0]
+    kind = getattr(device, "device_kind", "")
+    for name, peak in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return peak
+    if device.platform == "cpu":
+        if _measured_cpu_peak is None:
+            # One XLA CPU "device" uses every core; simulated multi-device meshes share them.
+            _measured_cpu_peak = measure_matmul_peak() / len(jax.devices())
+        return _measured_cpu_peak
+    raise ValueError(f"unknown peak FLOP/s for device kind {kind!r}; set train.peak_flops_per_device in gin")
+
+
+class MetricsWriter:
+    """Appends one JSON record per logged step to metrics.jsonl and mirrors scalars to TensorBoard."""
+
+    def __init__(self, model_dir: str, enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(model_dir, "metrics.jsonl")
+        self._tb = None
+        if enabled:
+            from tensorboardX import SummaryWriter  # no tensorflow needed
+            self._tb = SummaryWriter(os.path.join(model_dir, "tb"))
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop records of steps the restored checkpoint had not reached (atomic)."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line).get("step", -1) < step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, self.path)
+
+    def write(self, step: int, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: _py(v) for k, v in record.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)):
+                self._tb.add_scalar(f"train/{k}", v, step)
+
+    def close(self):
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+
+
+def _py(v):
+    v = np.asarray(v)
+    return v.item() if v.size == 1 else v.tolist()
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -1,0 +1,226 @@
+"""The phi transformer in Flax NNX (phi-1 as published; `PhiForCausalLM` in transformers).
+
+Block: h = x + dropout(attn(LN(x))) + dropout(mlp(LN(x))) with ONE LayerNorm shared by the
+two parallel branches. Partial rotary (first `rotary_dim` features of each head,
+rotate-half layout). Bias on every linear, untied lm_head with bias.
+
+Layers are stored stacked (leading 'layers' axis) and run with `lax.scan`, so compile
+time does not grow with depth. Every parameter carries its logical axis names in the
+`axes` metadata; `phijax.sharding` maps them to the mesh. No tensorflow here.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from phijax import attention, remat
+from phijax.config import PhiConfig
+from phijax.sharding import constrain
+
+
+def _param(rngs, init, shape, axes, stack, dtype):
+    """A parameter of `stack + shape` with logical axes ('layers',)*len(stack) + axes."""
+    value = init(rngs.params(), tuple(stack) + tuple(shape), dtype)
+    return nnx.Param(value, axes=("layers",) * len(stack) + tuple(axes))
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim, eps, *, rngs, stack=(), dtype=jnp.float32, axis_name="norm"):
+        self.eps = eps
+        self.scale = _param(rngs, nnx.initializers.ones, (dim,), (axis_name,), stack, dtype)
+        self.bias = _param(rngs, nnx.initializers.zeros, (dim,), (axis_name,), stack, dtype)
+
+    def __call__(self, x):
+        # Statistics in fp32 whatever the compute dtype.
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+class Dense(nnx.Module):
+    """y = einsum(x, kernel) + bias over `n_in` contracted input dims."""
+
+    def __init__(self, in_shape, out_shape, in_axes, out_axes, *, rngs, std, stack=(), dtype=jnp.float32):
+        self.n_in = len(in_shape)
+        init = nnx.initializers.normal(std)
+        self.kernel = _param(rngs, init, tuple(in_shape) + tuple(out_shape), tuple(in_axes) + tuple(out_axes),
+                             stack, dtype)
+        self.bias = _param(rngs, nnx.initializers.zeros, out_shape, out_axes, stack, dtype)
+
+    def __call__(self, x):
+        k = self.kernel[...].astype(x.dtype)
+        y = jax.lax.dot_general(x, k, (((tuple(range(x.ndim - self.n_in, x.ndim))), tuple(range(self.n_in))), ((), ())))
+        return y + self.bias[...].astype(x.dtype)
+
+
+def gelu_new(x):
+    """The tanh approximation of GELU (transformers' `gelu_new`)."""
+    return 0.5 * x * (1.0 + jnp.tanh(jnp.sqrt(2.0 / jnp.pi) * (x + 0.044715 * jnp.power(x, 3.0))))
+
+
+def rotary_tables(positions, rotary_dim, base):
+    """cos, sin of shape [batch, len, rotary_dim] for integer positions [batch, len] (fp32)."""
+    inv_freq = 1.0 / (base ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rotary(x, cos, sin, rotary_dim):
+    """Rotate-half RoPE on the first rotary_dim features of x [batch, len, heads, head_dim]."""
+    if rotary_dim == 0:
+        return x
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    half = rotary_dim // 2
+    rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    return jnp.concatenate([rot * cos + rotated * sin, rest], axis=-1)
+
+
+def _dropout(x, rate, key):
+    if rate == 0.0 or key is None:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: PhiConfig, *, rngs, stack=()):
+        d, h, kv, dh = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        pd = jnp.dtype(cfg.param_dtype)
+        kw = dict(rngs=rngs, std=cfg.init_std, stack=stack, dtype=pd)
+        self.q_proj = Dense((d,), (h, dh), ("embed",), ("heads", "head_dim"), **kw)
+        self.k_proj = Dense((d,), (kv, dh), ("embed",), ("kv_heads", "head_dim"), **kw)
+        self.v_proj = Dense((d,), (kv, dh), ("embed",), ("kv_heads", "head_dim"), **kw)
+        self.dense = Dense((h, dh), (d,), ("heads", "head_dim"), ("embed",), **kw)
+        if cfg.qk_layernorm:  # one LayerNorm over head_dim shared by all heads (as transformers)
+            self.q_layernorm = LayerNorm(dh, cfg.layer_norm_eps, rngs=rngs, stack=stack, dtype=pd)
+            self.k_layernorm = LayerNorm(dh, cfg.layer_norm_eps, rngs=rngs, stack=stack, dtype=pd)
+        self.cfg = cfg
+
+    def __call__(self, x, cos, sin, segment_ids, dropout_key):
+        cfg = self.cfg
+        q = constrain(self.q_proj(x), ("activation_batch", "activation_length", "activation_heads", None))
+        k = constrain(self.k_proj(x), ("activation_batch", "activation_length", "activation_kv_heads", None))
+        v = constrain(self.v_proj(x), ("activation_batch", "activation_length", "activation_kv_heads", None))
+        if cfg.qk_layernorm:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
+        q = apply_rotary(q, cos, sin, cfg.rotary_dim)
+        k = apply_rotary(k, cos, sin, cfg.rotary_dim)
+        out = attention.get_backend(cfg.attention)(
+            q, k, v, segment_ids=segment_ids, causal=True,
+            dropout_rate=cfg.attn_dropout, dropout_key=dropout_key)
+        out = constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
+        return self.dense(out)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: PhiConfig, *, rngs, stack=()):
+        kw = dict(rngs=rngs, std=cfg.init_std, stack=stack, dtype=jnp.dtype(cfg.param_dtype))
+        self.fc1 = Dense((cfg.d_model,), (cfg.d_mlp,), ("embed",), ("mlp",), **kw)
+        self.fc2 = Dense((cfg.d_mlp,), (cfg.d_model,), ("mlp",), ("embed",), **kw)
+
+    def __call__(self, x):
+        h = constrain(gelu_new(self.fc1(x)), ("activation_batch", "activation_length", "activation_mlp"))
+        return self.fc2(h)
+
+
+class Block(nnx.Module):
+    """One parallel phi layer. Built with stack=(n_layers,) it holds every layer's weights."""
+
+    def __init__(self, cfg: PhiConfig, *, rngs, stack=()):
+        self.input_layernorm = LayerNorm(cfg.d_model, cfg.layer_norm_eps, rngs=rngs, stack=stack,
+                                         dtype=jnp.dtype(cfg.param_dtype))
+        self.self_attn = Attention(cfg, rngs=rngs, stack=stack)
+        self.mlp = MLP(cfg, rngs=rngs, stack=stack)
+        self.cfg = cfg
+
+    def __call__(self, x, cos, sin, segment_ids, key):
+        cfg = self.cfg
+        k_attn = k_r1 = k_r2 = None
+        if key is not None:
+            k_attn, k_r1, k_r2 = jax.random.split(key, 3)
+        h = self.input_layernorm(x)
+        a = checkpoint_name(self.self_attn(h, cos, sin, segment_ids, k_attn), "attn_out")
+        m = checkpoint_name(self.mlp(h), "mlp_out")
+        out = x + _dropout(a, cfg.resid_dropout, k_r1) + _dropout(m, cfg.resid_dropout, k_r2)
+        return constrain(out, ("activation_batch", "activation_length", "activation_embed"))
+
+
+class Phi(nnx.Module):
+    def __init__(self, cfg: PhiConfig, *, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.embed_tokens = nnx.Param(
+            nnx.initializers.normal(cfg.init_std)(rngs.params(), (cfg.vocab_size, cfg.d_model), pd),
+            axes=("vocab", "embed"))
+        self.layers = Block(cfg, rngs=rngs, stack=(cfg.n_layers,))
+        self.final_layernorm = LayerNorm(cfg.d_model, cfg.layer_norm_eps, rngs=rngs, dtype=pd)
+        self.lm_head = Dense((cfg.d_model,), (cfg.vocab_size,), ("embed",), ("vocab",), rngs=rngs,
+                             std=cfg.init_std, dtype=pd)
+
+    def hidden_states(self, tokens, *, positions=None, segment_ids=None, dropout_key=None):
+        """Final-LayerNorm hidden states [batch, len, d_model] (also used for embeddings)."""
+        cfg = self.cfg
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(jnp.dtype(cfg.dtype))
+        x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+        layer_keys = None
+        if dropout_key is not None:
+            k_embed, k_layers = jax.random.split(dropout_key)
+            x = _dropout(x, cfg.embd_dropout, k_embed)
+            layer_keys = jax.random.split(k_layers, cfg.n_layers)
+        cos, sin = rotary_tables(positions, cfg.rotary_dim, cfg.rope_base)
+
+        graphdef, stacked = nnx.split(self.layers)
+
+        def body(h, xs):
+            layer_state, key = xs
+            return nnx.merge(graphdef, layer_state)(h, cos, sin, segment_ids, key), None
+
+        x, _ = jax.lax.scan(remat.apply(body, cfg.remat_policy), x, (stacked, layer_keys))
+        return self.final_layernorm(x)
+
+    def __call__(self, tokens, *, positions=None, segment_ids=None, dropout_key=None):
+        """Logits [batch, len, vocab] in fp32 for int32 tokens [batch, len].
+
+        dropout_key=None means deterministic (eval); positions/segment_ids describe packed
+        examples (positions restart at 0 per example; segments never attend to each other).
+        """
+        h = self.hidden_states(tokens, positions=positions, segment_ids=segment_ids, dropout_key=dropout_key)
+        logits = self.lm_head(h).astype(jnp.float32)
+        return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+
+def init(cfg: PhiConfig, seed: int = 0) -> Phi:
+    return Phi(cfg, rngs=nnx.Rngs(params=seed))
+
+
+def split(model: Phi):
+    """(graphdef, params as a plain nested dict of arrays, logical axes with the same structure)."""
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    axes = jax.tree.map(lambda v: v.get_metadata()["axes"], state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return graphdef, params, nnx.to_pure_dict(axes) if not isinstance(axes, dict) else axes
+
+
+def abstract(cfg: PhiConfig):
+    """(graphdef, ShapeDtypeStruct params, axes) without allocating anything."""
+    model = nnx.eval_shape(lambda: init(cfg))
+    return split(model)
+
+
+def apply(graphdef, params, tokens, **kwargs):
+    """Functional forward: logits for `tokens` with the given params dict."""
+    return nnx.merge(graphdef, params)(tokens, **kwargs)
+
+
+def merge(graphdef, params) -> Phi:
+    return nnx.merge(graphdef, params)

@@ -1,0 +1,229 @@
+"""Training entry point: `python -m phijax.train --gin_file=... [--gin_file=...] [--gin_param=...]`.
+
+Reads top to bottom: parse gin -> validate -> mesh -> state (fresh or resumed) -> loop of one
+jitted step -> checkpoints, metrics -> final save and export.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from phijax import checkpoint as ckpt_lib
+from phijax import gin_setup, metrics as metrics_lib, optim, sharding, train_step
+from phijax.config import PhiConfig
+
+log = logging.getLogger("phijax.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@gin.configurable
+def data_source(kind: str = "stdlib", *, seq_len: int = gin.REQUIRED, global_batch_size: int = gin.REQUIRED,
+                seed: int = 0, vocab_size: int | None = None, model_vocab_size: int = gin.REQUIRED,
+                task_name: str | None = None, cache_dir: str | None = None):
+    """Batches that depend only on (seed, step).
+
+    'stdlib': the SeqIO stdlib task with a BPE vocabulary of `vocab_size` (default: the model's;
+    trained once, cached);
+    'task': the registered SeqIO task `task_name`; 'synthetic': random tokens, no tensorflow.
+    """
+    from phijax.data import pipeline  # the SeqIO/TF part is imported only for SeqIO sources
+    return pipeline.make_batches(kind, task_name=task_name, seq_len=seq_len, global_batch_size=global_batch_size,
+                                 seed=seed, vocab_size=vocab_size or model_vocab_size,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count(), cache_dir=cache_dir)
+
+
+def validate(cfg: PhiConfig, mesh, *, batch_size: int, microbatches: int, seq_len: int, train_steps: int):
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    problems = []
+    if train_steps <= 0:
+        problems.append(f"TRAIN_STEPS={train_steps} must be > 0")
+    if microbatches <= 0 or batch_size % microbatches:
+        problems.append(f"batch size {batch_size} is not divisible by microbatches={microbatches}")
+    elif (batch_size // microbatches) % dp:
+        problems.append(f"microbatch size {batch_size // microbatches} (batch {batch_size} / {microbatches} "
+                        f"microbatches) is not divisible by the data-parallel size {dp} (data x fsdp)")
+    if batch_size % jax.process_count():
+        problems.append(f"batch size {batch_size} is not divisible by the {jax.process_count()} processes")
+    if seq_len > cfg.max_len:
+        problems.append(f"seq_len {seq_len} exceeds the model's max_len {cfg.max_len}")
+    if problems:
+        raise ValueError("invalid training configuration:\n  - " + "\n  - ".join(problems))
+
+
+@gin.configurable(denylist=["gin_config_str"])
+def train(*, model_dir: str = gin.REQUIRED, model_config: PhiConfig = gin.REQUIRED, train_steps: int = gin.REQUIRED,
+          batch_size: int = gin.REQUIRED, seq_len: int = gin.REQUIRED, microbatches: int = 1, seed: int = 0,
+          schedule=gin.REQUIRED, optimizer=optim.adamw, mesh_shape=(-1, 1, 1), sharding_rules=gin.REQUIRED,
+          log_every: int = 10, checkpoint_every: int = 100, keep_checkpoints: int = 3, async_checkpoint: bool = True,
+          export_dtype: str | None = "bfloat16", peak_flops_per_device: float | None = None,
+          init_params_from: str | None = None,
+          gin_config_str: str | None = None) -> dict:
+    """Train (or resume) and return a summary dict: first/last loss, final step, paths."""
+    cfg = model_config
+    mesh = sharding.make_mesh(mesh_shape)
+    validate(cfg, mesh, batch_size=batch_size, microbatches=microbatches, seq_len=seq_len, train_steps=train_steps)
+    tx = optimizer(schedule)
+    data = data_source(seq_len=seq_len, global_batch_size=batch_size, seed=seed,
+                       model_vocab_size=cfg.vocab_size)
+    if getattr(data, "vocab_size", 0) > cfg.vocab_size:
+        raise ValueError(f"the data's vocabulary ({data.vocab_size}) is larger than the model's "
+                         f"vocab_size ({cfg.vocab_size})")
+    os.makedirs(model_dir, exist_ok=True)
+
+    # State: restore the latest good checkpoint, or initialise in place on the mesh.
+    graphdef, abstract_state, shardings = train_step.state_shardings(cfg, tx, mesh, sharding_rules)
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(model_dir, "checkpoints"), save_interval_steps=checkpoint_every,
+                                         max_to_keep=keep_checkpoints, async_save=async_checkpoint)
+    meta = {"model": cfg.to_dict(), "seq_len": seq_len, "batch_size": batch_size}
+    _check_same_model(checkpointer, cfg)
+    restored = checkpointer.restore_latest(abstract_state)
+    if restored is None:
+        state = train_step.init_state(cfg, tx, seed, shardings)
+        if init_params_from:  # e.g. fine-tuning from a pretraining export or an HF directory
+            state["params"] = _load_params(init_params_from, abstract_state["params"])
+            log.info("initialised parameters from %s", init_params_from)
+        start = 0
+        log.info("initialised %s parameters (%.1fM)", "phi", cfg.param_count() / 1e6)
+    else:
+        start, state, data_state = restored
+        data.check_state(data_state)
+        log.info("resumed from step %d (%s)", start, checkpointer.directory)
+    batch_sharding = train_step.batch_shardings(tuple(data.local_batch(start)), mesh, sharding_rules)
+    step_fn = train_step.make_train_step(graphdef, cfg, tx, schedule, mesh=mesh, rules=sharding_rules,
+                                         microbatches=microbatches, shardings=shardings, batch_sharding=batch_sharding)
+
+    writer = metrics_lib.MetricsWriter(model_dir, enabled=jax.process_index() == 0)
+    writer.truncate_after(start)
+    peak = (peak_flops_per_device or metrics_lib.device_peak_flops()) * jax.device_count()
+    flops_per_token = cfg.flops_per_token(seq_len)
+    if gin_config_str is not None and jax.process_index() == 0:
+        _write_text(os.path.join(model_dir, "config.gin"), gin_config_str)
+
+    # The loop. Metrics of step s are read after step s+1 is dispatched, so the host never
+    # stalls the device; a non-finite loss stops before any later state is saved.
+    first_loss = last_loss = None
+    pending = None  # (step, metrics) not yet checked
+    t_window = t_start = time.perf_counter()
+    last_logged = start
+    for step in range(start, train_steps):
+        batch = train_step.to_global(data.local_batch(step), batch_sharding)
+        state, step_metrics = step_fn(state, batch)
+        if pending is not None:
+            _check_finite(*pending)
+        pending = (step, step_metrics)
+        done = step + 1
+        if done % log_every == 0 or done == train_steps or checkpointer.should_save(done):
+            m = jax.device_get(step_metrics)
+            _check_finite(step, m)
+            pending = None
+            now = time.perf_counter()
+            tok_s = batch_size * seq_len * (done - last_logged) / max(now - t_window, 1e-9)
+            record = {"loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+                      "tokens_per_second": tok_s, "mfu": tok_s * flops_per_token / peak}
+            writer.write(done, record)
+            t_window, last_logged = now, done
+            first_loss = record["loss"] if first_loss is None else first_loss
+            last_loss = record["loss"]
+            eta = (now - t_start) / (done - start) * (train_steps - done)
+            log.info("step %d/%d | loss %.4f | lr %.2e | %.0f tok/s | mfu %.1f%% | eta %s", done, train_steps,
+                     record["loss"], record["lr"], tok_s, 100 * record["mfu"], metrics_lib.format_duration(eta))
+        if checkpointer.should_save(done) or done == train_steps:
+            checkpointer.save(done, state, data_state=data.state(done), meta=meta, force=done == train_steps)
+    if pending is not None:
+        _check_finite(*pending)
+    checkpointer.wait_until_finished()
+    export_dir = None
+    if export_dtype and start < train_steps:
+        export_dir = os.path.join(model_dir, "export")
+        ckpt_lib.export_params(state["params"], export_dir, dtype=jnp.dtype(export_dtype), config=cfg.to_dict())
+    checkpointer.close()
+    writer.close()
+    return {"first_loss": first_loss, "last_loss": last_loss, "start_step": start, "final_step": train_steps,
+            "checkpoint_dir": checkpointer.directory, "export_dir": export_dir, "model_dir": model_dir}
+
+
+def _load_params(path: str, abstract_params):
+    """Parameters from a phijax export (checkpoint.export_params) or a Hugging Face directory."""
+    if os.path.exists(os.path.join(path, "config.json")):
+        from phijax import convert, model as model_lib
+        _, params, _ = model_lib.split(convert.load_hf(path))
+        return jax.tree.map(lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding), params, abstract_params)
+    return ckpt_lib.load_params(path, abstract_params)
+
+
+def _check_finite(step, m):
+    loss, gnorm = np.asarray(jax.device_get(m["loss"])), np.asarray(jax.device_get(m["grad_norm"]))
+    if not (np.isfinite(loss) and np.isfinite(gnorm)):
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step + 1}: loss={loss}, grad_norm={gnorm}. Training stopped; "
+            f"the last good checkpoint is untouched (lower the learning rate, check the data, or resume).")
+
+
+def _check_same_model(checkpointer, cfg: PhiConfig):
+    step = checkpointer.latest_step()
+    if step is None:
+        return
+    meta = checkpointer.read_meta(step) or {}
+    saved = meta.get("model")
+    if saved is None:
+        return
+    saved_shape = PhiConfig.from_dict(saved).shape_dict()
+    diff = {k: (saved_shape[k], v) for k, v in cfg.shape_dict().items() if saved_shape[k] != v}
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
+        raise ValueError(f"MODEL_DIR {os.path.dirname(checkpointer.directory)} holds a checkpoint (step {step}) "
+                         f"of a different model shape ({detail}); use a new MODEL_DIR or the matching model gin")
+
+
+def _write_text(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    gin_setup.add_gin_flags(parser)
+    args = parser.parse_args(argv)
+    try:
+        gin_setup.parse(args.gin_file, args.gin_param, args.gin_search_path)
+    except gin_setup.GinError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        summary = train(gin_config_str=gin.config_str())
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except ValueError as e:
+        print(f"error: {gin_setup.explain(e)}", file=sys.stderr)
+        return 2
+    if jax.process_index() == 0:
+        operative = gin.operative_config_str()
+        _write_text(os.path.join(summary["model_dir"], "operative_config.gin"), operative)
+        print(f"done: step {summary['final_step']}, loss {summary['first_loss']} -> {summary['last_loss']}")
+        print(f"checkpoints: {summary['checkpoint_dir']}")
+        if summary["export_dir"]:
+            print(f"inference params: {summary['export_dir']}")
+        print(f"metrics: {os.path.join(summary['model_dir'], 'metrics.jsonl')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""The training CLI end to end: loss falls, checkpoints and metrics land, resume is exact, NaN stops,
+bad input fails fast with a message that names the problem."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from phijax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A small phi on the stdlib SeqIO task (tokenizer and window cache are built once and cached).
+SMALL = [
+    "--gin_file=models/tiny.gin", "--gin_file=runs/pretrain.gin",
+    "--gin_param=phijax.PhiConfig.d_model = 64", "--gin_param=phijax.PhiConfig.n_layers = 2",
+    "--gin_param=phijax.PhiConfig.n_heads = 4", "--gin_param=phijax.PhiConfig.head_dim = 16",
+    "--gin_param=phijax.PhiConfig.rotary_dim = 8", "--gin_param=phijax.PhiConfig.d_mlp = 128",
+    "--gin_param=DATA_SOURCE = 'stdlib'", "--gin_param=SEQ_LEN = 64", "--gin_param=BATCH_SIZE = 8",
+    "--gin_param=phijax.optim.warmup_linear_decay.peak_lr = 3e-3",
+    "--gin_param=phijax.optim.warmup_linear_decay.warmup_steps = 2",
+    "--gin_param=train.export_dtype = None",
+]
+
+
+def _env():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _cmd(model_dir, *extra):
+    return [sys.executable, "-m", "phijax.train", *SMALL, f"--gin_param=MODEL_DIR = '{model_dir}'", *extra]
+
+
+def _run(model_dir, *extra, check=True):
+    p = subprocess.run(_cmd(model_dir, *extra), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train failed ({p.returncode}):\n{p.stdout}\n{p.stderr[-4000:]}")
+    return p
+
+
+def _losses(model_dir):
+    out = {}
+    with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            out[r["step"]] = r["loss"]
+    return out
+
+
+@pytest.mark.slow
+def test_train_cli_trains_checkpoints_and_resumes_exactly_after_sigkill(tmp_path):
+    common = ["--gin_param=TRAIN_STEPS = 12", "--gin_param=train.log_every = 1",
+              "--gin_param=train.checkpoint_every = 4"]
+    ref_dir = tmp_path / "ref"
+    p = _run(ref_dir, *common)
+    ref = _losses(ref_dir)
+    assert sorted(ref) == list(range(1, 13))
+    assert ref[12] < ref[1] - 0.5, ref  # loss falls visibly
+    rec = json.loads(open(ref_dir / "metrics.jsonl").readline())
+    assert {"loss", "lr", "grad_norm", "tokens_per_second", "mfu"} <= set(rec)
+    assert sorted(os.listdir(ref_dir / "checkpoints"))[-3:] == ["12", "4", "8"] or \
+        {"4", "8", "12"} <= set(os.listdir(ref_dir / "checkpoints"))
+    assert (ref_dir / "operative_config.gin").read_text().count("train.batch_size") == 1
+    assert os.listdir(ref_dir / "tb")
+    assert "checkpoints:" in p.stdout
+
+    # Kill -9 once step 8's checkpoint is committed and training has moved past it.
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(run_dir, *common), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            if (run_dir / "checkpoints" / "8").is_dir() and os.path.exists(run_dir / "metrics.jsonl") and \
+                    max(_losses(run_dir), default=0) >= 9:
+                break
+            if proc.poll() is not None:
+                pytest.fail("training finished before it could be killed")
+            time.sleep(0.05)
+        else:
+            pytest.fail("step 8 checkpoint never appeared")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    p = _run(run_dir, *common)
+    assert "resumed from step" in p.stderr
+    assert _losses(run_dir) == ref  # bit-identical per-step losses
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(tmp_path):
+    _run(tmp_path, "--gin_param=TRAIN_STEPS = 4", "--gin_param=train.checkpoint_every = 2")
+    # Resume with an absurd learning rate: the parameters blow up within a few steps.
+    p = _run(tmp_path, "--gin_param=TRAIN_STEPS = 12", "--gin_param=train.checkpoint_every = 1",
+             "--gin_param=phijax.optim.warmup_linear_decay.peak_lr = 1e30",
+             "--gin_param=phijax.optim.adamw.clip_norm = None", check=False)
+    assert p.returncode == 3, p.stderr[-2000:]
+    assert "non-finite loss at step" in p.stderr
+    from phijax.checkpoint import Checkpointer
+    ckpts = Checkpointer(str(tmp_path / "checkpoints"), save_interval_steps=1)
+    last = ckpts.latest_step()
+    losses = _losses(tmp_path)
+    assert all(v == v and abs(v) != float("inf") for s, v in losses.items() if s <= last)
+    ckpts.close()
+
+
+def _main_err(capsys, *args):
+    rc = train.main(list(args))
+    return rc, capsys.readouterr().err
+
+
+def test_unknown_gin_file_binding_and_missing_macro(capsys, tmp_path):
+    rc, err = _main_err(capsys, "--gin_file=gin/models/nope.gin")
+    assert rc == 2 and "gin file not found: 'gin/models/nope.gin'" in err
+    rc, err = _main_err(capsys, *SMALL, f"--gin_param=MODEL_DIR='{tmp_path}'", "--gin_param=train.no_such_arg = 1")
+    assert rc == 2 and "no_such_arg" in err
+    rc, err = _main_err(capsys, *SMALL, f"--gin_param=MODEL_DIR='{tmp_path}'", "--gin_param=UNDEFINED_MACRO_X = %NOPE")
+    assert rc == 2 and "NOPE" in err
+    rc, err = _main_err(capsys, *SMALL)  # MODEL_DIR is %gin.REQUIRED
+    assert rc == 2 and "model_dir" in err.lower()
+
+
+def test_bad_mesh_and_batch_fail_fast(capsys, tmp_path):
+    rc, err = _main_err(capsys, *SMALL, f"--gin_param=MODEL_DIR='{tmp_path}'", "--gin_param=TRAIN_STEPS = 2",
+                        "--gin_param=train.mesh_shape = (3, 1, 1)")
+    assert rc == 2 and "needs 3 devices but 8 are available" in err
+    rc, err = _main_err(capsys, *SMALL, f"--gin_param=MODEL_DIR='{tmp_path}'", "--gin_param=TRAIN_STEPS = 2",
+                        "--gin_param=BATCH_SIZE = 12")
+    assert rc == 2 and "not divisible by the data-parallel size 8" in err
+    rc, err = _main_err(capsys, *SMALL, f"--gin_param=MODEL_DIR='{tmp_path}'", "--gin_param=TRAIN_STEPS = 2",
+                        "--gin_param=MICROBATCHES = 3")
+    assert rc == 2 and "not divisible by microbatches=3" in err
+    assert not os.listdir(tmp_path)  # nothing was started
+
+
+@pytest.mark.slow
+def test_model_dir_with_other_model_shape_is_refused(capsys, tmp_path):
+    _run(tmp_path, "--gin_param=TRAIN_STEPS = 2")
+    p = _run(tmp_path, "--gin_param=TRAIN_STEPS = 4", "--gin_param=phijax.PhiConfig.d_mlp = 256", check=False)
+    assert p.returncode == 2
+    assert "different model shape (d_mlp: checkpoint 128 vs config 256)" in p.stderr
