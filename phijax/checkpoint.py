@@ -33,6 +33,7 @@ This module deliberately does not import tensorflow.
 from __future__ import annotations
 
 import json
+import os
 import logging
 from typing import Any, Mapping
 
@@ -153,6 +154,12 @@ def _json_copy(obj: Any, what: str) -> Any:
 # --------------------------------------------------------------------------- Checkpointer
 
 
+def _absolute(directory) -> epath.Path:
+    """orbax's tensorstore backend needs absolute paths; URLs (gs://...) are left as they are."""
+    directory = str(directory)
+    return epath.Path(directory if "://" in directory else os.path.abspath(directory))
+
+
 class Checkpointer:
     """Periodic (async) train-state checkpoints with resume and corruption fallback.
 
@@ -172,7 +179,7 @@ class Checkpointer:
             raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
         if max_to_keep is not None and int(max_to_keep) < 1:
             raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}")
-        self._directory = epath.Path(directory)
+        self._directory = _absolute(directory)
         self._save_interval_steps = int(save_interval_steps)
         self._async_save = bool(async_save)
         # Steps found unreadable by restore_latest and newer than the step we
@@ -401,7 +408,7 @@ def _param_dtype_name(leaves) -> str:
 
 
 def _export_paths(directory) -> tuple[epath.Path, epath.Path]:
-    root = epath.Path(directory)
+    root = _absolute(directory)
     return root / EXPORT_PARAMS_SUBDIR, root / EXPORT_INFO_FILE
 
 

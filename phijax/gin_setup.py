@@ -17,6 +17,15 @@ from phijax.config import PhiConfig
 
 REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
 
+# gin also resolves includes as "python.package/file.gin"; a directory in the working dir
+# named like an include's head (e.g. a MODEL_DIR under ./runs) then breaks parsing. phijax
+# resolves gin files on the filesystem search path only.
+try:
+    from gin import resource_reader as _rr
+    gin.config._FILE_READERS[:] = [r for r in gin.config._FILE_READERS if r[1] is not _rr.system_path_file_exists]
+except (ImportError, AttributeError):  # pragma: no cover - other gin versions
+    pass
+
 gin.external_configurable(PhiConfig, module="phijax")
 gin.external_configurable(optim.warmup_linear_decay, module="phijax.optim")
 gin.external_configurable(optim.adamw, module="phijax.optim")

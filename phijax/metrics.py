@@ -73,11 +73,12 @@ class MetricsWriter:
             self._tb = SummaryWriter(os.path.join(model_dir, "tb"))
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop records of steps the restored checkpoint had not reached (atomic)."""
+        """On resume from the checkpoint taken after `step` steps, drop the records of later
+        steps (they are about to be recomputed), atomically."""
         if not self.enabled or not os.path.exists(self.path):
             return
         with open(self.path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("step", -1) < step]
+            keep = [line for line in f if line.strip() and json.loads(line).get("step", -1) <= step]
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(keep)

@@ -17,7 +17,8 @@ import time
 import jax
 import numpy as np
 
-from phijax import config as config_lib, metrics, optim, sharding, train_step
+from phijax import config as config_lib, metrics
+from phijax.bench import common
 
 CONFIGS = {
     # The reference point: 7.4M params, batch 8 x 512 (compute-bound on 2 cores).
@@ -28,33 +29,10 @@ CONFIGS = {
 }
 
 
-def _tokens(cfg, batch, seq, seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
-
-
 def bench_phijax(cfg, batch, seq, steps, warmup=2):
-    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    rules = sharding.DEFAULT_RULES
-    schedule = optim.warmup_linear_decay(1e-3, 10, 1000)
-    tx = optim.adamw(schedule)
-    graphdef, _, shardings = train_step.state_shardings(cfg, tx, mesh, rules)
-    state = train_step.init_state(cfg, tx, 0, shardings)
-    bs = train_step.batch_shardings(("inputs", "targets", "loss_weights"), mesh, rules)
-    step = train_step.make_train_step(graphdef, cfg, tx, schedule, mesh=mesh, rules=rules, microbatches=1,
-                                      shardings=shardings, batch_sharding=bs)
-    w = _tokens(cfg, batch, seq)
-    b = train_step.to_global({"inputs": w[:, :-1], "targets": w[:, 1:],
-                              "loss_weights": np.ones((batch, seq), np.float32)}, bs)
-    for _ in range(warmup):
-        state, m = step(state, b)
-    jax.block_until_ready(m)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        state, m = step(state, b)
-    jax.block_until_ready(m)
-    dt = time.perf_counter() - t0
-    return batch * seq * steps / dt, float(m["loss"])
+    step, state, b = common.synthetic_train_step(cfg, batch, seq, mesh_shape=(1, 1, 1), devices=jax.devices()[:1])
+    dt, m, _ = common.time_steps(step, state, b, steps, warmup)
+    return batch * seq / dt, float(m["loss"])
 
 
 def bench_torch(cfg, batch, seq, steps, warmup=2):
@@ -67,7 +45,7 @@ def bench_torch(cfg, batch, seq, steps, warmup=2):
     hf_cfg = HFPhiConfig(**convert.config_to_hf(cfg))
     model = PhiForCausalLM(hf_cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    w = torch.from_numpy(_tokens(cfg, batch, seq).astype(np.int64))
+    w = torch.from_numpy(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq + 1)))
     inputs, targets = w[:, :-1], w[:, 1:]
 
     def one():
@@ -85,7 +63,7 @@ def bench_torch(cfg, batch, seq, steps, warmup=2):
     for _ in range(steps):
         loss = one()
     dt = time.perf_counter() - t0
-    return batch * seq * steps / dt, float(loss)
+    return batch * seq * steps / dt, float(loss.detach())
 
 
 def torch_matmul_peak(n=1024, seconds=1.0):

@@ -1,0 +1,126 @@
+"""Model behaviour beyond HF parity: packing, remat, dtypes, dropout, import hygiene."""
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from phijax import attention, config, model, train_step
+
+CFG = config.preset("nano")
+
+
+@pytest.fixture(scope="module")
+def nano():
+    graphdef, params, _ = model.split(model.init(CFG, 0))
+    return graphdef, params
+
+
+def _fwd(graphdef, params, tokens, **kw):
+    return jax.jit(lambda p, t: model.apply(graphdef, p, t, **kw))(params, tokens)
+
+
+def test_packed_examples_do_not_attend_to_each_other(nano):
+    graphdef, params = nano
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, CFG.vocab_size, (1, 7)).astype(np.int32)
+    b = rng.integers(0, CFG.vocab_size, (1, 9)).astype(np.int32)
+    packed = np.concatenate([a, b], axis=1)
+    seg = np.array([[1] * 7 + [2] * 9], np.int32)
+    pos = np.array([list(range(7)) + list(range(9))], np.int32)
+    out = model.apply(graphdef, params, packed, segment_ids=seg, positions=pos)
+    np.testing.assert_allclose(out[:, :7], model.apply(graphdef, params, a), atol=1e-5)
+    np.testing.assert_allclose(out[:, 7:], model.apply(graphdef, params, b), atol=1e-5)
+    # Without segment ids the second example does see the first.
+    unmasked = model.apply(graphdef, params, packed, positions=pos)
+    assert np.abs(unmasked[:, 7:] - out[:, 7:]).max() > 1e-3
+
+
+def test_causal_mask_future_tokens_do_not_matter(nano):
+    graphdef, params = nano
+    t = np.arange(12, dtype=np.int32)[None] % CFG.vocab_size
+    t2 = t.copy()
+    t2[0, 8:] = 5
+    o1, o2 = model.apply(graphdef, params, t), model.apply(graphdef, params, t2)
+    np.testing.assert_allclose(o1[:, :8], o2[:, :8], atol=1e-6)
+    assert np.abs(o1[:, 8:] - o2[:, 8:]).max() > 1e-4
+
+
+def test_grouped_query_attention_equals_repeated_kv():
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.normal(size=(2, 5, 4, 8)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(2, 5, 2, 8)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(2, 5, 2, 8)), jnp.float32)
+    out = attention.xla_attention(q, k, v)
+    ref = attention.xla_attention(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2))
+    np.testing.assert_allclose(out, ref, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        attention.get_backend("nope")
+
+
+def _loss_and_grads(cfg, params, graphdef, key=None):
+    rng = np.random.default_rng(2)
+    w = rng.integers(0, cfg.vocab_size, (2, 17)).astype(np.int32)
+
+    def loss(p):
+        logits = model.apply(graphdef, p, w[:, :-1], dropout_key=key)
+        s, n = train_step.token_loss_sums(logits, w[:, 1:], np.ones((2, 16), np.float32))
+        return s / n
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.mark.parametrize("policy", ["full", "save_dots", "save_dots_no_batch", "save_attn_mlp"])
+def test_remat_policies_give_the_same_gradients(nano, policy):
+    graphdef, params = nano
+    ref_l, ref_g = _loss_and_grads(CFG, params, graphdef)
+    g2, _, _ = model.abstract(CFG.replace(remat_policy=policy))
+    l, g = _loss_and_grads(CFG, params, g2)
+    np.testing.assert_allclose(l, ref_l, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g, ref_g)
+    with pytest.raises(ValueError, match="unknown remat policy"):
+        _loss_and_grads(CFG, params, model.abstract(CFG.replace(remat_policy="bogus"))[0])
+
+
+def test_bf16_compute_keeps_fp32_params_and_is_close(nano):
+    graphdef, params = nano
+    g16, p_abs, _ = model.abstract(CFG.replace(dtype="bfloat16"))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(p_abs))
+    t = np.arange(16, dtype=np.int32)[None]
+    out16 = model.apply(g16, params, t)
+    out32 = model.apply(graphdef, params, t)
+    assert out16.dtype == jnp.float32  # logits always fp32
+    assert np.abs(np.asarray(out16) - np.asarray(out32)).max() < 0.1
+
+
+def test_dropout_is_keyed_and_off_without_key(nano):
+    _, params = nano
+    cfg = CFG.replace(attn_dropout=0.1, resid_dropout=0.1, embd_dropout=0.1)
+    g, _, _ = model.abstract(cfg)
+    t = np.arange(16, dtype=np.int32)[None]
+    k = jax.random.key(0)
+    a, b = model.apply(g, params, t, dropout_key=k), model.apply(g, params, t, dropout_key=k)
+    np.testing.assert_array_equal(a, b)
+    c = model.apply(g, params, t, dropout_key=jax.random.key(1))
+    assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-3
+    np.testing.assert_allclose(model.apply(g, params, t), model.apply(nano[0], params, t), atol=1e-6)
+
+
+def test_config_validation_and_presets():
+    assert abs(config.preset("phi1").param_count() / 1e9 - 1.418) < 0.001  # phi-1 "1.3B" (untied head)
+    assert abs(config.preset("tiny").param_count() / 1e6 - 7.36) < 0.01
+    with pytest.raises(ValueError, match="n_heads=6 must be a multiple of n_kv_heads=4"):
+        config.PhiConfig(n_heads=6, n_kv_heads=4)
+    with pytest.raises(ValueError, match="rotary_dim=65"):
+        config.PhiConfig(rotary_dim=65)
+    with pytest.raises(ValueError, match="unknown model preset"):
+        config.preset("phi9")
+
+
+def test_core_modules_import_without_tensorflow():
+    code = ("import sys, phijax.model, phijax.train_step, phijax.checkpoint, phijax.convert, phijax.metrics, "
+            "phijax.data.pipeline; bad = [m for m in ('tensorflow', 'seqio') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
