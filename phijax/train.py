@@ -75,19 +75,21 @@ def train(*, model_dir: str = gin.REQUIRED, model_config: PhiConfig = gin.REQUIR
     mesh = sharding.make_mesh(mesh_shape)
     validate(cfg, mesh, batch_size=batch_size, microbatches=microbatches, seq_len=seq_len, train_steps=train_steps)
     tx = optimizer(schedule)
-    data = data_source(seq_len=seq_len, global_batch_size=batch_size, seed=seed,
-                       model_vocab_size=cfg.vocab_size)
-    if getattr(data, "vocab_size", 0) > cfg.vocab_size:
-        raise ValueError(f"the data's vocabulary ({data.vocab_size}) is larger than the model's "
-                         f"vocab_size ({cfg.vocab_size})")
-    os.makedirs(model_dir, exist_ok=True)
+    if "://" not in model_dir:  # remote (gs://) model dirs are handled by orbax/etils
+        model_dir = os.path.abspath(model_dir)
+        os.makedirs(model_dir, exist_ok=True)
 
     # State: restore the latest good checkpoint, or initialise in place on the mesh.
     graphdef, abstract_state, shardings = train_step.state_shardings(cfg, tx, mesh, sharding_rules)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(model_dir, "checkpoints"), save_interval_steps=checkpoint_every,
                                          max_to_keep=keep_checkpoints, async_save=async_checkpoint)
     meta = {"model": cfg.to_dict(), "seq_len": seq_len, "batch_size": batch_size}
-    _check_same_model(checkpointer, cfg)
+    _check_same_model(checkpointer, cfg)  # before the (possibly slow) data preparation
+    data = data_source(seq_len=seq_len, global_batch_size=batch_size, seed=seed,
+                       model_vocab_size=cfg.vocab_size)
+    if getattr(data, "vocab_size", 0) > cfg.vocab_size:
+        raise ValueError(f"the data's vocabulary ({data.vocab_size}) is larger than the model's "
+                         f"vocab_size ({cfg.vocab_size})")
     restored = checkpointer.restore_latest(abstract_state)
     if restored is None:
         state = train_step.init_state(cfg, tx, seed, shardings)
@@ -124,7 +126,7 @@ def train(*, model_dir: str = gin.REQUIRED, model_config: PhiConfig = gin.REQUIR
             _check_finite(*pending)
         pending = (step, step_metrics)
         done = step + 1
-        if done % log_every == 0 or done == train_steps or checkpointer.should_save(done):
+        if done % log_every == 0 or done in (start + 1, train_steps) or checkpointer.should_save(done):
             m = jax.device_get(step_metrics)
             _check_finite(step, m)
             pending = None

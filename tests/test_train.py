@@ -144,3 +144,14 @@ def test_model_dir_with_other_model_shape_is_refused(capsys, tmp_path):
     p = _run(tmp_path, "--gin_param=TRAIN_STEPS = 4", "--gin_param=phijax.PhiConfig.d_mlp = 256", check=False)
     assert p.returncode == 2
     assert "different model shape (d_mlp: checkpoint 128 vs config 256)" in p.stderr
+
+
+def test_gin_includes_resolve_with_same_named_dirs_in_cwd(tmp_path, monkeypatch):
+    # A MODEL_DIR like ./runs/x used to make gin treat 'runs/...' includes as a Python package.
+    (tmp_path / "runs" / "cpu_demo").mkdir(parents=True)
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    from phijax import gin_setup
+    import gin
+    gin_setup.parse([os.path.join(REPO, "gin/experiments/cpu_demo.gin")], [])
+    assert gin.query_parameter("%TRAIN_STEPS") > 0
