@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from phijax import checkpoint as ckpt_lib
+from phijax import distributed
 from phijax import gin_setup, metrics as metrics_lib, optim, sharding, train_step
 from phijax.config import PhiConfig
 
@@ -30,18 +31,21 @@ class NonFiniteLossError(RuntimeError):
 @gin.configurable
 def data_source(kind: str = "stdlib", *, seq_len: int = gin.REQUIRED, global_batch_size: int = gin.REQUIRED,
                 seed: int = 0, vocab_size: int | None = None, model_vocab_size: int = gin.REQUIRED,
-                task_name: str | None = None, cache_dir: str | None = None):
+                task_name: str | None = None, cache_dir: str | None = None, data_path: str | None = None,
+                tokenizer_path: str | None = None, loss_on: str = "solution", overlong: str = "truncate"):
     """Batches that depend only on (seed, step).
 
     'stdlib': the SeqIO stdlib task with a BPE vocabulary of `vocab_size` (default: the model's;
-    trained once, cached);
-    'task': the registered SeqIO task `task_name`; 'synthetic': random tokens, no tensorflow.
+    trained once, cached); 'task': the registered SeqIO task `task_name`; 'exercises': a
+    CodeExercises JSONL file (`data_path`) packed into rows with segment ids and loss weights on
+    the solutions (`loss_on`); 'synthetic': random tokens, no tensorflow.
     """
     from phijax.data import pipeline  # the SeqIO/TF part is imported only for SeqIO sources
     return pipeline.make_batches(kind, task_name=task_name, seq_len=seq_len, global_batch_size=global_batch_size,
                                  seed=seed, vocab_size=vocab_size or model_vocab_size,
                                  process_index=jax.process_index(),
-                                 process_count=jax.process_count(), cache_dir=cache_dir)
+                                 process_count=jax.process_count(), cache_dir=cache_dir, data_path=data_path,
+                                 tokenizer_path=tokenizer_path, loss_on=loss_on, overlong=overlong)
 
 
 def validate(cfg: PhiConfig, mesh, *, batch_size: int, microbatches: int, seq_len: int, train_steps: int):
@@ -135,6 +139,8 @@ def train(*, model_dir: str = gin.REQUIRED, model_config: PhiConfig = gin.REQUIR
             record = {"loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
                       "tokens_per_second": tok_s, "mfu": tok_s * flops_per_token / peak}
             writer.write(done, record)
+            if done == start + 1 and jax.process_index() == 0:  # everything configurable has been read
+                _write_text(os.path.join(model_dir, "operative_config.gin"), gin.operative_config_str())
             t_window, last_logged = now, done
             first_loss = record["loss"] if first_loss is None else first_loss
             last_loss = record["loss"]
@@ -199,15 +205,26 @@ def _write_text(path, text):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     gin_setup.add_gin_flags(parser)
+    parser.add_argument("--coordinator_address", default=None,
+                        help="multi-process: host:port of process 0 (env PHIJAX_COORDINATOR_ADDRESS)")
+    parser.add_argument("--num_processes", default=None, help="multi-process: process count (env PHIJAX_NUM_PROCESSES)")
+    parser.add_argument("--process_id", default=None, help="multi-process: this process's id (env PHIJAX_PROCESS_ID)")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:  # before anything touches jax devices
+        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if jax.process_index() != 0:  # one progress log per job
+        log.setLevel(logging.WARNING)
     try:
         gin_setup.parse(args.gin_file, args.gin_param, args.gin_search_path)
     except gin_setup.GinError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         summary = train(gin_config_str=gin.config_str())
     except NonFiniteLossError as e:

@@ -155,3 +155,28 @@ def test_gin_includes_resolve_with_same_named_dirs_in_cwd(tmp_path, monkeypatch)
     import gin
     gin_setup.parse([os.path.join(REPO, "gin/experiments/cpu_demo.gin")], [])
     assert gin.query_parameter("%TRAIN_STEPS") > 0
+
+
+@pytest.mark.slow
+def test_finetune_on_packed_exercises_from_an_init_checkpoint(tmp_path):
+    # Pretrain briefly, then fine-tune from its export on a CodeExercises JSONL: packed rows with
+    # segment ids, per-example positions and loss on the solutions flow through the trainer.
+    pre = tmp_path / "pre"
+    _run(pre, "--gin_param=TRAIN_STEPS = 2", "--gin_param=train.export_dtype = 'float32'")
+    data = tmp_path / "ex.jsonl"
+    with open(data, "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"prompt": f"def add_{i}(a, b):\n    \"\"\"Return a + b + {i}.\"\"\"\n",
+                                "solution": f"    return a + b + {i}\n"}) + "\n")
+    ft = tmp_path / "ft"
+    p = _run(ft, "--gin_param=TRAIN_STEPS = 6", "--gin_param=train.log_every = 1",
+             "--gin_param=DATA_SOURCE = 'exercises'", f"--gin_param=data_source.data_path = '{data}'",
+             f"--gin_param=train.init_params_from = '{pre / 'export'}'")
+    assert "initialised parameters from" in p.stderr
+    losses = _losses(ft)
+    assert sorted(losses) == list(range(1, 7))
+    assert losses[6] < losses[1]
+    # Started from the pretrained weights, not from the seed's fresh init: step 1 differs.
+    _run(tmp_path / "fresh", "--gin_param=TRAIN_STEPS = 1", "--gin_param=DATA_SOURCE = 'exercises'",
+         f"--gin_param=data_source.data_path = '{data}'")
+    assert abs(losses[1] - _losses(tmp_path / "fresh")[1]) > 1e-4

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from phijax.data import packing
 from phijax.data import vocab as vocab_lib
 
 log = logging.getLogger(__name__)
@@ -276,12 +277,68 @@ class SyntheticBatches(_Batches):
         return _shift(w)
 
 
+class PackedBatches(WindowBatches):
+    """Packed fine-tuning rows (see ``phijax.data.packing``): the same
+    (seed, step) -> rows schedule as WindowBatches over the R packed rows
+    (multi-epoch, process slices, state/check_state), but each batch carries
+    all five features: inputs, targets, loss_weights, positions, segment_ids
+    (all [batch, L]; int32, weights float32)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], global_batch_size: int, seed: int,
+                 process_index: int = 0, process_count: int = 1, meta: dict | None = None):
+        _Batches.__init__(self, global_batch_size, seed, process_index, process_count)
+        missing = [k for k in packing.FEATURES if k not in arrays]
+        if missing:
+            raise ValueError(f"packed arrays are missing {missing}")
+        shapes = {k: tuple(arrays[k].shape) for k in packing.FEATURES}
+        shape = shapes["tokens"]
+        if len(shape) != 2 or shape[0] < 1 or shape[1] < 1 or len(set(shapes.values())) != 1:
+            raise ValueError(f"packed arrays must all be [R >= 1, L >= 1], got {shapes}")
+        self.arrays = {k: arrays[k] for k in packing.FEATURES}
+        self.windows = self.arrays["tokens"]
+        self.n_windows = int(shape[0])
+        self.seq_len = int(shape[1])
+        self.meta = dict(meta or {})
+        self.vocab_size = self.meta.get("vocab_size")
+        self._perms = OrderedDict()
+
+    @classmethod
+    def from_cache(cls, path: str | os.PathLike, global_batch_size: int, seed: int,
+                   process_index: int = 0, process_count: int = 1) -> "PackedBatches":
+        arrays, meta = packing.load_packed(path)
+        return cls(arrays, global_batch_size, seed, process_index, process_count, meta=meta)
+
+    def _batch(self, step: int, lo: int, hi: int) -> dict[str, np.ndarray]:
+        idx = self.rows(step, lo, hi)
+        a = self.arrays
+        return {"inputs": np.asarray(a["tokens"][idx], np.int32),
+                "targets": np.asarray(a["targets"][idx], np.int32),
+                "loss_weights": np.asarray(a["loss_weights"][idx], np.float32),
+                "positions": np.asarray(a["positions"][idx], np.int32),
+                "segment_ids": np.asarray(a["segment_ids"][idx], np.int32)}
+
+
 def make_batches(source: str, *, seq_len: int, global_batch_size: int, seed: int = 0,
                  vocab_size: int = vocab_lib.DEFAULT_VOCAB_SIZE, task_name: str | None = None,
                  process_index: int = 0, process_count: int = 1,
-                 cache_dir: str | os.PathLike | None = None) -> _Batches:
+                 cache_dir: str | os.PathLike | None = None,
+                 data_path: str | os.PathLike | None = None,
+                 tokenizer_path: str | os.PathLike | None = None,
+                 loss_on: str = "solution", overlong: str = "truncate") -> _Batches:
     """``"stdlib"`` (or ``"task"`` with ``task_name``): seqio task -> window
-    cache -> WindowBatches. ``"synthetic"``: SyntheticBatches."""
+    cache -> WindowBatches. ``"synthetic"``: SyntheticBatches.
+    ``"exercises"``: the exercises JSONL at ``data_path`` -> packed cache ->
+    PackedBatches (no tensorflow), tokenized with ``tokenizer_path`` or, by
+    default, the stdlib BPE of ``vocab_size`` (the pretraining vocabulary)."""
+    if source == "exercises":
+        if data_path is None:
+            raise ValueError("source='exercises' needs data_path (an exercises JSONL file)")
+        tok_path = (tokenizer_path if tokenizer_path is not None
+                    else vocab_lib.stdlib_tokenizer_path(vocab_size, cache_dir))
+        tok = vocab_lib.BPETokenizer(tok_path)
+        path = packing.build_packed_cache(data_path, tok, seq_len, loss_on=loss_on,
+                                          overlong=overlong, cache_dir=cache_dir)
+        return PackedBatches.from_cache(path, global_batch_size, seed, process_index, process_count)
     if source == "synthetic":
         return SyntheticBatches(vocab_size, seq_len, global_batch_size, seed,
                                 process_index, process_count)
@@ -294,4 +351,4 @@ def make_batches(source: str, *, seq_len: int, global_batch_size: int, seed: int
             task_name = tasks.ensure_stdlib_task(vocab_size)
         path = build_window_cache(task_name, seq_len, cache_dir)
         return WindowBatches.from_cache(path, global_batch_size, seed, process_index, process_count)
-    raise ValueError(f"unknown data source {source!r}; expected 'stdlib', 'task' or 'synthetic'")
+    raise ValueError(f"unknown data source {source!r}; expected 'stdlib', 'task', 'exercises' or 'synthetic'")

@@ -149,4 +149,71 @@ def ensure_stdlib_task(vocab_size: int = vocab_lib.DEFAULT_VOCAB_SIZE) -> str:
     return name
 
 
+# --- fine-tuning exercises (prompt -> solution) -------------------------------------
+EXERCISES_TASK = "phijax_exercises"
+
+
+def _exercises_dataset_fn(path: Path, max_record_bytes: int) -> Callable[..., tf.data.Dataset]:
+    def dataset_fn(split: str, shuffle_files: bool = False, seed=None) -> tf.data.Dataset:
+        del shuffle_files, seed
+        if split != "train":
+            raise ValueError(f"exercises tasks only have a 'train' split, got {split!r}")
+        from phijax.data import packing
+
+        def gen():
+            # Bad records are skipped and counted (logged) by the same reader the
+            # packed cache uses, so both paths see the same examples.
+            report = packing.ReadReport()
+            for rec in packing.iter_exercises(path, report, max_record_bytes):
+                yield {"inputs": rec["prompt"], "targets": rec["solution"]}
+            if report.n_skipped:
+                packing.log.warning("%s: skipped %s", path, report.as_dict())
+
+        return tf.data.Dataset.from_generator(
+            gen, output_signature={"inputs": tf.TensorSpec([], tf.string),
+                                   "targets": tf.TensorSpec([], tf.string)})
+
+    return dataset_fn
+
+
+def register_exercises_task(name: str, path: str | os.PathLike,
+                            vocab_size: int = vocab_lib.DEFAULT_VOCAB_SIZE,
+                            tokenizer_path: str | os.PathLike | None = None,
+                            cache_dir: str | os.PathLike | None = None,
+                            max_record_bytes: int | None = None,
+                            overwrite: bool = True) -> seqio.Task:
+    """A seqio Task over an exercises JSONL (see ``phijax.data.packing``): one
+    example per valid record, 'inputs' = prompt, 'targets' = solution + EOS
+    (token ids; the texts are kept as 'inputs_pretokenized'/'targets_pretokenized').
+    The vocabulary is ``tokenizer_path`` or the stdlib BPE of ``vocab_size``.
+    ``name`` is typically EXERCISES_TASK ("phijax_exercises").
+    For training, prefer ``make_batches("exercises", data_path=...)`` (packed, no tf)."""
+    from phijax.data import packing
+
+    if not Path(path).is_file():
+        raise ValueError(f"register_exercises_task: {path!r} is not a file (an exercises JSONL)")
+    if tokenizer_path is not None:
+        vocabulary = HFBPEVocabulary(Path(tokenizer_path))
+    else:
+        vocabulary = HFBPEVocabulary(functools.partial(
+            vocab_lib.stdlib_tokenizer_path, vocab_size, cache_dir))
+    if name in seqio.TaskRegistry.names():
+        if not overwrite:
+            raise ValueError(f"task {name!r} is already registered")
+        seqio.TaskRegistry.remove(name)
+    limit = packing.DEFAULT_MAX_RECORD_BYTES if max_record_bytes is None else int(max_record_bytes)
+    return seqio.TaskRegistry.add(
+        name,
+        source=seqio.FunctionDataSource(_exercises_dataset_fn(Path(path).resolve(), limit),
+                                        splits=["train"]),
+        preprocessors=[
+            functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=True, with_eos=False),
+            append_eos_always,  # key="targets"
+        ],
+        output_features={"inputs": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32),
+                         "targets": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32)},
+        shuffle_buffer_size=None,
+    )
+
+
 register_stdlib_task()
