@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import pathlib
@@ -24,7 +23,6 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from phijax import checkpoint as ckpt_lib
 from phijax.checkpoint import Checkpointer, export_params, load_params, read_export_info
 
 # When a restore fails on a corrupt checkpoint, orbax/tensorstore leave some

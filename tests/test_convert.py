@@ -14,8 +14,8 @@ import sys
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

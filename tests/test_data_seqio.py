@@ -8,8 +8,8 @@ import itertools
 import numpy as np
 import pytest
 
-tf = pytest.importorskip("tensorflow")
-seqio = pytest.importorskip("seqio")
+import tensorflow as tf
+import seqio
 
 from phijax.data import corpus as corpus_lib  # noqa: E402
 from phijax.data import tasks  # noqa: E402

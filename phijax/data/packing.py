@@ -32,8 +32,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -41,12 +39,13 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from phijax.data import cache
 from phijax.data import vocab as vocab_lib
 
 log = logging.getLogger(__name__)
 
 PACK_FORMAT_VERSION = 1
-META_FILE = "meta.json"
+META_FILE = cache.META_FILE
 FEATURES = ("tokens", "targets", "segment_ids", "positions", "loss_weights")
 DEFAULT_MAX_RECORD_BYTES = 1 << 20  # one JSONL line
 LOSS_ON = ("solution", "all")
@@ -301,24 +300,10 @@ def build_packed_cache(data_path: str | os.PathLike, tokenizer: vocab_lib.BPETok
                     data_path, seq_len, info["truncated"], info["dropped_overlong"],
                     info["dropped_no_loss_after_truncation"])
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
-    try:
-        tmp.chmod(0o755)
-        for k in FEATURES:
-            np.save(tmp / f"{k}.npy", arrays[k])
-        # Record line -> row, for tracing a batch back to the JSONL.
-        np.save(tmp / "example_lines.npy", np.asarray([r["_line"] for r in records], np.int64))
-        np.save(tmp / "example_rows.npy", ex_rows)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / META_FILE).exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    # Record line -> row, for tracing a batch back to the JSONL.
+    lines = np.asarray([r["_line"] for r in records], np.int64)
+    cache.write_atomic(final, {**{k: arrays[k] for k in FEATURES}, "example_lines": lines, "example_rows": ex_rows},
+                       meta)
     log.info("packed cache %s: %d examples -> %d rows x %d (fill %.3f) in %.1fs",
              final, meta["n_examples"], meta["n_rows"], seq_len, meta["fill"], meta["build_seconds"])
     return final

@@ -13,8 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -22,14 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from phijax.data import packing
+from phijax.data import cache, packing
 from phijax.data import vocab as vocab_lib
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1
 WINDOWS_FILE = "windows.npy"
-META_FILE = "meta.json"
+META_FILE = cache.META_FILE
 
 
 # --- window cache --------------------------------------------------------------
@@ -85,21 +83,7 @@ def build_window_cache(task_name: str, seq_len: int,
                 padded_vocab_size=vocab_lib.padded_vocab_size(vocab_size),
                 dtype=dtype.name, build_seconds=round(time.time() - t0, 2))
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes 0700; caches may be shared
-        np.save(tmp / WINDOWS_FILE, windows)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / META_FILE).exists():
-                raise
-            # Another process finished the same (deterministic) build first.
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    cache.write_atomic(final, {WINDOWS_FILE.removesuffix('.npy'): windows}, meta)
     log.info("window cache %s: %d windows x %d tokens in %.1fs",
              final, meta["n_windows"], seq_len + 1, meta["build_seconds"])
     return final
