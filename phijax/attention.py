@@ -32,7 +32,7 @@ def _attend(q, k, v, mask, dropout_rate, dropout_key):
     kv = k.shape[2]
     # Grouped-query attention without materialising repeated k/v: fold groups into q.
     qg = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k) * (d ** -0.5)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg * jnp.asarray(d ** -0.5, q.dtype), k)
     scores = jnp.where(mask[:, :, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     if dropout_rate > 0.0 and dropout_key is not None:
