@@ -6,6 +6,7 @@ the loser sees the winner's complete directory and drops its own.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -15,6 +16,12 @@ from pathlib import Path
 import numpy as np
 
 META_FILE = "meta.json"
+
+
+def keyed_dir(root, kind: str, name: str, key_fields: dict) -> Path:
+    """`root/kind/name-<hash of key_fields>`: a new directory whenever anything the cache depends on changes."""
+    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(root) / kind / f"{name}-{key}"
 
 
 def write_atomic(final: Path, arrays: dict[str, np.ndarray], meta: dict) -> Path:

@@ -28,7 +28,6 @@ No tensorflow here (the trainer imports this on accelerator hosts).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -271,9 +270,9 @@ def build_packed_cache(data_path: str | os.PathLike, tokenizer: vocab_lib.BPETok
                   "tokenizer_fingerprint": tokenizer.fingerprint, "seq_len": options.seq_len,
                   "loss_on": loss_on, "overlong": overlong, "max_record_bytes": int(max_record_bytes),
                   "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id}
-    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(cache_dir) if cache_dir is not None else vocab_lib.default_cache_dir()
-    final = root / "packed" / f"{data_path.stem}-L{options.seq_len}-{key}"
+    final = cache.keyed_dir(root, "packed", f"{data_path.stem}-L{options.seq_len}", key_fields)
+    key = final.name.rsplit("-", 1)[1]
     if (final / META_FILE).exists():
         return final
 

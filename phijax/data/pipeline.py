@@ -9,7 +9,6 @@ pure function of (seed, step) -- restart- and process-count-invariant.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -64,9 +63,9 @@ def build_window_cache(task_name: str, seq_len: int,
     task, vocab_fp, corpus_fp, vocab_size = _task_fingerprints(task_name)
     key_fields = {"format": CACHE_FORMAT_VERSION, "task": task_name, "seq_len": seq_len,
                   "vocab_fingerprint": vocab_fp, "corpus_fingerprint": corpus_fp}
-    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(cache_dir) if cache_dir is not None else vocab_lib.default_cache_dir()
-    final = root / "windows" / f"{task_name}-L{seq_len}-{key}"
+    final = cache.keyed_dir(root, "windows", f"{task_name}-L{seq_len}", key_fields)
+    key = final.name.rsplit("-", 1)[1]
     if (final / META_FILE).exists():
         return final
 
