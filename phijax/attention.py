@@ -3,7 +3,8 @@
 Every backend takes q [batch, q_len, heads, head_dim], k/v [batch, kv_len, kv_heads,
 head_dim] and returns [batch, q_len, heads, head_dim]. Masking is causal plus, when
 `segment_ids` is given, block-diagonal so packed examples never attend to each other.
-Fused kernels (cuDNN, Pallas splash) register here later under their own names.
+Fused kernels: 'cudnn' (GPU, jax.nn.dot_product_attention) and 'splash' (TPU, Pallas;
+phijax/kernels/splash.py). 'auto' picks the one the compile target can run, else 'xla'.
 """
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from phijax.kernels import target_platform
+from phijax.sharding import constrain
 
 
 def make_mask(q_len: int, kv_len: int, q_segment_ids=None, kv_segment_ids=None, causal: bool = True,
@@ -70,23 +74,73 @@ def xla_attention(q, k, v, *, segment_ids=None, causal=True, dropout_rate=0.0, d
     return jnp.concatenate(outs, axis=1)
 
 
-def cudnn_attention(q, k, v, *, segment_ids=None, causal=True, dropout_rate=0.0, dropout_key=None):
-    """cuDNN fused (flash) attention through jax.nn.dot_product_attention (GPU, bf16/fp16)."""
-    if segment_ids is not None or (dropout_rate > 0.0 and dropout_key is not None):
-        raise NotImplementedError("the cudnn attention backend here takes no segment ids or attention dropout; "
-                                  "use attention='xla' for packed examples or attn_dropout > 0")
-    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+def cached_attention(q, k_cache, v_cache, *, q_offset, q_segment_ids, kv_segment_ids):
+    """Decoding: q [batch, t, heads, head_dim] in cache slots q_offset.. attends to the cache slots
+    at or before its own with the same segment id (unwritten slots lie after it). The cache is
+    [batch, kv_heads, slots, head_dim] so both einsums are plain batched matmuls: the training
+    layout would transpose the whole cache every step. Otherwise the math of `_attend`."""
+    b, t, h, d = q.shape
+    kv, s = k_cache.shape[1], k_cache.shape[2]
+    mask = make_mask(t, s, q_segment_ids, kv_segment_ids, causal=True, q_offset=q_offset)
+    qg = q.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg * jnp.asarray(d ** -0.5, q.dtype), k_cache)
+    scores = jnp.where(mask[:, :, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    return jnp.einsum("bkgts,bksd->btkgd", probs, v_cache).reshape(b, t, h, d)
+
+
+def _has_dropout(dropout_rate, dropout_key) -> bool:
+    return dropout_rate > 0.0 and dropout_key is not None
+
+
+def cudnn_attention(q, k, v, *, segment_ids=None, causal=True, dropout_rate=0.0, dropout_key=None,
+                    implementation: str = "cudnn"):
+    """cuDNN fused (flash) attention through jax.nn.dot_product_attention (GPU, bf16/fp16).
+
+    Packed examples: the segment mask goes in as the API's boolean `mask` [batch, 1, t, s]
+    (broadcast over heads), which cuDNN applies as an additive bias beside its own causal mask.
+    (The API's seq-length arguments describe right padding only, one segment per row.) With
+    implementation='xla' the same call runs on XLA; the tests check that against `xla_attention`.
+    """
+    if _has_dropout(dropout_rate, dropout_key):
+        raise NotImplementedError("the cudnn attention backend has no attention dropout; use attention='xla' "
+                                  "(or 'auto') with attn_dropout > 0")
+    mask = None
+    if segment_ids is not None:
+        mask = constrain(make_mask(q.shape[1], k.shape[1], segment_ids, segment_ids, causal=False),
+                         ("activation_batch", None, None, None))  # cuDNN wants the bias batch-sharded as q
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=implementation)
+
+
+def splash_attention(q, k, v, *, segment_ids=None, causal=True, dropout_rate=0.0, dropout_key=None):
+    """Pallas splash attention (TPU; Pallas interpret mode elsewhere). See phijax/kernels/splash.py."""
+    from phijax.kernels import splash  # imports Pallas: only when asked for
+    return splash.splash_attention(q, k, v, segment_ids=segment_ids, causal=causal, dropout_rate=dropout_rate,
+                                   dropout_key=dropout_key)
+
+
+def auto_choice(q_shape, kv_shape, dtype, *, dropout: bool) -> str:
+    """The backend 'auto' runs for these shapes on the current compile target (see kernels.target_platform)."""
+    platform = target_platform()
+    if platform == "tpu":
+        from phijax.kernels import splash
+        return "splash" if splash.unsupported_reason(q_shape, kv_shape, dropout=dropout) is None else "xla"
+    d = q_shape[-1]
+    if (platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and d % 8 == 0 and d <= 128
+            and not dropout):
+        return "cudnn"
+    return "xla"
 
 
 def auto_attention(q, k, v, *, segment_ids=None, causal=True, dropout_rate=0.0, dropout_key=None):
-    """The fused kernel where it applies (GPU, half precision, no segments/dropout), else the reference."""
-    fused_ok = (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and segment_ids is None
-                and not (dropout_rate > 0.0 and dropout_key is not None))
-    fn = cudnn_attention if fused_ok else xla_attention
-    return fn(q, k, v, segment_ids=segment_ids, causal=causal, dropout_rate=dropout_rate, dropout_key=dropout_key)
+    """Splash on TPU, cuDNN on GPU (half precision, head_dim <= 128), where no attention dropout; else xla."""
+    name = auto_choice(q.shape, k.shape, q.dtype, dropout=_has_dropout(dropout_rate, dropout_key))
+    return BACKENDS[name](q, k, v, segment_ids=segment_ids, causal=causal, dropout_rate=dropout_rate,
+                          dropout_key=dropout_key)
 
 
-BACKENDS: dict[str, Callable] = {"xla": xla_attention, "cudnn": cudnn_attention, "auto": auto_attention}
+BACKENDS: dict[str, Callable] = {"xla": xla_attention, "cudnn": cudnn_attention, "splash": splash_attention,
+                                 "auto": auto_attention}
 
 
 def get_backend(name: str) -> Callable:

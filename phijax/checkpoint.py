@@ -60,6 +60,7 @@ META_ITEM = "meta"
 
 EXPORT_PARAMS_SUBDIR = "params"
 EXPORT_INFO_FILE = "export_info.json"
+EXPORT_TOKENIZER_FILE = "tokenizer.json"
 EXPORT_FORMAT = "phijax-params-v1"
 
 
@@ -419,12 +420,15 @@ def export_params(
     dtype=None,
     config: Mapping[str, Any] | None = None,
     overwrite: bool = True,
+    tokenizer_path: str | None = None,
 ) -> None:
     """Writes inference parameters as a standalone orbax checkpoint.
 
     `directory/params/` holds the (optionally `dtype`-cast: floating leaves only)
     parameter pytree; `directory/export_info.json` holds
-    {"format", "dtype", "param_count", "num_bytes", "config"}.
+    {"format", "dtype", "param_count", "num_bytes", "config", "tokenizer"}.
+    `tokenizer_path` (a tokenizer.json) is copied to `directory/tokenizer.json` so the
+    export decodes on its own (phijax.decode.load_for_inference); "tokenizer" names it.
     Sharded arrays are written from their shards (no gather to one host).
     """
     params_dir, info_file = _export_paths(directory)
@@ -443,7 +447,10 @@ def export_params(
         "param_count": int(sum(int(np.prod(x.shape)) for x in leaves)),
         "num_bytes": int(sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves)),
         "config": _json_copy(dict(config), "config") if config is not None else None,
+        "tokenizer": EXPORT_TOKENIZER_FILE if tokenizer_path is not None else None,
     }
+    if tokenizer_path is not None and not epath.Path(tokenizer_path).is_file():
+        raise FileNotFoundError(f"tokenizer_path={tokenizer_path!r} is not a file")
     epath.Path(directory).mkdir(parents=True, exist_ok=True)
     ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())  # synchronous
     try:
@@ -451,6 +458,8 @@ def export_params(
     finally:
         ckptr.close()
     if jax.process_index() == 0:
+        if tokenizer_path is not None:
+            (_absolute(directory) / EXPORT_TOKENIZER_FILE).write_bytes(epath.Path(tokenizer_path).read_bytes())
         info_file.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     logger.info("Exported %d parameters (%s) to %s", info["param_count"], info["dtype"], params_dir)
 

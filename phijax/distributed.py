@@ -9,6 +9,11 @@ multi-process run and, if so, calls `jax.distributed.initialize`:
   - auto: PHIJAX_DISTRIBUTED=auto lets jax detect the cluster (TPU VMs, SLURM, Open MPI, ...);
   - otherwise (nothing set): a single process, nothing is done.
 
+`heartbeat_timeout_seconds` (env PHIJAX_HEARTBEAT_TIMEOUT_S) bounds how long the survivors of a
+killed or hung process wait: the coordinator then reports the missing process and jax terminates
+every other process with a non-zero exit, so a launcher (tpu_scripts/resume.sh) can restart the
+job from its last checkpoint.
+
 On CPU, cross-process computations need a collectives implementation for the CPU client;
 `jax_cpu_collectives_implementation` is set to 'gloo' unless it already names one.
 """
@@ -23,6 +28,9 @@ ENV_NUM_PROCESSES = "PHIJAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "PHIJAX_PROCESS_ID"
 ENV_MODE = "PHIJAX_DISTRIBUTED"  # 'auto' -> jax.distributed.initialize() with cluster auto-detection
 ENV_LOCAL_DEVICE_IDS = "PHIJAX_LOCAL_DEVICE_IDS"  # optional, comma-separated
+# Seconds without a heartbeat after which the coordinator declares a process dead and every other
+# process exits (non-zero) instead of waiting in a collective forever; jax's default is 100.
+ENV_HEARTBEAT_TIMEOUT = "PHIJAX_HEARTBEAT_TIMEOUT_S"
 
 log = logging.getLogger("phijax.distributed")
 
@@ -54,7 +62,7 @@ def _device_ids(value, name: str):
 
 def resolve(coordinator_address: str | None = None, num_processes: int | str | None = None,
             process_id: int | str | None = None, local_device_ids: int | str | Sequence[int] | None = None,
-            environ=None) -> dict | None:
+            environ=None, heartbeat_timeout_seconds: int | str | None = None) -> dict | None:
     """The keyword arguments for `jax.distributed.initialize`, {} for auto-detection, or None for a
     single process. Raises ValueError naming the missing or bad setting."""
     env = os.environ if environ is None else environ
@@ -73,13 +81,17 @@ def resolve(coordinator_address: str | None = None, num_processes: int | str | N
     n = pick(num_processes, ENV_NUM_PROCESSES)
     pid = pick(process_id, ENV_PROCESS_ID)
     ids = _device_ids(pick(local_device_ids, ENV_LOCAL_DEVICE_IDS), ids_name)
+    heartbeat = pick(heartbeat_timeout_seconds, ENV_HEARTBEAT_TIMEOUT)
+    if heartbeat is not None:
+        heartbeat = _int(heartbeat, f"heartbeat_timeout_seconds/{ENV_HEARTBEAT_TIMEOUT}", minimum=1)
     mode = (env.get(ENV_MODE) or "").strip().lower()
     if mode not in ("", "auto", "0", "off", "false", "no"):
         raise ValueError(f"{ENV_MODE} must be 'auto' or unset, got {env.get(ENV_MODE)!r}")
 
     if address is None and n is None and pid is None:
         if mode == "auto":
-            return {} if ids is None else {"local_device_ids": ids}
+            return {k: v for k, v in (("local_device_ids", ids), ("heartbeat_timeout_seconds", heartbeat))
+                    if v is not None}
         return None  # single process
 
     if n is not None:
@@ -107,18 +119,21 @@ def resolve(coordinator_address: str | None = None, num_processes: int | str | N
     if n == 1 and mode != "auto":
         return None  # one process: nothing to coordinate
     kwargs = {k: v for k, v in (("coordinator_address", address), ("num_processes", n), ("process_id", pid),
-                                ("local_device_ids", ids)) if v is not None}
+                                ("local_device_ids", ids), ("heartbeat_timeout_seconds", heartbeat))
+              if v is not None}
     return kwargs
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | str | None = None,
                process_id: int | str | None = None,
-               local_device_ids: int | str | Sequence[int] | None = None) -> bool:
+               local_device_ids: int | str | Sequence[int] | None = None,
+               heartbeat_timeout_seconds: int | str | None = None) -> bool:
     """Start jax's multi-process runtime if asked to (see the module doc); returns whether it did.
 
     Must run before the first jax computation or device query. Idempotent."""
     global _initialized
-    kwargs = resolve(coordinator_address, num_processes, process_id, local_device_ids)
+    kwargs = resolve(coordinator_address, num_processes, process_id, local_device_ids,
+                     heartbeat_timeout_seconds=heartbeat_timeout_seconds)
     if kwargs is None:
         return False
     import jax

@@ -14,6 +14,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 # Published dense bf16 peak FLOP/s per device (per chip for TPU).
 PEAK_FLOPS = {
@@ -61,24 +62,90 @@ def device_peak_flops(device=None) -> float:
     raise ValueError(f"unknown peak FLOP/s for device kind {kind!r}; set train.peak_flops_per_device in gin")
 
 
-class MetricsWriter:
-    """Appends one JSON record per logged step to metrics.jsonl and mirrors scalars to TensorBoard."""
+def is_url(path) -> bool:
+    """True for object-store URLs (gs://bucket/...): written through etils.epath, never open()/os."""
+    return "://" in str(path)
 
-    def __init__(self, model_dir: str, enabled: bool = True):
+
+class ObjectAppender:
+    """An append-only file on an object store. GCS objects cannot be appended to, so the content
+    is kept in memory and the whole object is rewritten on `flush` (at most every `min_interval_s`
+    seconds unless forced). Starts from the object's current content, so a resumed run continues it."""
+
+    def __init__(self, path, min_interval_s: float = 0.0):
+        self.path = epath.Path(path)
+        self.min_interval_s = float(min_interval_s)
+        self.data = bytearray(self.path.read_bytes() if self.path.exists() else b"")
+        self._dirty = False
+        self._last_flush = time.monotonic()
+
+    def write(self, data) -> None:
+        self.data += data.encode() if isinstance(data, str) else data
+        self._dirty = True
+
+    def flush(self, force: bool = True) -> None:
+        if not self._dirty or (not force and time.monotonic() - self._last_flush < self.min_interval_s):
+            return
+        self.path.write_bytes(bytes(self.data))  # object stores need no parent directory
+        self._dirty, self._last_flush = False, time.monotonic()
+
+    def rewrite(self, data: bytes) -> None:
+        self.data = bytearray(data)
+        self._dirty = True
+        self.flush()
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _ObjectAppenderFactory:
+    """tensorboardX writer factory for gs:// event files, through etils.epath (tf.io.gfile or gcsfs)
+    instead of tensorboardX's own google-cloud-storage writer."""
+
+    def open(self, path):
+        # Event files are named by second and host; a same-named one (a restart within the same
+        # second) is continued, not replaced: readers take the records in sequence.
+        return ObjectAppender(path)
+
+    def directory_check(self, path):
+        pass  # object stores have no directories to create
+
+
+class MetricsWriter:
+    """Appends one JSON record per logged step to metrics.jsonl and mirrors scalars to TensorBoard.
+
+    A gs:// model_dir is written through etils.epath: metrics.jsonl is rewritten whole at most every
+    `remote_flush_secs` and on `flush()` (the trainer flushes before every checkpoint, so the
+    records up to a checkpoint are stored before it is)."""
+
+    def __init__(self, model_dir: str, enabled: bool = True, remote_flush_secs: float = 60.0):
         self.enabled = enabled
-        self.path = os.path.join(model_dir, "metrics.jsonl")
+        self.remote = is_url(model_dir)
+        self.path = os.path.join(model_dir, "metrics.jsonl")  # a string: gs:// URLs join like posix paths
         self._tb = None
+        self._remote_file = None
         if enabled:
-            from tensorboardX import SummaryWriter  # no tensorflow needed
+            from tensorboardX import SummaryWriter, record_writer  # no tensorflow needed
+            if self.remote:
+                record_writer.register_writer_factory("gs", _ObjectAppenderFactory())
+                self._remote_file = ObjectAppender(self.path, min_interval_s=remote_flush_secs)
             self._tb = SummaryWriter(os.path.join(model_dir, "tb"))
 
     def truncate_after(self, step: int) -> None:
         """On resume from the checkpoint taken after `step` steps, drop the records of later
         steps (they are about to be recomputed), atomically."""
-        if not self.enabled or not os.path.exists(self.path):
+        if not self.enabled:
+            return
+        if self._remote_file is not None:
+            lines = bytes(self._remote_file.data).decode().splitlines(keepends=True)
+            keep = _records_up_to(lines, step)
+            if len(keep) != len(lines):
+                self._remote_file.rewrite("".join(keep).encode())
+            return
+        if not os.path.exists(self.path):
             return
         with open(self.path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("step", -1) <= step]
+            keep = _records_up_to(f, step)
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(keep)
@@ -88,17 +155,35 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _py(v) for k, v in record.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+        line = json.dumps(record) + "\n"
+        if self._remote_file is not None:
+            self._remote_file.write(line)
+            self._remote_file.flush(force=False)
+        else:
+            with open(self.path, "a") as f:
+                f.write(line)
+                f.flush()
         for k, v in record.items():
             if k != "step" and isinstance(v, (int, float)):
-                self._tb.add_scalar(f"train/{k}", v, step)
+                self._tb.add_scalar(k if "/" in k else f"train/{k}", v, step)  # e.g. eval/humaneval/pass@1
+
+    def flush(self) -> None:
+        """Stores everything written so far (remote: uploads metrics.jsonl and the event file)."""
+        if self._remote_file is not None:
+            self._remote_file.flush()
+        if self._tb is not None:
+            self._tb.flush()
 
     def close(self):
+        if self._remote_file is not None:
+            self._remote_file.close()
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
+
+
+def _records_up_to(lines, step: int) -> list[str]:
+    return [line for line in lines if line.strip() and json.loads(line).get("step", -1) <= step]
 
 
 def _py(v):

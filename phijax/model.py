@@ -10,6 +10,8 @@ time does not grow with depth. Every parameter carries its logical axis names in
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -89,6 +91,45 @@ def _dropout(x, rate, key):
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
+# Decoding cache layout: [batch, kv_heads, slots, head_dim] (attention.cached_attention), sharded
+# like the attention activations.
+CACHE_AXES = ("activation_batch", "activation_kv_heads", "activation_length", None)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerCache:
+    """One layer's keys/values for decoding. `index` (int32 scalar) is the slot of the first new
+    token; `segment_ids` [batch, slots] already covers the new tokens (unwritten slots lie after
+    them, so the causal mask hides them; padding has its own segment id)."""
+
+    k: jax.Array
+    v: jax.Array
+    segment_ids: jax.Array
+    index: jax.Array
+
+    def write(self, k, v) -> "LayerCache":
+        """Stores k, v [batch, t, kv_heads, head_dim] in slots index .. index + t - 1."""
+        at = (0, 0, self.index, 0)
+        k = jnp.swapaxes(k, 1, 2).astype(self.k.dtype)
+        v = jnp.swapaxes(v, 1, 2).astype(self.v.dtype)
+        k = constrain(jax.lax.dynamic_update_slice(self.k, k, at), CACHE_AXES)
+        v = constrain(jax.lax.dynamic_update_slice(self.v, v, at), CACHE_AXES)
+        return dataclasses.replace(self, k=k, v=v)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Every layer's cache as separate buffers (tuples of [batch, kv_heads, slots, head_dim]), so a
+    decode loop updates each in place; `index` is the next slot to write."""
+
+    k: tuple
+    v: tuple
+    segment_ids: jax.Array
+    index: jax.Array
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: PhiConfig, *, rngs, stack=()):
         d, h, kv, dh = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
@@ -103,7 +144,9 @@ class Attention(nnx.Module):
             self.k_layernorm = LayerNorm(dh, cfg.layer_norm_eps, rngs=rngs, stack=stack, dtype=pd)
         self.cfg = cfg
 
-    def __call__(self, x, cos, sin, segment_ids, dropout_key):
+    def __call__(self, x, cos, sin, segment_ids, dropout_key, cache=None):
+        """With `cache` (a LayerCache) the new keys/values are written into it at cache.index and
+        the queries attend to every filled slot; returns (output, updated LayerCache) then."""
         cfg = self.cfg
         q = constrain(self.q_proj(x), ("activation_batch", "activation_length", "activation_heads", None))
         k = constrain(self.k_proj(x), ("activation_batch", "activation_length", "activation_kv_heads", None))
@@ -112,11 +155,17 @@ class Attention(nnx.Module):
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         q = apply_rotary(q, cos, sin, cfg.rotary_dim)
         k = apply_rotary(k, cos, sin, cfg.rotary_dim)
+        if cache is not None:
+            cache = cache.write(k, v)
+            out = attention.cached_attention(q, cache.k, cache.v, q_offset=cache.index,
+                                             q_segment_ids=segment_ids, kv_segment_ids=cache.segment_ids)
+            out = constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
+            return self.dense(out), cache
         out = attention.get_backend(cfg.attention)(
             q, k, v, segment_ids=segment_ids, causal=True,
             dropout_rate=cfg.attn_dropout, dropout_key=dropout_key)
         out = constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
-        return self.dense(out)
+        return self.dense(checkpoint_name(out, "attn_context"))  # the dense input: save_attn_mlp keeps it
 
 
 class MLP(nnx.Module):
@@ -127,7 +176,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         h = constrain(gelu_new(self.fc1(x)), ("activation_batch", "activation_length", "activation_mlp"))
-        return self.fc2(h)
+        return self.fc2(checkpoint_name(h, "mlp_hidden"))  # the fc2 input: save_attn_mlp keeps it
 
 
 class Block(nnx.Module):
@@ -140,16 +189,21 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs, stack=stack)
         self.cfg = cfg
 
-    def __call__(self, x, cos, sin, segment_ids, key):
+    def __call__(self, x, cos, sin, segment_ids, key, cache=None):
+        """Returns the block output, or (output, updated LayerCache) when decoding with `cache`."""
         cfg = self.cfg
         k_attn = k_r1 = k_r2 = None
         if key is not None:
             k_attn, k_r1, k_r2 = jax.random.split(key, 3)
         h = self.input_layernorm(x)
-        a = checkpoint_name(self.self_attn(h, cos, sin, segment_ids, k_attn), "attn_out")
-        m = checkpoint_name(self.mlp(h), "mlp_out")
+        if cache is not None:
+            a, cache = self.self_attn(h, cos, sin, segment_ids, k_attn, cache=cache)
+        else:
+            a = self.self_attn(h, cos, sin, segment_ids, k_attn)
+        m = self.mlp(h)
         out = x + _dropout(a, cfg.resid_dropout, k_r1) + _dropout(m, cfg.resid_dropout, k_r2)
-        return constrain(out, ("activation_batch", "activation_length", "activation_embed"))
+        out = constrain(out, ("activation_batch", "activation_length", "activation_embed"))
+        return out if cache is None else (out, cache)
 
 
 class Phi(nnx.Module):
@@ -170,8 +224,7 @@ class Phi(nnx.Module):
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(jnp.dtype(cfg.dtype))
-        x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+        x = self.embed(tokens)
         layer_keys = None
         if dropout_key is not None:
             k_embed, k_layers = jax.random.split(dropout_key)
@@ -195,8 +248,57 @@ class Phi(nnx.Module):
         examples (positions restart at 0 per example; segments never attend to each other).
         """
         h = self.hidden_states(tokens, positions=positions, segment_ids=segment_ids, dropout_key=dropout_key)
+        return self.logits(h)
+
+    def embed(self, tokens):
+        x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(jnp.dtype(self.cfg.dtype))
+        return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+
+    def logits(self, h):
+        """fp32 logits [batch, len, vocab] of final hidden states [batch, len, d_model]."""
         logits = self.lm_head(h).astype(jnp.float32)
         return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+    # ------------------------------------------------------------------ decoding with a KV cache
+
+    def init_cache(self, batch: int, slots: int, dtype=None) -> KVCache:
+        """An empty cache of `slots` positions per sequence (compute dtype unless `dtype`)."""
+        cfg = self.cfg
+        dtype = jnp.dtype(dtype or cfg.dtype)
+        shape = (batch, cfg.kv_heads, slots, cfg.head_dim)
+        n = cfg.n_layers
+        buffers = [constrain(jnp.zeros(shape, dtype), CACHE_AXES) for _ in range(2 * n)]
+        return KVCache(k=tuple(buffers[:n]), v=tuple(buffers[n:]), segment_ids=jnp.zeros((batch, slots), jnp.int32),
+                       index=jnp.zeros((), jnp.int32))
+
+    def unstacked_layers(self) -> list:
+        """Per-layer views of the stacked layers. Decoding runs the layers unrolled: slice the
+        weights once (outside a decode loop) instead of once per generated token."""
+        graphdef, stacked = nnx.split(self.layers)
+        return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked)) for i in range(self.cfg.n_layers)]
+
+    def decode_step(self, tokens, cache: KVCache, *, positions, segment_ids=None, layers=None):
+        """Runs `tokens` [batch, t] into cache slots cache.index .. cache.index + t - 1, attending
+        to every earlier filled slot of the same segment. Returns (fp32 logits of the last
+        position [batch, vocab], the cache advanced by t). `positions` [batch, t] are the RoPE
+        positions; `segment_ids` (default 1) must differ between padding and real tokens.
+        Prefill is one call with the whole (left-padded) prompt, then one call per new token.
+        `layers`: `unstacked_layers()` computed once outside a loop (default: sliced here)."""
+        b, t = tokens.shape
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        segment_ids = segment_ids.astype(jnp.int32)
+        kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index))
+        x = self.embed(tokens)
+        cos, sin = rotary_tables(positions, self.cfg.rotary_dim, self.cfg.rope_base)
+        ks, vs = [], []
+        for i, layer in enumerate(self.unstacked_layers() if layers is None else layers):
+            lc = LayerCache(cache.k[i], cache.v[i], kv_segments, cache.index)
+            x, lc = layer(x, cos, sin, segment_ids, None, cache=lc)
+            ks.append(lc.k)
+            vs.append(lc.v)
+        logits = self.logits(self.final_layernorm(x[:, -1:]))[:, 0]
+        return logits, KVCache(tuple(ks), tuple(vs), kv_segments, cache.index + t)
 
 
 def init(cfg: PhiConfig, seed: int = 0) -> Phi:

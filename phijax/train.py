@@ -15,10 +15,11 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from phijax import checkpoint as ckpt_lib
 from phijax import distributed
-from phijax import gin_setup, metrics as metrics_lib, optim, sharding, train_step
+from phijax import gin_setup, metrics as metrics_lib, optim, sharding, train_step, train_eval
 from phijax.config import PhiConfig
 
 log = logging.getLogger("phijax.train")
@@ -36,7 +37,9 @@ def data_source(kind: str = "stdlib", *, seq_len: int = gin.REQUIRED, global_bat
     """Batches that depend only on (seed, step).
 
     'stdlib': the SeqIO stdlib task with a BPE vocabulary of `vocab_size` (default: the model's;
-    trained once, cached); 'task': the registered SeqIO task `task_name`; 'exercises': a
+    trained once, cached); 'task': the registered SeqIO task or Mixture `task_name` (a Mixture,
+    e.g. `@phijax.tasks.register_codetextbook()`, interleaves its tasks' window caches by rate;
+    'mixture' insists on one); 'exercises': a
     CodeExercises JSONL file (`data_path`) packed into rows with segment ids and loss weights on
     the solutions (`loss_on`); 'synthetic': random tokens, no tensorflow.
     """
@@ -89,11 +92,14 @@ def train(*, model_dir: str = gin.REQUIRED, model_config: PhiConfig = gin.REQUIR
                                          max_to_keep=keep_checkpoints, async_save=async_checkpoint)
     meta = {"model": cfg.to_dict(), "seq_len": seq_len, "batch_size": batch_size}
     _check_same_model(checkpointer, cfg)  # before the (possibly slow) data preparation
+    evaluator = train_eval.PeriodicEval()  # gin: PeriodicEval.every_steps etc. (0: off)
+    evaluator.check(model_dir=model_dir, mesh=mesh)
     data = data_source(seq_len=seq_len, global_batch_size=batch_size, seed=seed,
                        model_vocab_size=cfg.vocab_size)
     if getattr(data, "vocab_size", 0) > cfg.vocab_size:
         raise ValueError(f"the data's vocabulary ({data.vocab_size}) is larger than the model's "
                          f"vocab_size ({cfg.vocab_size})")
+    evaluator.setup(model_dir=model_dir, graphdef=graphdef, cfg=cfg, mesh=mesh, rules=sharding_rules, data=data)
     restored = checkpointer.restore_latest(abstract_state)
     if restored is None:
         state = train_step.init_state(cfg, tx, seed, shardings)
@@ -123,6 +129,8 @@ def train(*, model_dir: str = gin.REQUIRED, model_config: PhiConfig = gin.REQUIR
     pending = None  # (step, metrics) not yet checked
     t_window = t_start = time.perf_counter()
     last_logged = start
+    if start and evaluator.due(start, train_steps) and start not in evaluator.evaluated_steps():
+        writer.write(start, evaluator.run(start, state["params"]))  # killed after the save, before the eval
     for step in range(start, train_steps):
         batch = train_step.to_global(data.local_batch(step), batch_sharding)
         state, step_metrics = step_fn(state, batch)
@@ -148,23 +156,28 @@ def train(*, model_dir: str = gin.REQUIRED, model_config: PhiConfig = gin.REQUIR
             log.info("step %d/%d | loss %.4f | lr %.2e | %.0f tok/s | mfu %.1f%% | eta %s", done, train_steps,
                      record["loss"], record["lr"], tok_s, 100 * record["mfu"], metrics_lib.format_duration(eta))
         if checkpointer.should_save(done) or done == train_steps:
+            writer.flush()  # a gs:// metrics.jsonl is buffered: store the records this checkpoint covers
             checkpointer.save(done, state, data_state=data.state(done), meta=meta, force=done == train_steps)
+        if evaluator.due(done, train_steps):
+            writer.write(done, evaluator.run(done, state["params"]))
     if pending is not None:
         _check_finite(*pending)
     checkpointer.wait_until_finished()
     export_dir = None
     if export_dtype and start < train_steps:
         export_dir = os.path.join(model_dir, "export")
-        ckpt_lib.export_params(state["params"], export_dir, dtype=jnp.dtype(export_dtype), config=cfg.to_dict())
+        ckpt_lib.export_params(state["params"], export_dir, dtype=jnp.dtype(export_dtype), config=cfg.to_dict(),
+                               tokenizer_path=getattr(data, "tokenizer_path", None))  # decodes on its own
     checkpointer.close()
     writer.close()
     return {"first_loss": first_loss, "last_loss": last_loss, "start_step": start, "final_step": train_steps,
-            "checkpoint_dir": checkpointer.directory, "export_dir": export_dir, "model_dir": model_dir}
+            "checkpoint_dir": checkpointer.directory, "export_dir": export_dir, "model_dir": model_dir,
+            "best": evaluator.best if evaluator.enabled else None}
 
 
 def _load_params(path: str, abstract_params):
     """Parameters from a phijax export (checkpoint.export_params) or a Hugging Face directory."""
-    if os.path.exists(os.path.join(path, "config.json")):
+    if epath.Path(path, "config.json").exists():
         from phijax import convert, model as model_lib
         _, params, _ = model_lib.split(convert.load_hf(path))
         return jax.tree.map(lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding), params, abstract_params)
@@ -196,10 +209,29 @@ def _check_same_model(checkpointer, cfg: PhiConfig):
 
 
 def _write_text(path, text):
+    if metrics_lib.is_url(path):  # gs://: an object is replaced whole, no rename needed
+        epath.Path(path).write_text(text)
+        return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+EXIT_PEER_LOST = 4
+
+
+def _exit_peer_lost(e: Exception):
+    """A runtime failure in a multi-process job (usually a collective whose peer died: killed,
+    preempted, OOM). Exits at once: jax's shutdown would first wait for the dead peer at a barrier
+    (up to the heartbeat timeout) and then abort."""
+    msg = str(e).splitlines()[0][:500]
+    print(f"error: process {jax.process_index()} of {jax.process_count()} stopped: {type(e).__name__}: {msg}\n"
+          f"error: another process of this job has probably died (killed, preempted, out of memory). "
+          f"Restart all {jax.process_count()} processes with the same MODEL_DIR to resume from its last "
+          f"checkpoint (tpu_scripts/resume.sh does this on TPU VMs).", file=sys.stderr, flush=True)
+    logging.shutdown()
+    os._exit(EXIT_PEER_LOST)
 
 
 def main(argv=None) -> int:
@@ -233,6 +265,10 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {gin_setup.explain(e)}", file=sys.stderr)
         return 2
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        _exit_peer_lost(e)
     if jax.process_index() == 0:
         operative = gin.operative_config_str()
         _write_text(os.path.join(summary["model_dir"], "operative_config.gin"), operative)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv and installs phijax with its data and test extras. Idempotent.
+# Creates .venv and installs phijax with its data, test and tpu extras. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -7,4 +7,4 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[data,test]"
+.venv/bin/python -m pip install -q -e ".[data,test,tpu]"  # tpu: libtpu for the AOT compile test

@@ -8,6 +8,7 @@ collective cannot stall CI.
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -126,14 +127,22 @@ def _assert_same(got, want, steps):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=0, err_msg=f"{key} at steps {list(steps)}")
 
 
-@pytest.mark.slow
-def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(tmp_path):
-    ref_dir, split_dir = tmp_path / "one_process", tmp_path / "two_then_one"
-
-    # (a) 1 process x 4 devices, uninterrupted.
-    _launch(_train_cmd(ref_dir, TOTAL_STEPS), 1, 4, tmp_path, "ref")
-    ref = _metrics(ref_dir)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """(a) 1 process x 4 devices, TOTAL_STEPS uninterrupted steps (checkpoints every 2 steps, all
+    kept: later tests start from them). Shared by the tests of this module."""
+    d = tmp_path_factory.mktemp("one_process")
+    _launch([*_train_cmd(d / "run", TOTAL_STEPS), "--gin_param=train.checkpoint_every = 2",
+             "--gin_param=train.keep_checkpoints = None"], 1, 4, d, "ref")
+    ref = _metrics(d / "run")
     assert sorted(ref) == list(range(1, TOTAL_STEPS + 1))
+    return d / "run", ref
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(reference, tmp_path):
+    split_dir = tmp_path / "two_then_one"
+    _, ref = reference
 
     # (b) 2 processes x 2 devices (same 4-device mesh), stopping at SPLIT_STEP with a checkpoint.
     (out0, err0), (out1, err1) = _launch(_train_cmd(split_dir, SPLIT_STEP), 2, 2, tmp_path, "two")
@@ -275,3 +284,82 @@ def test_train_cli_rejects_incomplete_distributed_flags(clean_env, capsys, tmp_p
     rc = train.main(["--coordinator_address=127.0.0.1:1", f"--gin_param=MODEL_DIR='{tmp_path}'"])
     assert rc == 2
     assert "num_processes/PHIJAX_NUM_PROCESSES and process_id/PHIJAX_PROCESS_ID are not" in capsys.readouterr().err
+
+
+def test_resolve_heartbeat_timeout(clean_env):
+    assert distributed.resolve("h:1", 2, 0, heartbeat_timeout_seconds=7)["heartbeat_timeout_seconds"] == 7
+    clean_env.setenv("PHIJAX_HEARTBEAT_TIMEOUT_S", "12")
+    assert distributed.resolve("h:1", 2, 0)["heartbeat_timeout_seconds"] == 12
+    assert distributed.resolve() is None  # a single process has no heartbeat
+    clean_env.setenv("PHIJAX_DISTRIBUTED", "auto")
+    assert distributed.resolve() == {"heartbeat_timeout_seconds": 12}
+    clean_env.setenv("PHIJAX_HEARTBEAT_TIMEOUT_S", "soon")
+    with pytest.raises(ValueError, match="heartbeat_timeout_seconds/PHIJAX_HEARTBEAT_TIMEOUT_S must be an integer"):
+        distributed.resolve("h:1", 2, 0)
+
+
+# --- a 1-process checkpoint in 2 processes; a killed process; resume after the kill -----------------
+HEARTBEAT_S = 10
+
+
+def _committed_steps(model_dir):
+    d = model_dir / "checkpoints"
+    return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if d.is_dir() else []
+
+
+@pytest.mark.slow
+def test_one_process_checkpoint_resumes_in_two_a_killed_process_is_detected_and_the_run_resumes(
+        reference, tmp_path):
+    ref_dir, ref = reference
+    # The 1-process run as if it had stopped after step 2: its later checkpoints removed.
+    run = tmp_path / "run"
+    shutil.copytree(ref_dir, run)
+    for step in _committed_steps(run):
+        if step > 2:
+            shutil.rmtree(run / "checkpoints" / str(step))
+
+    # 2 processes resume it, checkpointing after every step synchronously (slow enough to be
+    # killed mid-way); process 1 is SIGKILLed once step 3's checkpoint is committed.
+    cmd = [*_train_cmd(run, TOTAL_STEPS), "--gin_param=train.checkpoint_every = 1",
+           "--gin_param=train.async_checkpoint = False", "--gin_param=train.keep_checkpoints = None"]
+    port = _free_port()
+    procs, errs = [], []
+    try:
+        for i in range(2):
+            env = {**_env(2, i, 2, port), "PHIJAX_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_S)}
+            errs.append(tmp_path / f"kill.{i}.err")
+            with open(errs[-1], "w") as err:
+                procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                              start_new_session=True))
+        deadline = time.time() + DEADLINE_S
+        while 3 not in _committed_steps(run):
+            assert all(p.poll() is None for p in procs), ([p.poll() for p in procs], errs[0].read_text()[-3000:])
+            assert time.time() < deadline, "no checkpoint before the deadline"
+            time.sleep(0.02)
+        os.killpg(procs[1].pid, signal.SIGKILL)  # process 1 dies mid-run (preemption, OOM kill, ...)
+        killed_at = time.time()
+        try:
+            rc = procs[0].wait(timeout=HEARTBEAT_S + 60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"process 0 still running {HEARTBEAT_S + 60}s after process 1 was killed")
+        detect_s = time.time() - killed_at
+    finally:
+        _kill(procs)
+    err0 = errs[0].read_text()
+    assert "resumed from step 2" in err0, err0[-3000:]  # the 1-process checkpoint, in 2 processes
+    print(f"process 0 exited {rc} {detect_s:.1f}s after process 1 was killed")
+    assert rc != 0 and detect_s < HEARTBEAT_S + 30
+    # phijax's message (a failed collective: exit 4 at once) or, had process 0 been waiting at a
+    # barrier, jax's own (the coordination service saw process 1's heartbeats stop).
+    assert ("another process of this job has probably died" in err0 and rc == 4) or \
+        "JAX distributed service detected fatal errors" in err0, err0[-3000:]
+    last = _committed_steps(run)[-1]
+    assert 3 <= last < TOTAL_STEPS, _committed_steps(run)
+
+    # Relaunching both processes resumes from the last committed checkpoint and reproduces the
+    # uninterrupted run; metrics the killed run logged past that checkpoint are replaced.
+    (_, err), _ = _launch(cmd, 2, 2, tmp_path, "relaunch")
+    assert f"resumed from step {last}" in err, err[-2000:]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, TOTAL_STEPS + 1))  # each step once
+    _assert_same(_metrics(run), ref, range(1, TOTAL_STEPS + 1))

@@ -180,3 +180,47 @@ def test_finetune_on_packed_exercises_from_an_init_checkpoint(tmp_path):
     _run(tmp_path / "fresh", "--gin_param=TRAIN_STEPS = 1", "--gin_param=DATA_SOURCE = 'exercises'",
          f"--gin_param=data_source.data_path = '{data}'")
     assert abs(losses[1] - _losses(tmp_path / "fresh")[1]) > 1e-4
+
+
+@pytest.mark.slow
+def test_periodic_humaneval_logs_pass_at_1_reports_and_keeps_the_best_export(tmp_path):
+    from phijax import decode
+
+    steps = ["--gin_param=TRAIN_STEPS = 4", "--gin_param=train.log_every = 1", "--gin_param=train.checkpoint_every = 2"]
+    evals = ["--gin_param=PeriodicEval.every_steps = 2", "--gin_param=PeriodicEval.limit = 3",
+             "--gin_param=PeriodicEval.max_new_tokens = 12", "--gin_param=PeriodicEval.batch_size = 4",
+             "--gin_param=PeriodicEval.timeout_s = 5.0"]
+    _run(tmp_path / "plain", *steps)
+    run_dir = tmp_path / "eval"
+    _run(run_dir, *steps, *evals)
+
+    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    scores = {r["step"]: r["eval/humaneval/pass@1"] for r in records if "eval/humaneval/pass@1" in r}
+    assert sorted(scores) == [2, 4]
+    # Evaluation reads the live parameters but must not perturb training.
+    assert _losses(tmp_path / "plain") == {r["step"]: r["loss"] for r in records if "loss" in r}
+
+    # The logged score is the one the sandbox results give for those 3 problems.
+    history = [json.loads(line) for line in open(run_dir / "eval" / "evals.jsonl")]
+    assert [(h["step"], h["problems"], h["pass@1"]) for h in history] == [(s, 3, scores[s]) for s in (2, 4)]
+    results = [json.loads(line) for line in open(run_dir / "eval" / "humaneval_humaneval_samples.jsonl_results.jsonl")]
+    assert len(results) == 3 and sum(r["passed"] for r in results) / 3 == scores[4]
+    assert (run_dir / "eval" / "report.md").read_text().count("humaneval") >= 1
+    assert (run_dir / "eval" / "pass_at_1.png").stat().st_size > 1000
+
+    # best.json marks the best step (ties keep the earlier one) and names a loadable export.
+    best = json.loads((run_dir / "best.json").read_text())
+    expect = max(sorted(scores), key=lambda s: (scores[s], -s))
+    assert (best["step"], best["pass@1"]) == (expect, scores[expect])
+    model = decode.load_for_inference(best["export"])
+    assert model.tokenizer is not None and model.cfg.d_model == 64
+
+
+def test_periodic_eval_fails_fast_on_bad_settings(capsys, tmp_path):
+    base = [*SMALL, "--gin_param=TRAIN_STEPS = 2", f"--gin_param=MODEL_DIR = '{tmp_path}'",
+            "--gin_param=PeriodicEval.every_steps = 1"]
+    assert train.main([*base, "--gin_param=PeriodicEval.benchmark = 'apps'"]) == 2
+    assert "apps" in capsys.readouterr().err
+    assert train.main([*base, "--gin_param=PeriodicEval.tokenizer_path = '/nonexistent/tok.json'"]) == 2
+    assert "/nonexistent/tok.json" in capsys.readouterr().err
+    assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")

@@ -29,12 +29,19 @@ def stdlib_root() -> Path:
 
 def python_files(root: str | os.PathLike) -> list[Path]:
     """All ``*.py`` files under ``root`` (recursive), sorted by relative path."""
+    return source_files(root, (".py",))
+
+
+def source_files(root: str | os.PathLike, suffixes: tuple[str, ...]) -> list[Path]:
+    """Files under ``root`` (recursive) whose name ends with one of ``suffixes``,
+    sorted by relative path; EXCLUDED_DIRS are skipped."""
     root = Path(root)
+    suffixes = tuple(suffixes)
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in EXCLUDED_DIRS]
         for f in filenames:
-            if f.endswith(".py"):
+            if f.endswith(suffixes):
                 out.append(Path(dirpath, f))
     # Sort on the POSIX relative path, not os.walk order (filesystem dependent).
     return sorted(out, key=lambda p: p.relative_to(root).as_posix())
@@ -56,16 +63,17 @@ class SkipReport:
 
 
 def iter_documents(
-    root: str | os.PathLike, skips: SkipReport | None = None
+    root: str | os.PathLike, skips: SkipReport | None = None, start: int = 0, stop: int | None = None
 ) -> Iterator[tuple[str, str]]:
-    """Yields ``(relpath, text)`` for every ``*.py`` under ``root`` that is UTF-8.
+    """Yields ``(relpath, text)`` for every ``*.py`` under ``root`` that is UTF-8
+    (files ``[start, stop)`` of the sorted list: a contiguous shard).
 
     Files that are not valid UTF-8 (the stdlib's deliberate bad-encoding test
     fixtures) are skipped and recorded in ``skips``; strict decoding keeps the
     text exactly what is on disk, so tokenization can round-trip it.
     """
     root = Path(root)
-    for path in python_files(root):
+    for path in python_files(root)[start:stop]:
         rel = path.relative_to(root).as_posix()
         try:
             # newline="" would matter for open(); read_bytes keeps CRLF as is.

@@ -38,7 +38,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from phijax.data import cache
+from phijax.data import cache, records
 from phijax.data import vocab as vocab_lib
 
 log = logging.getLogger(__name__)
@@ -46,87 +46,21 @@ log = logging.getLogger(__name__)
 PACK_FORMAT_VERSION = 1
 META_FILE = cache.META_FILE
 FEATURES = ("tokens", "targets", "segment_ids", "positions", "loss_weights")
-DEFAULT_MAX_RECORD_BYTES = 1 << 20  # one JSONL line
+DEFAULT_MAX_RECORD_BYTES = records.DEFAULT_MAX_RECORD_BYTES  # one JSONL line
+EXERCISE_FIELDS = ("prompt", "solution")
+ReadReport = records.ReadReport
 LOSS_ON = ("solution", "all")
 OVERLONG = ("truncate", "drop")
 
 
 # --- reading ------------------------------------------------------------------------
-@dataclasses.dataclass
-class ReadReport:
-    """What ``read_exercises`` kept and skipped (counts by reason + a sample)."""
-
-    n_lines: int = 0
-    n_ok: int = 0
-    skipped: Counter = dataclasses.field(default_factory=Counter)
-    samples: list = dataclasses.field(default_factory=list)  # (line_no, reason, detail)
-    max_samples: int = 20
-
-    def skip(self, line_no: int, reason: str, detail: str = "") -> None:
-        self.skipped[reason] += 1
-        if len(self.samples) < self.max_samples:
-            self.samples.append((line_no, reason, detail))
-
-    @property
-    def n_skipped(self) -> int:
-        return sum(self.skipped.values())
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"n_lines": self.n_lines, "n_ok": self.n_ok, "n_skipped": self.n_skipped,
-                "skipped": dict(sorted(self.skipped.items()))}
-
-
-def _check_field(rec: dict, key: str) -> str | None:
-    """Reason the field is unusable, or None."""
-    if key not in rec or rec[key] is None:
-        return f"missing_{key}"
-    if not isinstance(rec[key], str):
-        return f"non_string_{key}"
-    if not rec[key].strip():
-        return f"empty_{key}"
-    return None
-
-
 def iter_exercises(path: str | os.PathLike, report: ReadReport | None = None,
                    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Iterable[dict]:
     """Yields the valid records of an exercises JSONL file in file order (each a
     dict with at least non-empty str 'prompt' and 'solution', plus '_line').
-    Blank lines are counted as skipped ('blank_line')."""
-    report = report if report is not None else ReadReport()
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            report.n_lines += 1
-            if len(raw) > max_record_bytes:
-                report.skip(line_no, "too_large", f"{len(raw)} bytes > {max_record_bytes}")
-                continue
-            try:
-                text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # tolerate a BOM
-            except UnicodeDecodeError as e:
-                report.skip(line_no, "non_utf8", str(e))
-                continue
-            if not text.strip():
-                report.skip(line_no, "blank_line")
-                continue
-            try:
-                rec = json.loads(text)
-            except ValueError as e:  # JSONDecodeError, and lone surrogates etc.
-                report.skip(line_no, "invalid_json", str(e)[:200])
-                continue
-            if not isinstance(rec, dict):
-                report.skip(line_no, "not_an_object", type(rec).__name__)
-                continue
-            why = _check_field(rec, "prompt") or _check_field(rec, "solution")
-            if why:
-                report.skip(line_no, why)
-                continue
-            try:  # a lone surrogate ("\ud800") parses but cannot be encoded
-                rec["prompt"].encode("utf-8"), rec["solution"].encode("utf-8")
-            except UnicodeEncodeError as e:
-                report.skip(line_no, "invalid_unicode", str(e)[:200])
-                continue
-            report.n_ok += 1
-            rec["_line"] = line_no
-            yield rec
+    Validation is ``phijax.data.records``' (shared with the TFDS builders);
+    blank lines are counted as skipped ('blank_line')."""
+    return records.iter_jsonl(path, report, max_record_bytes, required=EXERCISE_FIELDS)
 
 
 def read_exercises(path: str | os.PathLike, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES

@@ -50,21 +50,30 @@ def window_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def build_window_cache(task_name: str, seq_len: int,
-                       cache_dir: str | os.PathLike | None = None) -> Path:
-    """Materialises ``task_name`` as windows of ``seq_len + 1`` tokens (inputs =
-    w[:-1], targets = w[1:]) in ``<cache>/windows/<task>-L<seq_len>-<key>/``.
-
-    Returns that directory; a complete one is reused as is. Written to a temp
-    dir and renamed into place, so a killed build never leaves a partial cache.
-    """
+def window_cache_dir(task_name: str, seq_len: int, cache_dir: str | os.PathLike | None = None
+                     ) -> tuple[Path, dict, Any, int]:
+    """(``<cache>/windows/<task>-L<seq_len>-<key>``, key fields, task, vocab size):
+    the one place that names a task's window cache, for the in-process build and
+    the Beam pipeline alike."""
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     task, vocab_fp, corpus_fp, vocab_size = _task_fingerprints(task_name)
     key_fields = {"format": CACHE_FORMAT_VERSION, "task": task_name, "seq_len": seq_len,
                   "vocab_fingerprint": vocab_fp, "corpus_fingerprint": corpus_fp}
     root = Path(cache_dir) if cache_dir is not None else vocab_lib.default_cache_dir()
-    final = cache.keyed_dir(root, "windows", f"{task_name}-L{seq_len}", key_fields)
+    return cache.keyed_dir(root, "windows", f"{task_name}-L{seq_len}", key_fields), key_fields, task, vocab_size
+
+
+def build_window_cache(task_name: str, seq_len: int,
+                       cache_dir: str | os.PathLike | None = None) -> Path:
+    """Materialises ``task_name`` as windows of ``seq_len + 1`` tokens (inputs =
+    w[:-1], targets = w[1:]) in ``<cache>/windows/<task>-L<seq_len>-<key>/``.
+
+    Returns that directory; a complete one -- built here or by the Beam pipeline
+    (``phijax.data.beam_cache``, sharded files) -- is reused as is. Written to a
+    temp dir and renamed into place, so a killed build never leaves a partial cache.
+    """
+    final, key_fields, task, vocab_size = window_cache_dir(task_name, seq_len, cache_dir)
     key = final.name.rsplit("-", 1)[1]
     if (final / META_FILE).exists():
         return final
@@ -89,10 +98,55 @@ def build_window_cache(task_name: str, seq_len: int,
 
 
 def load_windows(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
-    """(memory-mapped [N, L+1] windows, meta) from a ``build_window_cache`` dir."""
+    """(memory-mapped [N, L+1] windows, meta) from a window-cache dir: one
+    ``windows.npy``, or the shards the Beam pipeline writes (``meta['shards']``)
+    seen as one array (``ShardedWindows``)."""
     path = Path(path)
     meta = json.loads((path / META_FILE).read_text())
-    return np.load(path / WINDOWS_FILE, mmap_mode="r"), meta
+    if "shards" not in meta:
+        return np.load(path / WINDOWS_FILE, mmap_mode="r"), meta
+    parts = [np.load(path / sh["file"], mmap_mode="r") for sh in meta["shards"]]
+    for sh, a in zip(meta["shards"], parts):
+        if a.shape[0] != sh["n_windows"]:
+            raise ValueError(f"{path / sh['file']}: {a.shape[0]} windows, meta says {sh['n_windows']}")
+    return ShardedWindows(parts), meta
+
+
+class ShardedWindows:
+    """Window shards [N_i, L+1] (each a memory map) as one read-only [N, L+1]
+    array for the row gathers batches do: no file is read whole, so a 6B-token
+    cache (~12 GB of uint16) costs only the rows touched."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        if not parts or any(p.ndim != 2 or p.shape[1] != parts[0].shape[1] for p in parts):
+            raise ValueError(f"shards must be [N_i, L+1] with one L, got {[p.shape for p in parts]}")
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [p.shape[0] for p in parts])
+        self.shape = (int(self.offsets[-1]), int(parts[0].shape[1]))
+        self.ndim = 2
+        self.dtype = parts[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx) -> np.ndarray:
+        if isinstance(idx, slice):
+            idx = np.arange(*idx.indices(self.shape[0]))
+        scalar = np.ndim(idx) == 0
+        idx = np.atleast_1d(np.asarray(idx, np.int64))
+        if idx.size and (idx.min() < -self.shape[0] or idx.max() >= self.shape[0]):
+            raise IndexError(f"window index out of range [0, {self.shape[0]})")
+        idx = np.where(idx < 0, idx + self.shape[0], idx)
+        shard = np.searchsorted(self.offsets, idx, side="right") - 1
+        out = np.empty((idx.size, self.shape[1]), self.dtype)
+        for s in np.unique(shard):
+            m = shard == s
+            out[m] = self.parts[s][idx[m] - self.offsets[s]]
+        return out[0] if scalar else out
+
+    def __array__(self, dtype=None, copy=None):
+        a = np.concatenate([np.asarray(p) for p in self.parts])
+        return a if dtype is None else a.astype(dtype)
 
 
 # --- batches ----------------------------------------------------------------------
@@ -124,6 +178,7 @@ class _Batches:
 
     seq_len: int
     n_windows: int | None
+    tokenizer_path: str | None = None  # the tokenizer.json the tokens came from, where known
 
     def __init__(self, global_batch_size: int, seed: int, process_index: int, process_count: int):
         _check_sharding(global_batch_size, process_index, process_count)
@@ -301,6 +356,142 @@ class PackedBatches(WindowBatches):
                 "segment_ids": np.asarray(a["segment_ids"][idx], np.int32)}
 
 
+class MixtureBatches(_Batches):
+    """A seqio Mixture's tasks, each a window cache, interleaved by rate; a pure
+    function of (seed, step) like WindowBatches.
+
+    Global sample g lies in block g // K (K = ``block_size``) at slot g % K. Each
+    block gives task t a fixed quota q_t ~ K * rate_t (largest remainder, every
+    task >= 1) in slots ordered by a permutation seeded by (seed, block); so task
+    t's k-th sample is known in O(K) without replaying history:
+    k = block * q_t + (rank of the slot among t's slots in the block). Within a
+    task, k walks that task's own epochs exactly like WindowBatches (epoch
+    k // N_t, seeded permutation): every window of a task once per task-epoch.
+    """
+
+    def __init__(self, components: list[tuple[str, Any, dict]], rates: list[float], global_batch_size: int,
+                 seed: int, process_index: int = 0, process_count: int = 1, block_size: int = 4096):
+        super().__init__(global_batch_size, seed, process_index, process_count)
+        if not components or len(components) != len(rates):
+            raise ValueError(f"need one rate per component, got {len(components)} components, {len(rates)} rates")
+        lens = {w.shape[1] for _, w, _ in components}
+        if len(lens) != 1:
+            raise ValueError(f"mixture components have different window lengths {sorted(lens)}")
+        if any(not float(r) > 0 for r in rates):
+            raise ValueError(f"mixture rates must be > 0, got {rates}")
+        if block_size < len(components):
+            raise ValueError(f"block_size={block_size} < number of tasks {len(components)}")
+        self.names = [n for n, _, _ in components]
+        self.parts = [w for _, w, _ in components]
+        self.metas = [dict(m) for _, _, m in components]
+        self.sizes = np.asarray([w.shape[0] for w in self.parts], np.int64)
+        self.seq_len = int(lens.pop()) - 1
+        self.n_windows = int(self.sizes.sum())
+        self.block_size = int(block_size)
+        self.rates = [float(r) for r in rates]
+        self.quotas = self._quotas(np.asarray(self.rates, np.float64), self.block_size)
+        vs = [m.get("vocab_size") for m in self.metas]
+        self.vocab_size = max(vs) if all(v is not None for v in vs) else None
+        self.meta = {"mixture": dict(zip(self.names, self.rates)), "components": self.metas}
+        self._blocks: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._perms: dict[int, OrderedDict] = {t: OrderedDict() for t in range(len(self.parts))}
+
+    @staticmethod
+    def _quotas(rates: np.ndarray, k: int) -> np.ndarray:
+        ideal = rates / rates.sum() * k
+        q = np.maximum(np.floor(ideal).astype(np.int64), 1)
+        while q.sum() > k:  # the max(.., 1) above may overshoot
+            q[np.argmax(q - ideal)] -= 1
+        for t in np.argsort(-(ideal - q), kind="stable")[: k - q.sum()]:
+            q[t] += 1
+        return q
+
+    def _identity(self) -> dict[str, Any]:
+        ident = super()._identity()
+        ident["data_key"] = "+".join(f"{n}:{m.get('key')}" for n, m in zip(self.names, self.metas))
+        ident["quotas"] = [int(q) for q in self.quotas]
+        return ident
+
+    def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        got = self._blocks.get(b)
+        if got is None:
+            slots = np.random.default_rng((self.seed, 0x6D6978, b)).permutation(
+                np.repeat(np.arange(len(self.quotas)), self.quotas))
+            rank = np.empty_like(slots)
+            for t in range(len(self.quotas)):
+                pos = np.flatnonzero(slots == t)
+                rank[pos] = np.arange(pos.size)
+            got = self._blocks[b] = (slots, rank)
+            while len(self._blocks) > 4:
+                self._blocks.popitem(last=False)
+        return got
+
+    def _perm(self, t: int, epoch: int) -> np.ndarray:
+        cache_t = self._perms[t]
+        perm = cache_t.get(epoch)
+        if perm is None:
+            perm = cache_t[epoch] = np.random.default_rng((self.seed, 1 + t, epoch)).permutation(self.sizes[t])
+            while len(cache_t) > 2:
+                cache_t.popitem(last=False)
+        return perm
+
+    def epoch_of(self, step: int) -> int:
+        """Nominal: global samples so far over the total windows of all tasks."""
+        return _check_step(step) * self.global_batch_size // self.n_windows
+
+    def task_epochs(self, step: int) -> dict[str, int]:
+        """Each task's epoch at the step's first sample."""
+        g = _check_step(step) * self.global_batch_size
+        b, o = divmod(g, self.block_size)
+        slots, _ = self._block(b)
+        before = np.bincount(slots[:o], minlength=len(self.quotas))
+        return {n: int((b * q + c) // size) for n, q, c, size in zip(self.names, self.quotas, before, self.sizes)}
+
+    def state(self, step: int) -> dict[str, Any]:
+        return dict(super().state(step), task_epochs=self.task_epochs(step))
+
+    def rows(self, step: int, lo: int = 0, hi: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(task index, window index) of global-batch rows [lo, hi) at ``step``."""
+        hi = self.global_batch_size if hi is None else hi
+        g = _check_step(step) * self.global_batch_size + np.arange(lo, hi, dtype=np.int64)
+        task = np.empty_like(g)
+        row = np.empty_like(g)
+        blocks, offs = np.divmod(g, self.block_size)
+        for b in np.unique(blocks):
+            m = blocks == b
+            slots, rank = self._block(int(b))
+            t = slots[offs[m]]
+            k = b * self.quotas[t] + rank[offs[m]]
+            task[m] = t
+            row[m] = [self._perm(int(ti), int(ki // self.sizes[ti]))[ki % self.sizes[ti]]
+                      for ti, ki in zip(t, k)]
+        return task, row
+
+    def _batch(self, step: int, lo: int, hi: int) -> dict[str, np.ndarray]:
+        task, row = self.rows(step, lo, hi)
+        w = np.empty((hi - lo, self.seq_len + 1), np.int32)
+        for t in np.unique(task):
+            m = task == t
+            w[m] = self.parts[t][row[m]]
+        return _shift(w)
+
+
+def mixture_batches(mixture_name: str, *, seq_len: int, global_batch_size: int, seed: int = 0,
+                    process_index: int = 0, process_count: int = 1,
+                    cache_dir: str | os.PathLike | None = None) -> MixtureBatches:
+    """A registered seqio Mixture -> one window cache per task (in-process or
+    Beam-built) -> MixtureBatches with the mixture's rates."""
+    import seqio
+
+    mixture = seqio.get_mixture_or_task(mixture_name)
+    comps, rates = [], []
+    for task in mixture.tasks:  # sorted by name: a stable order
+        windows, meta = load_windows(build_window_cache(task.name, seq_len, cache_dir))
+        comps.append((task.name, windows, meta))
+        rates.append(float(mixture.get_rate(task)))
+    return MixtureBatches(comps, rates, global_batch_size, seed, process_index, process_count)
+
+
 def make_batches(source: str, *, seq_len: int, global_batch_size: int, seed: int = 0,
                  vocab_size: int = vocab_lib.DEFAULT_VOCAB_SIZE, task_name: str | None = None,
                  process_index: int = 0, process_count: int = 1,
@@ -309,7 +500,8 @@ def make_batches(source: str, *, seq_len: int, global_batch_size: int, seed: int
                  tokenizer_path: str | os.PathLike | None = None,
                  loss_on: str = "solution", overlong: str = "truncate") -> _Batches:
     """``"stdlib"`` (or ``"task"`` with ``task_name``): seqio task -> window
-    cache -> WindowBatches. ``"synthetic"``: SyntheticBatches.
+    cache -> WindowBatches; a seqio Mixture name (``"task"`` or ``"mixture"``):
+    one window cache per task -> MixtureBatches. ``"synthetic"``: SyntheticBatches.
     ``"exercises"``: the exercises JSONL at ``data_path`` -> packed cache ->
     PackedBatches (no tensorflow), tokenized with ``tokenizer_path`` or, by
     default, the stdlib BPE of ``vocab_size`` (the pretraining vocabulary)."""
@@ -321,17 +513,34 @@ def make_batches(source: str, *, seq_len: int, global_batch_size: int, seed: int
         tok = vocab_lib.BPETokenizer(tok_path)
         path = packing.build_packed_cache(data_path, tok, seq_len, loss_on=loss_on,
                                           overlong=overlong, cache_dir=cache_dir)
-        return PackedBatches.from_cache(path, global_batch_size, seed, process_index, process_count)
+        batches = PackedBatches.from_cache(path, global_batch_size, seed, process_index, process_count)
+        batches.tokenizer_path = str(tok_path)  # what evaluation during training decodes with
+        return batches
     if source == "synthetic":
         return SyntheticBatches(vocab_size, seq_len, global_batch_size, seed,
                                 process_index, process_count)
-    if source in ("stdlib", "task"):
+    if source in ("stdlib", "task", "mixture"):
         if task_name is None:
-            if source == "task":
-                raise ValueError("source='task' needs task_name")
+            if source != "stdlib":
+                raise ValueError(f"source={source!r} needs task_name")
             from phijax.data import tasks  # lazy: tf/seqio only when data is built
 
             task_name = tasks.ensure_stdlib_task(vocab_size)
+        import seqio
+
+        from phijax.data import tasks  # noqa: F401  (registers the default tasks)
+
+        if task_name in seqio.MixtureRegistry.names():
+            return mixture_batches(task_name, seq_len=seq_len, global_batch_size=global_batch_size,
+                                   seed=seed, process_index=process_index, process_count=process_count,
+                                   cache_dir=cache_dir)
+        if source == "mixture":
+            raise ValueError(f"{task_name!r} is not a registered seqio Mixture")
         path = build_window_cache(task_name, seq_len, cache_dir)
-        return WindowBatches.from_cache(path, global_batch_size, seed, process_index, process_count)
-    raise ValueError(f"unknown data source {source!r}; expected 'stdlib', 'task', 'exercises' or 'synthetic'")
+        batches = WindowBatches.from_cache(path, global_batch_size, seed, process_index, process_count)
+        vocabulary = seqio.get_mixture_or_task(task_name).output_features["targets"].vocabulary
+        if hasattr(vocabulary, "tokenizer_path"):  # our HF-BPE vocabularies: evaluation decodes with it
+            batches.tokenizer_path = str(vocabulary.tokenizer_path)
+        return batches
+    raise ValueError(f"unknown data source {source!r}; expected 'stdlib', 'task', 'mixture', "
+                     f"'exercises' or 'synthetic'")

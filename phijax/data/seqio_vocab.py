@@ -58,7 +58,9 @@ class HFBPEVocabulary(seqio.Vocabulary):
 
     @property
     def pad_id(self) -> int:
-        # Our tokenizer puts <|pad|> at 0, matching seqio's PAD_ID convention.
+        # Always 0 (seqio PAD_ID): <|pad|> in our tokenizers, a real token ("!") in
+        # pad-less GPT-2/codegen files, where padding is marked by segment ids
+        # and loss weights instead (see phijax.data.vocab).
         return self.tokenizer.pad_id
 
     @property

@@ -1,9 +1,18 @@
 """Byte-level BPE (Hugging Face `tokenizers`) stored as a single tokenizer.json.
 
 Conventions (shared by the seqio vocabulary and the window cache):
-  * id 0 is ``<|pad|>``: seqio reserves PAD_ID=0 and pads/masks with it, so it
-    must never be a real token.
-  * id 1 is ``<|endoftext|>`` (EOS), appended after every document.
+  * ``pad_id`` is always 0 (seqio's PAD_ID). Our own tokenizers put
+    ``<|pad|>`` there, so id 0 never is real text.
+  * Foreign files without a pad token -- phi-1's codegen-350M-mono
+    tokenizer.json (GPT-2 byte-level BPE + whitespace runs, 50295 entries) --
+    are loaded as they are, with no id offset: id 0 stays GPT-2's "!", and
+    ``has_pad_token`` is False. Padding is then never recognised by its id:
+    pretraining windows have no padding at all, packed rows mark it with
+    segment_ids == 0 and loss_weights == 0, and the model masks by segment id.
+    So ids match the ``tokenizers`` library (and a Hugging Face checkpoint's
+    embedding rows) exactly.
+  * The EOS id comes from the file: ``<|endoftext|>`` is 1 in our tokenizers,
+    50256 in GPT-2/codegen's; it is appended after every document.
   * Special tokens are NOT recognised inside text: ``encode`` treats a literal
     "<|endoftext|>" in a source file as ordinary bytes. So encode->decode is
     exact for every string, and data can never forge a document boundary; EOS
@@ -134,16 +143,31 @@ def stdlib_tokenizer_path(
 class BPETokenizer:
     """Thin wrapper over a tokenizer.json (numpy/tf free)."""
 
-    def __init__(self, path: str | os.PathLike, eos_token: str = EOS_TOKEN, pad_token: str = PAD_TOKEN):
+    def __init__(self, path: str | os.PathLike, eos_token: str = EOS_TOKEN,
+                 pad_token: str | None = PAD_TOKEN):
+        """``pad_token``: if the file has it, it must sit at id 0; if the file
+        lacks it (or ``pad_token`` is None) the tokenizer has no pad token and
+        ``pad_id`` is still 0 (see module docstring)."""
         from tokenizers import Tokenizer
 
         self.path = Path(path)
-        self._tok = Tokenizer.from_file(str(self.path))
+        if not self.path.is_file():
+            raise FileNotFoundError(f"tokenizer file {self.path} does not exist "
+                                    f"(pass the path of a Hugging Face tokenizer.json)")
+        try:
+            self._tok = Tokenizer.from_file(str(self.path))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise ValueError(f"{self.path} is not a valid tokenizer.json: {e}") from e
         # Not stored in tokenizer.json, so set on every load: treat special-token
         # strings inside text as plain text (see module docstring).
         self._tok.encode_special_tokens = True
         self.eos_id = self._required_id(eos_token)
-        self.pad_id = self._required_id(pad_token)
+        pad = self._tok.token_to_id(pad_token) if pad_token is not None else None
+        if pad is not None and pad != 0:
+            raise ValueError(f"{self.path}: pad token {pad_token!r} has id {pad}; seqio needs "
+                             f"padding at id 0")
+        self.has_pad_token = pad is not None
+        self.pad_id = 0
         self.fingerprint = file_fingerprint(self.path)
 
     def _required_id(self, token: str) -> int:

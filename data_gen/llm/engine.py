@@ -1,0 +1,595 @@
+"""The async generation engine: any OpenAI-compatible endpoint through the official client.
+
+    cfg = EngineConfig(model=..., rpm=600, tpm=200_000, budget_usd=5.0, prices={...})
+    report = Engine(out_dir, cfg).run_sync(requests)       # or: await Engine(...).run(requests)
+    for rec in iter_results(out_dir / RESPONSES_FILE): ...
+
+Per request: reserve its worst-case cost in the budget (in request order; a reservation that
+does not fit stops the run cleanly), wait for the rate limiter (concurrency, requests/min,
+tokens/min), mark it in flight in the ledger, send it, and on HTTP 200 append the result to
+responses.jsonl (fsync'd) and then mark it done. Failures are retried per ``retry.py``; a 200
+whose body is not a usable completion is recorded as ``malformed``; finish_reason "length" or
+"content_filter" is recorded with that status, never passed off as complete.
+
+Connection settings come from gin or the standard environment: ``base_url`` (else
+OPENAI_BASE_URL, else api.openai.com), the key from ``$api_key_env`` (default OPENAI_API_KEY),
+``organization`` (else OPENAI_ORG_ID). The key is never logged or written: every error text
+that is stored or logged passes through ``Redactor``.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import json
+import logging
+import os
+import random
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import gin
+
+from data_gen.llm import cost as cost_lib
+from data_gen.llm import ledger as ledger_lib
+from data_gen.llm import ratelimit
+from data_gen.llm import retry as retry_lib
+from data_gen.llm.request import Request, TokenCounter, estimate_tokens, split_params
+
+log = logging.getLogger(__name__)
+
+RESULT_STATUSES = ("ok", "length", "content_filter", "malformed")
+TPM_COUNTS = ("usage", "reserved")
+
+
+class EngineError(ValueError):
+    """A configuration problem found before anything is sent; the message names it."""
+
+
+@gin.configurable(module="data_gen")
+@dataclasses.dataclass
+class EngineConfig:
+    """Everything about talking to the endpoint. Bound in gin as ``data_gen.EngineConfig.*``."""
+
+    model: str = "gpt-3.5-turbo"
+    base_url: str | None = None          # else $OPENAI_BASE_URL, else the OpenAI API
+    api_key_env: str = "OPENAI_API_KEY"  # the variable holding the key
+    api_key: str | None = None           # discouraged: config files get copied around
+    organization: str | None = None      # else $OPENAI_ORG_ID
+    concurrency: int = 32                # requests in flight at once
+    rpm: float | None = None             # requests per minute (None: no client-side limit)
+    tpm: float | None = None             # tokens per minute (prompt + max_tokens reserved)
+    burst_s: float = 1.0                 # bucket size, in seconds of the limit
+    tpm_counts: str = "usage"            # 'usage': correct by reported usage; 'reserved': don't
+    timeout_s: float = 120.0             # per HTTP request
+    max_attempts: int = 8                # per request and run, all retryable failures together
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 60.0
+    prices: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
+    budget_usd: float | None = None      # cap on total spend in this output dir (None: none)
+    prompt_margin: float = 1.25          # worst-case prompt tokens = estimate x margin
+    tokenizer_file: str | None = None    # exact prompt counts from a tokenizer.json
+    retry_failed: bool = False           # also resend requests that failed with a 4xx before
+    fsync: bool = True                   # fsync every result line
+    progress: bool = True                # tqdm bar on stderr
+    use_batch: bool = False              # the Batch API instead of online requests
+    batch_max_requests: int = 50_000     # per batch job (OpenAI's limit)
+    batch_poll_s: float = 30.0
+    batch_max_rounds: int = 3            # resubmissions of failed / expired batch requests
+    batch_completion_window: str = "24h"
+
+    def validate(self) -> None:
+        if self.concurrency < 1:
+            raise EngineError(f"concurrency must be >= 1, got {self.concurrency}")
+        for name in ("rpm", "tpm", "budget_usd"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise EngineError(f"{name} must be > 0 or None, got {v!r}")
+        if self.tpm_counts not in TPM_COUNTS:
+            raise EngineError(f"tpm_counts must be one of {TPM_COUNTS}, got {self.tpm_counts!r}")
+        if self.max_attempts < 1 or self.batch_max_rounds < 1:
+            raise EngineError("max_attempts and batch_max_rounds must be >= 1")
+        if not self.prompt_margin >= 1.0:
+            raise EngineError(f"prompt_margin must be >= 1, got {self.prompt_margin}")
+        try:
+            cost_lib.PriceTable(self.prices)
+        except cost_lib.PriceError as e:
+            raise EngineError(str(e)) from None
+
+
+# --- secrets ------------------------------------------------------------------------
+_KEY_PATTERN = re.compile(r"\b(sk-[A-Za-z0-9_\-]{4})[A-Za-z0-9_\-]{8,}")
+
+
+class Redactor:
+    """Replaces known secrets (and anything shaped like an OpenAI key) in text."""
+
+    def __init__(self, secrets: Iterable[str | None] = ()):
+        self.secrets = sorted({s for s in secrets if s and len(s) >= 6}, key=len, reverse=True)
+
+    def __call__(self, text: Any) -> str:
+        s = str(text)
+        for secret in self.secrets:
+            s = s.replace(secret, "[REDACTED]")
+        return _KEY_PATTERN.sub(r"\1…[REDACTED]", s)
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that redacts every record's message (install on handlers)."""
+
+    def __init__(self, redactor: Redactor):
+        super().__init__()
+        self.redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        clean = self.redactor(msg)
+        if clean != msg:
+            record.msg, record.args = clean, None
+        return True
+
+
+def install_log_redaction(redactor: Redactor) -> None:
+    """Redacts secrets in everything the root logger's handlers emit."""
+    for h in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in h.filters):
+            h.addFilter(RedactingFilter(redactor))
+
+
+# --- reports ------------------------------------------------------------------------
+@dataclasses.dataclass
+class Estimate:
+    """What a run would send (``--dry_run``): nothing is contacted."""
+
+    n_requests: int = 0
+    n_already_done: int = 0
+    n_to_send: int = 0
+    prompt_tokens: int = 0
+    max_completion_tokens: int = 0
+    worst_case_usd: float = 0.0
+    batch_worst_case_usd: float = 0.0
+    spent_usd: float = 0.0
+    budget_usd: float | None = None
+    priced: bool = True
+
+    def lines(self) -> list[str]:
+        return [
+            f"requests: {self.n_requests} ({self.n_already_done} already done, {self.n_to_send} to send)",
+            f"prompt tokens (estimated): {self.prompt_tokens:,}; completion tokens at most: {self.max_completion_tokens:,}",
+            (f"cost at most: ${self.worst_case_usd:,.4f} online, ${self.batch_worst_case_usd:,.4f} with the Batch API"
+             if self.priced else "cost: unknown (no price for the model; add it to data_gen.EngineConfig.prices)"),
+            f"spent so far in this output dir: ${self.spent_usd:,.4f}; budget: "
+            + ("none" if self.budget_usd is None else f"${self.budget_usd:,.4f}"),
+        ]
+
+
+@dataclasses.dataclass
+class RunReport:
+    n_requests: int = 0
+    n_already_done: int = 0
+    n_skipped_failed: int = 0          # earlier permanent (4xx) failures, not resent
+    n_duplicate_requests: int = 0      # the same key twice in the input
+    n_sent: int = 0                    # requests that got an HTTP response or were given up on
+    by_status: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    n_failed: int = 0
+    n_not_sent: int = 0                # left pending (budget)
+    n_http_attempts: int = 0
+    retries_by_reason: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    spent_usd: float = 0.0             # this run
+    total_spent_usd: float = 0.0       # this output dir, all runs
+    stopped: str | None = None         # 'budget' when the cap stopped the run
+    elapsed_s: float = 0.0
+    repaired: dict = dataclasses.field(default_factory=dict)
+
+    def count_result(self, out: "Outcome", cost_usd: float) -> None:
+        self.n_sent += 1
+        self.by_status[out.status] += 1
+        self.prompt_tokens += out.prompt_tokens or 0
+        self.completion_tokens += out.completion_tokens or 0
+        self.spent_usd += cost_usd
+
+    @property
+    def complete(self) -> bool:
+        return self.stopped is None and self.n_failed == 0 and self.n_not_sent == 0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["by_status"], d["retries_by_reason"] = dict(self.by_status), dict(self.retries_by_reason)
+        d["complete"] = self.complete
+        return d
+
+    def summary(self) -> str:
+        rate = self.n_sent / self.elapsed_s * 60 if self.elapsed_s else 0.0
+        parts = [f"{self.n_requests} requests: {self.n_already_done} already done, {self.n_sent} sent"
+                 f" ({dict(self.by_status)}), {self.n_failed} failed, {self.n_not_sent} not sent"
+                 + (f", {self.n_skipped_failed} skipped (failed before with a 4xx)" if self.n_skipped_failed else ""),
+                 f"{self.prompt_tokens + self.completion_tokens:,} tokens, ${self.spent_usd:.4f} this run"
+                 f" (${self.total_spent_usd:.4f} in total), {rate:.0f} req/min over {self.elapsed_s:.1f}s"]
+        if self.retries_by_reason:
+            parts.append(f"retries: {dict(self.retries_by_reason)}")
+        if self.stopped:
+            parts.append(f"stopped: {self.stopped}")
+        return "; ".join(parts)
+
+
+# --- responses ----------------------------------------------------------------------
+@dataclasses.dataclass
+class Outcome:
+    """One HTTP attempt: a served response (status in RESULT_STATUSES) or an error."""
+
+    status: str | None = None          # set when the server answered 200
+    text: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    usage_reported: bool = False
+    response_id: str | None = None
+    error: str | None = None
+    status_code: int | None = None
+    retryable: bool = False
+    retry_after: float | None = None
+    reason: str | None = None          # short error class for counters: '429', '5xx', 'timeout', ...
+
+
+def parse_completion(kind: str, body: str | bytes | Mapping) -> Outcome:
+    """Interprets a 200 body (chat or completion, online or from a batch). Never raises."""
+    try:
+        data = body if isinstance(body, Mapping) else json.loads(body)
+        choice = data["choices"][0]
+        text = choice["message"]["content"] if kind == "chat" else choice["text"]
+        if not isinstance(text, str):
+            raise TypeError(f"content is {type(text).__name__}, not a string")
+        finish = choice.get("finish_reason")
+        usage = data.get("usage") or {}
+        pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        reported = isinstance(pt, int) and isinstance(ct, int)
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        snippet = (body[:120] if isinstance(body, (str, bytes)) else repr(body)[:120])
+        return Outcome(status="malformed", error=f"{type(e).__name__}: {e}; body starts {snippet!r}",
+                       reason="malformed")
+    status = {"length": "length", "content_filter": "content_filter"}.get(finish, "ok")
+    return Outcome(status=status, text=text, finish_reason=finish,
+                   prompt_tokens=pt if reported else None,
+                   completion_tokens=ct if reported else None, usage_reported=reported,
+                   response_id=data.get("id") if isinstance(data.get("id"), str) else None)
+
+
+def make_client(cfg: EngineConfig):
+    """The official AsyncOpenAI client, with its own retries off (the engine retries)."""
+    from openai import AsyncOpenAI
+
+    key = cfg.api_key or os.environ.get(cfg.api_key_env)
+    base_url = cfg.base_url or os.environ.get("OPENAI_BASE_URL")
+    if not key:
+        if base_url and "api.openai.com" not in base_url:
+            key = "EMPTY"  # local servers (vLLM, TGI, llama.cpp) accept any key
+        else:
+            raise EngineError(f"no API key: set ${cfg.api_key_env} (or point base_url / OPENAI_BASE_URL"
+                              " at a server that needs none)")
+    return AsyncOpenAI(api_key=key, base_url=base_url, organization=cfg.organization,
+                       timeout=cfg.timeout_s, max_retries=0)
+
+
+def api_key_of(cfg: EngineConfig) -> str | None:
+    return cfg.api_key or os.environ.get(cfg.api_key_env)
+
+
+# --- progress -----------------------------------------------------------------------
+class Progress:
+    """tqdm bar: completed requests, and rate, tokens/min, spend in the postfix (ETA from tqdm)."""
+
+    def __init__(self, total: int | None, enabled: bool, desc: str = "generate"):
+        self.bar = None
+        self.t0 = time.monotonic()
+        self.tokens = 0
+        self.window: collections.deque = collections.deque()  # (t, tokens) of the last minute
+        if enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=desc, unit="req", file=sys.stderr, dynamic_ncols=True,
+                            mininterval=1.0, smoothing=0.05)
+
+    def update(self, tokens: int, spent: float) -> None:
+        now = time.monotonic()
+        self.tokens += tokens
+        self.window.append((now, tokens))
+        while self.window and now - self.window[0][0] > 60.0:
+            self.window.popleft()
+        if self.bar is not None:
+            span = max(min(now - self.t0, 60.0), 1e-6)
+            self.bar.set_postfix_str(f"{len(self.window) / span * 60:.0f} req/min, "
+                                     f"{sum(t for _, t in self.window) / span * 60:,.0f} tok/min, ${spent:.4f}",
+                                     refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --- the engine ---------------------------------------------------------------------
+class Engine:
+    def __init__(self, out_dir: str | os.PathLike, config: EngineConfig, client=None):
+        config.validate()
+        self.out_dir = Path(out_dir)
+        self.cfg = config
+        self.prices = cost_lib.PriceTable(config.prices)
+        self.counter = TokenCounter(config.tokenizer_file)
+        self.redact = Redactor([api_key_of(config)])
+        self._client = client
+        self._owns_client = client is None
+        self.backoff = retry_lib.Backoff(config.backoff_base_s, config.backoff_max_s)
+
+    @property
+    def responses_path(self) -> Path:
+        return self.out_dir / ledger_lib.RESPONSES_FILE
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = make_client(self.cfg)
+        return self._client
+
+    def check_prices(self, models: Iterable[str]) -> None:
+        """With a budget, every model needs a price (else the cap could not be enforced)."""
+        if self.cfg.budget_usd is None:
+            return
+        missing = sorted({m for m in models if not self.prices.has(m)})
+        if missing:
+            raise EngineError(f"budget_usd is set but there is no price for {missing}: add"
+                              " data_gen.EngineConfig.prices = {'model': {'input': usd_per_1M, 'output': usd_per_1M}}")
+
+    def worst_case(self, req: Request, batch: bool = False) -> tuple[int, float]:
+        """(prompt + max tokens reserved for rate limits, worst-case USD)."""
+        prompt = self.counter.prompt(req)
+        usd = self.prices.cost(req.model, prompt * self.cfg.prompt_margin, req.max_tokens, batch)
+        return prompt + req.max_tokens, usd
+
+    # --- dry run ----------------------------------------------------------------------
+    def estimate(self, requests: Iterable[Request]) -> Estimate:
+        """Tokens and worst-case cost of what ``run`` would send; reads the output dir (if
+        any) to skip completed work, contacts nothing, writes nothing."""
+        done = {r["key"] for r in ledger_lib.iter_results(self.responses_path)}
+        spent = 0.0
+        if (self.out_dir / ledger_lib.LEDGER_FILE).exists():
+            led = ledger_lib.Ledger(self.out_dir / ledger_lib.LEDGER_FILE)
+            spent = led.spent()
+            led.close()
+        est = Estimate(spent_usd=spent, budget_usd=self.cfg.budget_usd)
+        seen = set()
+        for req in requests:
+            k = req.key
+            if k in seen:
+                continue
+            seen.add(k)
+            est.n_requests += 1
+            if k in done:
+                est.n_already_done += 1
+                continue
+            est.n_to_send += 1
+            p = self.counter.prompt(req)
+            est.prompt_tokens += p
+            est.max_completion_tokens += req.max_tokens
+            est.priced &= self.prices.has(req.model)
+            est.worst_case_usd += self.worst_case(req)[1]
+            est.batch_worst_case_usd += self.worst_case(req, batch=True)[1]
+        return est
+
+    # --- run --------------------------------------------------------------------------
+    def open_state(self, report: RunReport) -> tuple[ledger_lib.Ledger, ledger_lib.ResultLog, set[str]]:
+        """Repairs and reconciles the output dir; returns (ledger, result log, done keys)."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        results = ledger_lib.ResultLog(self.responses_path, fsync=self.cfg.fsync)
+        report.repaired["torn_bytes_cut"] = results.open()
+        led = ledger_lib.Ledger(self.out_dir / ledger_lib.LEDGER_FILE)
+        done: set[str] = set()
+
+        def stream():  # one pass, without holding every result's text in memory
+            for r in ledger_lib.iter_results(self.responses_path):
+                done.add(r["key"])
+                yield r
+        report.repaired.update(led.reconcile(stream()))
+        return led, results, done
+
+    def write_result(self, results: ledger_lib.ResultLog, led: ledger_lib.Ledger, req: Request,
+                     out: Outcome, cost_usd: float, via: str, attempts: int) -> None:
+        """The result line first (fsync'd), then the ledger: a kill in between is repaired by
+        ``Ledger.reconcile`` on the next start."""
+        rec = {"key": req.key, "sample_index": req.sample_index, "model": req.model, "kind": req.kind,
+               "status": out.status, "finish_reason": out.finish_reason, "text": out.text,
+               "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+                         "reported": out.usage_reported},
+               "cost_usd": round(cost_usd, 10), "via": via, "response_id": out.response_id,
+               "attempts": attempts, "meta": dict(req.meta), "time": round(time.time(), 3)}
+        if out.error:
+            rec["error"] = self.redact(out.error)
+        results.append(rec)
+        led.mark_done(req.key, req.sample_index, out.status, out.prompt_tokens, out.completion_tokens,
+                      cost_usd, via)
+
+    def settle_usage(self, req: Request, out: Outcome, reserved_usd: float, batch: bool) -> float:
+        """Fills in usage the server did not report and returns the actual cost."""
+        if out.status == "malformed":
+            return reserved_usd  # unknown usage: assume the worst was billed
+        if not out.usage_reported:
+            out.prompt_tokens = self.counter.prompt(req)
+            out.completion_tokens = estimate_tokens(out.text or "")
+        return self.prices.cost(req.model, out.prompt_tokens, out.completion_tokens, batch)
+
+    async def call(self, req: Request) -> Outcome:
+        """One HTTP attempt; exceptions become Outcomes."""
+        import openai
+
+        known, extra = split_params(req.params)
+        kwargs: dict[str, Any] = dict(model=req.model, **known)
+        if extra:
+            kwargs["extra_body"] = extra
+        try:
+            if req.kind == "chat":
+                raw = await self.client.chat.completions.with_raw_response.create(
+                    messages=list(req.messages), **kwargs)
+            else:
+                raw = await self.client.completions.with_raw_response.create(prompt=req.prompt, **kwargs)
+            body = raw.text
+        except openai.APIStatusError as e:
+            code = e.status_code
+            return Outcome(error=self.redact(f"HTTP {code}: {e.message}"), status_code=code,
+                           retryable=retry_lib.is_retryable_status(code),
+                           retry_after=retry_lib.parse_retry_after(e.response.headers),
+                           reason=str(code) if code in (408, 409, 429) else ("5xx" if code >= 500 else "4xx"))
+        except openai.APITimeoutError:
+            return Outcome(error=f"timed out after {self.cfg.timeout_s}s", retryable=True, reason="timeout")
+        except openai.APIConnectionError as e:
+            cause = e.__cause__ or e
+            return Outcome(error=self.redact(f"connection error: {type(cause).__name__}: {cause}"),
+                           retryable=True, reason="connection")
+        return parse_completion(req.kind, body)
+
+    async def process(self, req: Request, ctx: "_RunContext", tokens: int, reserved_usd: float) -> None:
+        """Sends one request (retrying) with its rate-limit tokens and budget already reserved."""
+        rng = random.Random(req.key)
+        last: Outcome | None = None
+        try:
+            for attempt in range(self.cfg.max_attempts):
+                permit = await ctx.limiter.acquire(tokens)
+                ctx.ledger.start_attempt(req.key, req.sample_index)
+                ctx.report.n_http_attempts += 1
+                try:
+                    out = await self.call(req)
+                except BaseException:
+                    ctx.limiter.release(permit, None)
+                    raise
+                if out.status is not None:
+                    cost = self.settle_usage(req, out, reserved_usd, batch=False)
+                    used = (out.prompt_tokens or 0) + (out.completion_tokens or 0)
+                    ctx.limiter.release(permit, used if self.cfg.tpm_counts == "usage" and out.status != "malformed"
+                                        else tokens)
+                    self.write_result(ctx.results, ctx.ledger, req, out, cost, "online", attempt + 1)
+                    ctx.budget.settle(reserved_usd, cost)
+                    reserved_usd = 0.0
+                    ctx.report.count_result(out, cost)
+                    ctx.progress.update(used, ctx.budget.spent)
+                    if out.status != "ok":
+                        log.warning("sample %d: %s%s", req.sample_index, out.status,
+                                    f" ({self.redact(out.error)})" if out.error else "")
+                    return
+                ctx.limiter.release(permit, None)
+                last = out
+                ctx.ledger.note_error(req.key, out.status_code, out.error)
+                if not out.retryable:
+                    break
+                ctx.report.retries_by_reason[out.reason] += 1
+                if out.status_code == 429:
+                    ctx.limiter.cooldown(out.retry_after if out.retry_after is not None else self.cfg.backoff_base_s)
+                if attempt + 1 < self.cfg.max_attempts:
+                    delay = self.backoff.delay(attempt, out.retry_after, rng)
+                    log.debug("sample %d: %s; retry %d in %.2fs", req.sample_index, out.error, attempt + 1, delay)
+                    await asyncio.sleep(delay)
+            assert last is not None
+            err = last.error if not last.retryable else f"gave up after {self.cfg.max_attempts} attempts: {last.error}"
+            ctx.ledger.mark_failed(req.key, req.sample_index, last.status_code, err, last.retryable)
+            ctx.report.n_failed += 1
+            ctx.report.n_sent += 1
+            log.warning("sample %d failed%s: %s", req.sample_index, "" if last.retryable else " (not retried)", err)
+        finally:
+            if reserved_usd:
+                ctx.budget.settle(reserved_usd, 0.0)
+            ctx.settled.set()
+
+    async def run(self, requests: Iterable[Request], total: int | None = None) -> RunReport:
+        """Sends every request not yet done; returns when all are done, failed, or the budget
+        stopped the run. Safe to call again on the same output dir (resumes)."""
+        if self.cfg.use_batch:
+            _ = self.client
+            from data_gen.llm import batch as batch_lib
+            return await batch_lib.run_batch(self, requests, total)
+        t0 = time.monotonic()
+        _ = self.client  # configuration errors (no key) before anything is touched
+        report = RunReport()
+        led, results, done = self.open_state(report)
+        permanent = set() if self.cfg.retry_failed else led.permanent_failures()
+        budget = cost_lib.Budget(self.cfg.budget_usd, led.spent())
+        limiter = ratelimit.RateLimiter(self.cfg.concurrency, self.cfg.rpm, self.cfg.tpm, self.cfg.burst_s)
+        todo_total = None if total is None else max(total - len(done), 0)
+        ctx = _RunContext(led, results, budget, limiter, report, Progress(todo_total, self.cfg.progress))
+        outstanding = asyncio.Semaphore(2 * self.cfg.concurrency + 8)  # bounds reservations held
+        seen: set[str] = set()
+        checked: set[str] = set()
+        config_error: EngineError | None = None
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for req in requests:
+                    key = req.key
+                    if key in seen:
+                        report.n_duplicate_requests += 1
+                        continue
+                    seen.add(key)
+                    report.n_requests += 1
+                    if key in done:
+                        report.n_already_done += 1
+                        continue
+                    if key in permanent:
+                        report.n_skipped_failed += 1
+                        continue
+                    if report.stopped:
+                        report.n_not_sent += 1
+                        continue
+                    if req.model not in checked:
+                        try:
+                            self.check_prices([req.model])
+                        except EngineError as e:
+                            config_error = e  # raised after in-flight requests are finished
+                            break
+                        checked.add(req.model)
+                    tokens, usd = self.worst_case(req)
+                    await outstanding.acquire()
+                    # In-flight requests usually cost less than reserved: wait for them to settle
+                    # before concluding that the next request cannot be afforded.
+                    fits = budget.try_reserve(usd)
+                    while not fits and budget.n_reserved:
+                        ctx.settled.clear()
+                        await ctx.settled.wait()
+                        fits = budget.try_reserve(usd)
+                    if not fits:
+                        outstanding.release()
+                        report.stopped = "budget"
+                        report.n_not_sent += 1
+                        log.warning("budget cap $%.4f reached (spent $%.4f; the next request needs up to $%.4f):"
+                                    " sending no more", budget.cap, budget.spent, usd)
+                        continue
+                    task = tg.create_task(self.process(req, ctx, tokens, usd))
+                    task.add_done_callback(lambda _t: outstanding.release())
+        finally:
+            ctx.progress.close()
+            await self.finish(report, led, results)
+        if config_error is not None:
+            raise config_error
+        report.elapsed_s = time.monotonic() - t0
+        log.info("%s", report.summary())
+        return report
+
+    async def finish(self, report: RunReport, led: ledger_lib.Ledger, results: ledger_lib.ResultLog) -> None:
+        results.close()
+        report.total_spent_usd = led.spent()
+        led.close()
+        if self._client is not None and self._owns_client:
+            await self._client.close()
+            self._client = None
+
+    def run_sync(self, requests: Iterable[Request], total: int | None = None) -> RunReport:
+        return asyncio.run(self.run(requests, total))
+
+
+@dataclasses.dataclass
+class _RunContext:
+    ledger: ledger_lib.Ledger
+    results: ledger_lib.ResultLog
+    budget: cost_lib.Budget
+    limiter: ratelimit.RateLimiter
+    report: RunReport
+    progress: Progress
+    settled: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # a request finished

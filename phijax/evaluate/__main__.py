@@ -1,0 +1,5 @@
+import sys
+
+from phijax.evaluate.run import main
+
+sys.exit(main())
