@@ -1,0 +1,620 @@
+"""Decontamination of training shards against HumanEval and MBPP (phi-1 §5, Table 3).
+
+    python -m data_gen.decontaminate --inputs shards/a.jsonl shards/b.jsonl \\
+        --text_field prompt+solution --out_dir /data/decontam [--tau 0.95,0.9,0.85,0.8] \\
+        [--ngram 13] [--remove_tau 0.9] [--mbpp_split all] [--extra_bench mine.jsonl]
+
+Three signals per (training document, benchmark item) pair; see docs/decontamination.md:
+
+* n-gram overlap: the number of distinct ``ngram``-token n-grams (tokens of
+  ``data_gen.minhash.tokens``: lower-cased ``\\w+`` runs and single punctuation characters,
+  whitespace dropped) the document shares with the item.
+* AST match rate: every function definition is normalised (``normalize_functions``) and
+  compared with every function of the item; rate = 1 - TED / max(|T1|, |T2|) with TED the
+  unit-cost Zhang–Shasha tree edit distance. The pair's score is the best function pair.
+* embedding L2 distance between L2-normalised embeddings from a pluggable
+  ``embed(list[str]) -> np.ndarray``; the default ``hashed_bow_embed`` is a cheap fallback
+  (hashed bag of tokens), not a model embedding.
+
+Removal rule: a document is removed iff some pair has AST match >= ``remove_tau`` or
+n-gram overlap >= ``remove_min_ngrams`` (default 1). Embedding distance is reported only.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import builtins
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from data_gen.minhash import tokens
+from data_gen.textbook import python_blocks
+from phijax.data import benchmarks
+from phijax.data.records import ReadReport, check_text_fields, iter_jsonl
+from phijax.data.vocab import atomic_write_bytes
+
+DEFAULT_TAUS = (0.95, 0.9, 0.85, 0.8)
+DEFAULT_NGRAM = 13
+DEFAULT_MAX_TED_NODES = 600  # Zhang–Shasha is ~O(n^2 m^2) worst case in pure Python
+EXIT_BAD_INPUT = 2
+_BUILTINS = frozenset(dir(builtins))
+
+
+class DecontamError(ValueError):
+    """Bad input (missing file, bad field, bad option); the message names the problem."""
+
+
+# --- benchmark references ----------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class BenchItem:
+    benchmark: str  # "humaneval" | "mbpp" | the extra file's stem
+    task_id: str
+    code: str
+
+
+def join_fields(rec: dict, fields: Sequence[str]) -> str:
+    """The fields concatenated as source text (a newline inserted only where one is missing)."""
+    out = ""
+    for f in fields:
+        v = rec[f]
+        out = out + v if not out or out.endswith("\n") else out + "\n" + v
+    return out
+
+
+def load_bench_items(humaneval: bool = True, mbpp_split: str | None = "all",
+                     extra: Sequence[str | os.PathLike] = ()) -> list[BenchItem]:
+    """HumanEval (prompt + canonical_solution), MBPP ``code`` of ``mbpp_split`` ('all', a
+    split name, or None for none) and extra JSONL files with fields task_id, code."""
+    items: list[BenchItem] = []
+    if humaneval:
+        for r in benchmarks.load_humaneval():
+            items.append(BenchItem("humaneval", r["task_id"],
+                                   join_fields(r, ("prompt", "canonical_solution"))))
+    if mbpp_split is not None:
+        for r in benchmarks.load_mbpp(mbpp_split):
+            items.append(BenchItem("mbpp", f"MBPP/{r['task_id']}", r["code"]))
+    for path in extra:
+        p = Path(path)
+        if not p.is_file():
+            raise DecontamError(f"extra benchmark file not found: {str(path)!r}")
+        rep = ReadReport()
+        for rec in iter_jsonl(p, rep):
+            if not isinstance(rec.get("task_id"), (str, int)) or check_text_fields(rec, ["code"]):
+                raise DecontamError(f"{p}:{rec['_line']}: extra benchmark records need task_id "
+                                    f"and a non-empty string code")
+            items.append(BenchItem(p.stem, str(rec["task_id"]), rec["code"]))
+        if rep.n_skipped:
+            raise DecontamError(f"{p}: unreadable lines {dict(rep.skipped)} "
+                                f"(first: {rep.samples[0]})")
+    return items
+
+
+# --- n-grams ----------------------------------------------------------------------------
+def ngrams(text: str, n: int = DEFAULT_NGRAM) -> set[str]:
+    """Distinct n-grams of ``tokens(text)``; a text shorter than n tokens has none."""
+    toks = tokens(text)
+    return {" ".join(toks[i:i + n]) for i in range(len(toks) - n + 1)}
+
+
+class NgramIndex:
+    """n-gram -> ids of the benchmark items containing it."""
+
+    def __init__(self, texts: Sequence[str], n: int = DEFAULT_NGRAM):
+        if n < 1:
+            raise DecontamError(f"--ngram must be >= 1, got {n}")
+        self.n = n
+        self.index: dict[str, list[int]] = defaultdict(list)
+        for i, t in enumerate(texts):
+            for g in ngrams(t, n):
+                self.index[g].append(i)
+
+    def overlaps(self, text: str) -> Counter:
+        """item id -> number of distinct n-grams shared with ``text``."""
+        c: Counter = Counter()
+        for g in ngrams(text, self.n):
+            for i in self.index.get(g, ()):
+                c[i] += 1
+        return c
+
+
+# --- normalised ASTs --------------------------------------------------------------------
+@dataclasses.dataclass
+class NormTree:
+    """A normalised function tree in postorder, ready for Zhang–Shasha."""
+    labels: list[str]
+    lml: list[int]        # leftmost leaf (postorder index) of each node
+    keyroots: list[int]
+    key: str              # digest of the structure: equal keys <=> identical trees
+    counts: Counter       # label multiset, for the TED lower bound
+
+    @property
+    def size(self) -> int:
+        return len(self.labels)
+
+
+_SKIP_FIELDS = {"ctx", "type_comment", "type_ignores", "kind"}
+
+
+def _strip_docstring(body: list) -> list:
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        return body[1:]
+    return body
+
+
+def _to_tree(fn: ast.AST) -> tuple:
+    """(label, children) with identifiers -> v0, v1, ... by first occurrence within ``fn``
+    (builtins and attribute names kept: they are API, not naming choices), literals -> their
+    type, docstrings dropped, expression contexts dropped."""
+    names: dict[str, str] = {}
+
+    def ident(s: str) -> str:
+        if s in _BUILTINS:
+            return s
+        if s not in names:
+            names[s] = f"v{len(names)}"
+        return names[s]
+
+    def conv(node) -> tuple:
+        kind = type(node).__name__
+        if isinstance(node, ast.Constant):
+            return (f"Const:{type(node.value).__name__}", ())
+        label = kind
+        if isinstance(node, ast.Name):
+            label = f"Name:{ident(node.id)}"
+        elif isinstance(node, ast.arg):
+            label = f"arg:{ident(node.arg)}"
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            label = f"{kind}:{ident(node.name)}"
+        elif isinstance(node, ast.Attribute):
+            label = f"Attribute:{node.attr}"
+        elif isinstance(node, ast.keyword):
+            label = f"keyword:{node.arg}"
+        elif isinstance(node, (ast.Global, ast.Nonlocal)):
+            label = f"{kind}:" + ",".join(ident(n) for n in node.names)
+        elif isinstance(node, ast.alias):
+            label = f"alias:{node.name}"
+        children = []
+        for field, value in ast.iter_fields(node):
+            if field in _SKIP_FIELDS:
+                continue
+            if field == "body" and isinstance(value, list):
+                value = _strip_docstring(value)
+            for v in (value if isinstance(value, list) else [value]):
+                if isinstance(v, ast.AST):
+                    children.append(conv(v))
+        return (label, tuple(children))
+
+    return conv(fn)
+
+
+def flatten_tree(tree: tuple) -> NormTree:
+    labels: list[str] = []
+    lml: list[int] = []
+
+    def walk(node) -> int:  # returns the node's leftmost leaf index
+        label, children = node
+        first = None
+        for ch in children:
+            leaf = walk(ch)
+            if first is None:
+                first = leaf
+        idx = len(labels)
+        labels.append(label)
+        lml.append(idx if first is None else first)
+        return lml[-1]
+
+    walk(tree)
+    # keyroots: the highest node for each distinct leftmost leaf
+    seen: dict[int, int] = {}
+    for i, l in enumerate(lml):
+        seen[l] = i
+    keyroots = sorted(seen.values())
+    key = hashlib.blake2b(repr(tree).encode("utf-8"), digest_size=16).hexdigest()
+    return NormTree(labels, lml, keyroots, key, Counter(labels))
+
+
+def python_sources(text: str) -> list[str]:
+    """The Python in a document: the whole text if it parses, else its ```python blocks."""
+    try:
+        ast.parse(text)
+        return [text]
+    except (SyntaxError, ValueError):
+        return python_blocks(text)
+
+
+def normalize_functions(text: str, min_nodes: int = 1) -> list[NormTree]:
+    """Normalised trees of every function definition (nested ones too) in ``text``'s Python;
+    code that does not parse contributes nothing."""
+    out = []
+    for src in python_sources(text):
+        try:
+            mod = ast.parse(src)
+        except (SyntaxError, ValueError):
+            continue
+        for node in ast.walk(mod):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                t = flatten_tree(_to_tree(node))
+                if t.size >= min_nodes:
+                    out.append(t)
+    return out
+
+
+def tree_edit_distance(a: NormTree, b: NormTree) -> int:
+    """Zhang–Shasha ordered tree edit distance, unit costs (insert, delete, relabel)."""
+    la, lb = a.labels, b.labels
+    ma, mb = a.lml, b.lml
+    td = [[0] * len(lb) for _ in range(len(la))]
+    for i in a.keyroots:
+        for j in b.keyroots:
+            li, lj = ma[i], mb[j]
+            ni, nj = i - li + 2, j - lj + 2
+            fd = [[0] * nj for _ in range(ni)]
+            for x in range(1, ni):
+                fd[x][0] = x
+            for y in range(1, nj):
+                fd[0][y] = y
+            for x in range(1, ni):
+                ix = li + x - 1
+                fdx, fdx1 = fd[x], fd[x - 1]
+                for y in range(1, nj):
+                    jy = lj + y - 1
+                    if ma[ix] == li and mb[jy] == lj:
+                        fdx[y] = min(fdx1[y] + 1, fdx[y - 1] + 1,
+                                     fdx1[y - 1] + (la[ix] != lb[jy]))
+                        td[ix][jy] = fdx[y]
+                    else:
+                        fdx[y] = min(fdx1[y] + 1, fdx[y - 1] + 1,
+                                     fd[ma[ix] - li][mb[jy] - lj] + td[ix][jy])
+    return td[-1][-1]
+
+
+def match_upper_bound(a: NormTree, b: NormTree) -> float:
+    """An upper bound on ``ast_match_rate``: TED >= max(n, m) - |labels(a) ∩ labels(b)|."""
+    return sum((a.counts & b.counts).values()) / max(a.size, b.size)
+
+
+def ast_match_rate(a: NormTree, b: NormTree, floor: float = 0.0,
+                   max_nodes: int = DEFAULT_MAX_TED_NODES) -> float | None:
+    """1 - TED / max(|a|, |b|). Pairs whose cheap upper bounds (node-count ratio, label
+    multiset overlap) are below ``floor`` return that bound instead of running TED (the true
+    rate is no higher); pairs over ``max_nodes`` nodes that pass the bounds return None."""
+    if a.key == b.key:
+        return 1.0
+    ub = min(a.size, b.size) / max(a.size, b.size)
+    if ub < floor:
+        return ub
+    ub = match_upper_bound(a, b)
+    if ub < floor:
+        return ub
+    if max(a.size, b.size) > max_nodes:
+        return None
+    return 1.0 - tree_edit_distance(a, b) / max(a.size, b.size)
+
+
+# --- embeddings -------------------------------------------------------------------------
+def hashed_bow_embed(texts: Sequence[str], dim: int = 1024) -> np.ndarray:
+    """FALLBACK embedding (not a model): bag of ``tokens`` hashed (blake2b) into ``dim``
+    buckets, L2-normalised. Stands in until phijax hidden-state embeddings are wired in."""
+    out = np.zeros((len(texts), dim), np.float32)
+    cache: dict[str, int] = {}
+    for r, t in enumerate(texts):
+        for tok in tokens(t):
+            h = cache.get(tok)
+            if h is None:
+                h = cache[tok] = int.from_bytes(
+                    hashlib.blake2b(tok.encode("utf-8"), digest_size=8).digest(), "little") % dim
+            out[r, h] += 1.0
+    return out
+
+
+def _l2_normalize(x: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(n == 0, 1.0, n)
+
+
+def embedding_distances(docs: Sequence[str], items: Sequence[str],
+                        embed: Callable[[list[str]], np.ndarray] = hashed_bow_embed,
+                        item_emb: np.ndarray | None = None) -> np.ndarray:
+    """(len(docs), len(items)) L2 distances between L2-normalised embeddings."""
+    d = _l2_normalize(np.asarray(embed(list(docs)), np.float64))
+    e = _l2_normalize(np.asarray(embed(list(items)) if item_emb is None else item_emb,
+                                 np.float64))
+    sq = np.maximum(2.0 - 2.0 * d @ e.T, 0.0)  # |u - v|^2 = 2 - 2 u·v for unit vectors
+    return np.sqrt(sq)
+
+
+def nearest_embedding(docs: Sequence[str], items: Sequence[str],
+                      embed: Callable[[list[str]], np.ndarray] = hashed_bow_embed
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """For each doc: (index of the nearest item, its L2 distance)."""
+    dist = embedding_distances(docs, items, embed)
+    idx = dist.argmin(axis=1)
+    return idx, dist[np.arange(len(docs)), idx]
+
+
+# --- scoring ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class PairScore:
+    item: int                     # index into Decontaminator.items
+    ngram_overlap: int
+    ast_match: float | None       # best function pair; None: no functions / not computed
+    embed_l2: float | None = None
+
+
+class Decontaminator:
+    """Scores documents against a fixed set of benchmark items."""
+
+    def __init__(self, items: Sequence[BenchItem], ngram: int = DEFAULT_NGRAM,
+                 taus: Sequence[float] = DEFAULT_TAUS, remove_tau: float = 0.9,
+                 remove_min_ngrams: int = 1, max_ted_nodes: int = DEFAULT_MAX_TED_NODES,
+                 embed: Callable[[list[str]], np.ndarray] = hashed_bow_embed,
+                 min_ast_nodes: int = 1):
+        taus = sorted({float(t) for t in taus}, reverse=True)
+        if not taus or any(not 0.0 < t <= 1.0 for t in taus) or not 0.0 < remove_tau <= 1.0:
+            raise DecontamError(f"taus and remove_tau must be in (0, 1], got {taus}, {remove_tau}")
+        if remove_min_ngrams < 1:
+            raise DecontamError(f"remove_min_ngrams must be >= 1, got {remove_min_ngrams}")
+        self.items = list(items)
+        self.taus = taus
+        self.remove_tau = remove_tau
+        self.remove_min_ngrams = remove_min_ngrams
+        self.floor = min(taus + [remove_tau])  # below this an AST score is not needed exactly
+        self.max_ted_nodes = max_ted_nodes
+        self.ngram_index = NgramIndex([it.code for it in self.items], ngram)
+        # Functions under min_ast_nodes take no part in AST matching (tiny ones match by chance)
+        self.min_ast_nodes = min_ast_nodes
+        self.item_trees = [normalize_functions(it.code, min_ast_nodes) for it in self.items]
+        self.embed = embed
+        self.item_emb = _l2_normalize(np.asarray(embed([it.code for it in self.items]),
+                                                 np.float64))
+
+    def best_match(self, trees: Sequence[NormTree], i: int, floor: float) -> float | None:
+        """Best match rate between ``trees`` and item i's functions (exact when >= floor);
+        None when either side has no functions or only TED-capped pairs pass the bounds."""
+        best: float | None = None
+        for a in trees:
+            for b in self.item_trees[i]:
+                r = ast_match_rate(a, b, floor, self.max_ted_nodes)
+                if r is not None and (best is None or r > best):
+                    best = r
+        return best
+
+    def ast_scores(self, trees: Sequence[NormTree]) -> dict[int, float]:
+        """item -> best match rate over function pairs, for items reaching ``self.floor``."""
+        out: dict[int, float] = {}
+        for i in range(len(self.items) if trees else 0):
+            r = self.best_match(trees, i, self.floor)
+            if r is not None and r >= self.floor:
+                out[i] = r
+        return out
+
+    def score(self, text: str) -> list[PairScore]:
+        """The pairs (this doc, item) sharing >= 1 n-gram or with AST match >= min(taus)."""
+        ov = self.ngram_index.overlaps(text)
+        trees = normalize_functions(text, self.min_ast_nodes)
+        ast_s: dict[int, float | None] = dict(self.ast_scores(trees))
+        for i in ov:  # n-gram-only pairs get their exact AST score too (reported, not a flag)
+            if i not in ast_s:
+                ast_s[i] = self.best_match(trees, i, 0.0)
+        ids = sorted(set(ov) | set(ast_s))
+        if not ids:
+            return []
+        d = embedding_distances([text], [], self.embed, self.item_emb[ids])[0]
+        return [PairScore(i, ov.get(i, 0), ast_s.get(i), float(dist)) for i, dist in zip(ids, d)]
+
+    def removes(self, pairs: Iterable[PairScore]) -> bool:
+        return any((p.ast_match is not None and p.ast_match >= self.remove_tau)
+                   or p.ngram_overlap >= self.remove_min_ngrams for p in pairs)
+
+
+# --- CLI --------------------------------------------------------------------------------
+def _parse_taus(s: str) -> list[float]:
+    try:
+        return [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise DecontamError(f"--tau must be comma-separated numbers, got {s!r}") from None
+
+
+def _shard_name(p: Path) -> str:
+    name = p.name[:-3] if p.name.endswith(".gz") else p.name
+    return name if name.endswith(".jsonl") else name + ".jsonl"
+
+
+def validate_inputs(paths: Sequence[str], fields: Sequence[str]) -> list[Path]:
+    """Every file exists, no two share an output name, every line is a JSON object whose
+    ``fields`` are non-empty strings; the first problem raises DecontamError."""
+    out, names = [], {}
+    for s in paths:
+        p = Path(s)
+        if not p.is_file():
+            raise DecontamError(f"input not found: {s!r}")
+        n = _shard_name(p)
+        if n in names:
+            raise DecontamError(f"inputs {names[n]!r} and {s!r} would both write {n}")
+        names[n] = s
+        rep = ReadReport()
+        for _ in iter_jsonl(p, rep, required=fields):
+            pass
+        if rep.n_skipped:
+            where, why, detail = rep.samples[0]
+            raise DecontamError(f"{s}: line {where}: {why} {detail}".rstrip()
+                                + f" (--text_field {'+'.join(fields)}; {rep.n_skipped} bad lines)")
+        out.append(p)
+    return out
+
+
+class _AtomicText:
+    """A text file written to a tmp file beside it and renamed into place on success."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        fd, self.tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        self.f = os.fdopen(fd, "w", encoding="utf-8")
+
+    def write(self, s: str) -> None:
+        self.f.write(s)
+
+    def commit(self) -> None:
+        self.f.close()
+        os.chmod(self.tmp, 0o644)
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.f.close()
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+
+def run(inputs: Sequence[str], text_field: str, out_dir: str | os.PathLike,
+        taus: Sequence[float] = DEFAULT_TAUS, ngram: int = DEFAULT_NGRAM, remove_tau: float = 0.9,
+        remove_min_ngrams: int = 1, mbpp_split: str | None = "all", humaneval: bool = True,
+        extra_bench: Sequence[str] = (), min_ast_nodes: int = 1,
+        embed: Callable[[list[str]], np.ndarray] = hashed_bow_embed) -> dict:
+    """Decontaminates ``inputs``; writes <out_dir>/clean/<shard>.jsonl, flagged.jsonl,
+    report.json, report.md. Returns the report dict."""
+    fields = [f for f in text_field.split("+") if f]
+    if not fields:
+        raise DecontamError(f"--text_field is empty: {text_field!r}")
+    paths = validate_inputs(inputs, fields)
+    t0 = time.time()
+    items = load_bench_items(humaneval, mbpp_split, extra_bench)
+    if not items:
+        raise DecontamError("no benchmark items selected")
+    dec = Decontaminator(items, ngram, taus, remove_tau, remove_min_ngrams, embed=embed,
+                         min_ast_nodes=min_ast_nodes)
+    out = Path(out_dir)
+    n_docs = n_removed = 0
+    ast_pairs = {t: Counter() for t in dec.taus}     # tau -> benchmark -> pairs
+    ast_docs = {t: set() for t in dec.taus}
+    ast_items = {t: set() for t in dec.taus}
+    ng_pairs, ng_docs, ng_items = Counter(), set(), set()
+    per_shard = {}
+    flagged = _AtomicText(out / "flagged.jsonl")
+    try:
+        for p in paths:
+            clean = _AtomicText(out / "clean" / _shard_name(p))
+            kept = removed = 0
+            try:
+                for rec in iter_jsonl(p, required=fields):
+                    line = rec.pop("_line")
+                    doc = (p.name, line)
+                    n_docs += 1
+                    pairs = dec.score(join_fields(rec, fields))
+                    rm = dec.removes(pairs)
+                    for ps in pairs:
+                        it = items[ps.item]
+                        if ps.ngram_overlap:
+                            ng_pairs[it.benchmark] += 1
+                            ng_docs.add(doc)
+                            ng_items.add(ps.item)
+                        for t in dec.taus:
+                            if ps.ast_match is not None and ps.ast_match >= t:
+                                ast_pairs[t][it.benchmark] += 1
+                                ast_docs[t].add(doc)
+                                ast_items[t].add(ps.item)
+                        flagged.write(json.dumps({
+                            "shard": str(p), "line": line, "benchmark": it.benchmark,
+                            "task_id": it.task_id, "ngram_overlap": ps.ngram_overlap,
+                            "ast_match": None if ps.ast_match is None else round(ps.ast_match, 4),
+                            "embed_l2": round(ps.embed_l2, 4), "removed": rm}) + "\n")
+                    if rm:
+                        removed += 1
+                    else:
+                        kept += 1
+                        clean.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            except BaseException:
+                clean.abort()
+                raise
+            clean.commit()
+            per_shard[str(p)] = {"docs": kept + removed, "kept": kept, "removed": removed}
+            n_removed += removed
+        flagged.commit()
+    except BaseException:
+        flagged.abort()
+        raise
+    report = {
+        "inputs": [str(p) for p in paths], "text_field": text_field,
+        "benchmarks": dict(Counter(it.benchmark for it in items)), "mbpp_split": mbpp_split,
+        "ngram": ngram, "taus": dec.taus, "remove_tau": remove_tau,
+        "remove_min_ngrams": remove_min_ngrams, "min_ast_nodes": min_ast_nodes,
+        "embedding": getattr(embed, "__name__", str(embed)),
+        "rule": f"removed iff AST match >= {remove_tau} or >= {remove_min_ngrams} shared "
+                f"{ngram}-grams with some benchmark item",
+        "docs": n_docs, "removed": n_removed, "kept": n_docs - n_removed, "shards": per_shard,
+        "ngram_overlap": {"pairs": dict(ng_pairs), "docs": len(ng_docs), "items": len(ng_items)},
+        "ast": {str(t): {"pairs": dict(ast_pairs[t]), "docs": len(ast_docs[t]),
+                         "items": len(ast_items[t])} for t in dec.taus},
+        "seconds": round(time.time() - t0, 2),
+    }
+    atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write_bytes(out / "report.md", render_markdown(report).encode())
+    return report
+
+
+def render_markdown(r: dict) -> str:
+    lines = ["# Decontamination report", "",
+             f"Documents: {r['docs']} in, {r['removed']} removed, {r['kept']} kept. "
+             f"Rule: {r['rule']}.", "",
+             f"Benchmarks: {r['benchmarks']} (MBPP split: {r['mbpp_split']}). "
+             f"Embedding: `{r['embedding']}`.", "",
+             "## AST match rate (Table 3 style)", "",
+             "| τ | docs | benchmark items | pairs by benchmark |", "|---|---|---|---|"]
+    for t, v in r["ast"].items():
+        lines.append(f"| {t} | {v['docs']} | {v['items']} | {v['pairs']} |")
+    ng = r["ngram_overlap"]
+    lines += ["", f"## {r['ngram']}-gram overlap", "",
+              f"{ng['docs']} docs share >= 1 {r['ngram']}-gram with {ng['items']} benchmark items; "
+              f"pairs by benchmark: {ng['pairs']}.", "", "## Shards", "",
+              "| shard | docs | kept | removed |", "|---|---|---|---|"]
+    for s, v in r["shards"].items():
+        lines.append(f"| {s} | {v['docs']} | {v['kept']} | {v['removed']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m data_gen.decontaminate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--inputs", nargs="+", required=True, help="JSONL shards (.gz ok)")
+    ap.add_argument("--text_field", default="text",
+                    help="field, or fields joined by '+' (e.g. prompt+solution)")
+    ap.add_argument("--out_dir", required=True)
+    ap.add_argument("--tau", default=",".join(map(str, DEFAULT_TAUS)))
+    ap.add_argument("--ngram", type=int, default=DEFAULT_NGRAM)
+    ap.add_argument("--remove_tau", type=float, default=0.9)
+    ap.add_argument("--remove_min_ngrams", type=int, default=1)
+    ap.add_argument("--min_ast_nodes", type=int, default=1,
+                    help="functions with fewer normalised AST nodes are not AST-matched")
+    ap.add_argument("--mbpp_split", default="all",
+                    help="all | prompt | test | validation | train | none")
+    ap.add_argument("--no_humaneval", action="store_true")
+    ap.add_argument("--extra_bench", nargs="*", default=[],
+                    help="extra JSONL benchmark files (fields task_id, code)")
+    args = ap.parse_args(argv)
+    split = None if args.mbpp_split == "none" else args.mbpp_split
+    try:
+        if split not in (None, "all", *benchmarks.MBPP_SPLITS):
+            raise DecontamError(f"unknown --mbpp_split {args.mbpp_split!r}")
+        r = run(args.inputs, args.text_field, args.out_dir, _parse_taus(args.tau), args.ngram,
+                args.remove_tau, args.remove_min_ngrams, split, not args.no_humaneval,
+                args.extra_bench, args.min_ast_nodes)
+    except DecontamError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"{r['docs']} docs, {r['removed']} removed -> {args.out_dir}/report.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
