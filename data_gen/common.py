@@ -27,6 +27,7 @@ from data_gen.llm import engine as engine_lib
 from data_gen.llm import ledger as ledger_lib
 from data_gen.llm.request import Request, messages_from, seed_from_key
 from phijax import gin_setup
+from phijax.data.cache import replace_dir
 from phijax.data.vocab import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -229,12 +230,7 @@ def write_shards(out_dir: Path, name: str, records: Sequence[dict[str, Any]], sh
         p = tmp / f"{name}-{i:05d}-of-{n:05d}.jsonl"
         write_jsonl(p, records[i * shard_size:(i + 1) * shard_size])
         paths.append(final / p.name)
-    old = out_dir / f".{SHARDS_DIR}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, final)
     return paths
 
 

@@ -38,7 +38,7 @@ import gin
 from data_gen import common
 from data_gen.llm.request import Request
 from data_gen.textbook import code_blocks, PYTHON_TAGS
-# Before gin parses: phijax.evaluate registers gin configurables when imported.
+# The evaluation sandbox that runs each solution against its own asserts.
 from phijax.evaluate import sandbox
 
 TEMPLATE_FIELDS = ("function_name", "topic", "difficulty")

@@ -44,6 +44,7 @@ from typing import Any
 import gin
 from phijax.data import corpus as corpus_lib
 from phijax.data import records
+from phijax.data.cache import replace_dir
 from phijax.data.vocab import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -385,12 +386,7 @@ class ShardWriter:
 
     def commit(self) -> list[str]:
         self._close()
-        final, old = self.out_dir / SHARDS_DIR, self.out_dir / f".{SHARDS_DIR}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        self.tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(self.tmp, self.out_dir / SHARDS_DIR)
         return self.files
 
 

@@ -42,13 +42,13 @@ from flax import nnx
 from phijax import model as model_lib
 from phijax import sharding
 from phijax.config import PhiConfig
+# HumanEval stop sequences, the default of Sampler.complete (a stdlib-only module: no gin, no jax).
+from phijax.evaluate.problems import HUMANEVAL_STOP
 
 __all__ = ["HUMANEVAL_STOP", "InferenceModel", "load_for_inference", "Sampler", "cut_at_stop"]
 
 log = logging.getLogger("phijax.decode")
 
-# The stop sequences of the Codex paper's HumanEval harness (used by phi-1's evaluation too).
-HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 TOKENIZER_FILE = "tokenizer.json"
 
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 
 import gin
 import jax
 
 from phijax import checkpoint as ckpt_lib
-# Imported before gin parses the config: phijax.evaluate registers gin configurables on import.
+from phijax.data.vocab import atomic_write_bytes
+# Imported before gin parses the config: phijax.evaluate.run registers gin configurables on import.
 from phijax.evaluate import problems, report
 from phijax.evaluate import run as eval_run
 
@@ -119,8 +121,5 @@ class PeriodicEval:
             self.best = {"step": step, "pass@1": score, "benchmark": self.benchmark,
                          "prompt_format": self.prompt_format, "problems": summary["problems"], "export": best_dir}
             if jax.process_index() == 0:  # written after the export: best.json never names a partial export
-                tmp = os.path.join(self.model_dir, BEST_JSON + ".tmp")
-                with open(tmp, "w", encoding="utf-8") as f:
-                    json.dump(self.best, f, indent=2)
-                os.replace(tmp, os.path.join(self.model_dir, BEST_JSON))
+                atomic_write_bytes(Path(self.model_dir, BEST_JSON), json.dumps(self.best, indent=2).encode())
         return {key: score}

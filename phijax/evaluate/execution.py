@@ -8,8 +8,10 @@ from __future__ import annotations
 import gzip
 import json
 import os
+from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from phijax.data.vocab import atomic_write_bytes
 from phijax.evaluate import sandbox
 from phijax.evaluate.problems import Problem
 
@@ -41,12 +43,7 @@ def read_samples(path: str | os.PathLike) -> list[dict]:
 def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping]) -> str:
     """Write rows as JSONL (atomically: a partial file never has the final name)."""
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    atomic_write_bytes(Path(path), "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8"))
     return path
 
 
