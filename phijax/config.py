@@ -33,6 +33,7 @@ class PhiConfig:
     param_dtype: str = "float32"
     remat_policy: str = "none"  # see phijax.remat.POLICIES
     attention: str = "xla"  # see phijax.attention.BACKENDS
+    scan_unroll: int = 1  # layers per iteration of the layer scan (n_layers: fully unrolled)
 
     def __post_init__(self):
         problems = []
@@ -46,6 +47,8 @@ class PhiConfig:
         for name in ("embd_dropout", "attn_dropout", "resid_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 problems.append(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if not 1 <= self.scan_unroll <= max(self.n_layers, 1):
+            problems.append(f"scan_unroll={self.scan_unroll} must be in [1, n_layers={self.n_layers}]")
         if problems:
             raise ValueError("invalid PhiConfig: " + "; ".join(problems))
 

@@ -238,7 +238,7 @@ class Phi(nnx.Module):
             layer_state, key = xs
             return nnx.merge(graphdef, layer_state)(h, cos, sin, segment_ids, key), None
 
-        x, _ = jax.lax.scan(remat.apply(body, cfg.remat_policy), x, (stacked, layer_keys))
+        x, _ = jax.lax.scan(remat.apply(body, cfg.remat_policy), x, (stacked, layer_keys), unroll=cfg.scan_unroll)
         return self.final_layernorm(x)
 
     def __call__(self, tokens, *, positions=None, segment_ids=None, dropout_key=None):

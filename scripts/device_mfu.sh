@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One-shot accelerator check: the model and train step import without tensorflow, then the
-# MFU sweep (phijax/bench/mfu.py). Writes the log and JSON under ${OUT:-/tmp}.
+# MFU sweep (phijax/bench/mfu.py), once per XLA_FLAGS variant. Writes logs and JSON under ${OUT:-/tmp}.
+#   XLA_FLAG_SETS='A;B'  ';'-separated XLA_FLAGS variants, one sweep each (default: the current XLA_FLAGS)
+#   ATTENTION_CHECK=1    first run scripts/device_attention_check.py (cuDNN vs the XLA reference)
 set -uo pipefail
 OUT=${OUT:-/tmp}
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
@@ -8,5 +10,14 @@ if ! python3 -c "import sys, flax; sys.exit(0 if tuple(map(int, flax.__version__
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/flax-*.whl && export PYTHONPATH=/tmp/site
 fi
 python3 -c "import sys, phijax.model, phijax.train_step, phijax.bench.mfu; bad=[m for m in ('tensorflow','seqio','gin') if m in sys.modules]; assert not bad, bad; print('imports without tensorflow/seqio/gin: ok')" || exit 1
-PYTHONUNBUFFERED=1 python3 -m phijax.bench.mfu "$@" --json "$OUT/mfu.json" 2>&1 | grep -v -E "^(W|I)[0-9]{4} " | tee "$OUT/mfu.log"
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee -a "$OUT/mfu.log"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/mfu.log"
+if [ "${ATTENTION_CHECK:-0}" = 1 ]; then
+  PYTHONUNBUFFERED=1 python3 scripts/device_attention_check.py --json "$OUT/attention_check.json" 2>&1 \
+    | grep -v -E "^(W|I)[0-9]{4} " | tee "$OUT/attention_check.log"
+fi
+IFS=';' read -ra FLAG_SETS <<< "${XLA_FLAG_SETS-${XLA_FLAGS:-}}"
+[ "${#FLAG_SETS[@]}" -gt 0 ] || FLAG_SETS=("")
+for i in "${!FLAG_SETS[@]}"; do
+  XLA_FLAGS="${FLAG_SETS[$i]}" PYTHONUNBUFFERED=1 python3 -m phijax.bench.mfu "$@" --json "$OUT/mfu_$i.json" 2>&1 \
+    | grep -v -E "^(W|I)[0-9]{4} " | tee -a "$OUT/mfu.log"
+done

@@ -5,7 +5,8 @@
 - splash: the Pallas TPU kernel in interpret mode, forward and gradients, GQA and packed
   segments, alone and inside the model's train step under an 8-device mesh (shard_map path).
 - auto: which backend each compile target gets.
-- remat: the host-offload policies compute the same gradients as no remat.
+- remat: the host-offload policies compute the same gradients as no remat; save_dots_attn keeps
+  the fused kernel's forward outputs.
 """
 import functools
 
@@ -114,18 +115,40 @@ def test_auto_picks_by_compile_target():
         assert attention.auto_choice((2, 100, 32, 64), (2, 100, 32, 64), jnp.bfloat16, dropout=False) == "xla"
 
 
-def _host_copies(jaxpr) -> int:
-    """device_put equations into host memory, nested jaxprs included."""
+def _count_eqns(jaxpr, count) -> int:
+    """Sum of count(eqn) over the equations of jaxpr, nested jaxprs included."""
     n = 0
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "device_put":
-            n += sum("host" in str(getattr(v.aval, "memory_space", "")).lower() for v in eqn.outvars)
+        n += count(eqn)
         for p in eqn.params.values():
             for x in p if isinstance(p, (tuple, list)) else (p,):
                 inner = getattr(x, "jaxpr", x)
                 if hasattr(inner, "eqns"):
-                    n += _host_copies(inner)
+                    n += _count_eqns(inner, count)
     return n
+
+
+def _host_copies(jaxpr) -> int:
+    """device_put equations into host memory."""
+    return _count_eqns(jaxpr, lambda e: e.primitive.name == "device_put" and sum(
+        "host" in str(getattr(v.aval, "memory_space", "")).lower() for v in e.outvars))
+
+
+def test_save_dots_attn_keeps_the_fused_attention_forward():
+    # save_dots recomputes a fused kernel's forward in the backward pass (it is no dot);
+    # save_dots_attn saves its outputs, so its gradient has one attention forward call fewer.
+    q, k, v = _qkv(2, 128, 2, 2, 16)
+    attn = functools.partial(splash.splash_attention, block_size=128)
+
+    def pallas_calls(policy):
+        def loss(q, k, v):
+            f = remat.apply(lambda q, k, v: jnp.tanh(attn(q, k, v) @ jnp.ones((16, 16))), policy)
+            return jnp.sum(f(q, k, v) ** 2)
+        jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr
+        return _count_eqns(jaxpr, lambda e: e.primitive.name == "pallas_call")
+
+    assert pallas_calls("save_dots_attn") == pallas_calls("save_dots") - 1
+    assert pallas_calls("save_dots_attn") == pallas_calls("none")
 
 
 def test_offload_dots_moves_the_models_activations_to_host():

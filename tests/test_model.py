@@ -72,7 +72,7 @@ def _loss_and_grads(cfg, params, graphdef, key=None):
     return jax.jit(jax.value_and_grad(loss))(params)
 
 
-@pytest.mark.parametrize("policy", ["full", "save_dots", "save_dots_no_batch", "save_attn_mlp"])
+@pytest.mark.parametrize("policy", ["full", "save_dots", "save_dots_no_batch", "save_dots_attn", "save_attn_mlp"])
 def test_remat_policies_give_the_same_gradients(nano, policy):
     graphdef, params = nano
     ref_l, ref_g = _loss_and_grads(CFG, params, graphdef)
@@ -82,6 +82,15 @@ def test_remat_policies_give_the_same_gradients(nano, policy):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g, ref_g)
     with pytest.raises(ValueError, match="unknown remat policy"):
         _loss_and_grads(CFG, params, model.abstract(CFG.replace(remat_policy="bogus"))[0])
+
+
+def test_scan_unroll_gives_the_same_logits(nano):
+    graphdef, params = nano
+    t = np.arange(16, dtype=np.int32)[None]
+    unrolled = model.abstract(CFG.replace(scan_unroll=CFG.n_layers))[0]
+    np.testing.assert_allclose(model.apply(unrolled, params, t), model.apply(graphdef, params, t), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="scan_unroll"):
+        CFG.replace(scan_unroll=CFG.n_layers + 1)
 
 
 def test_bf16_compute_keeps_fp32_params_and_is_close(nano):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import jax
 
@@ -37,24 +38,28 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--attention", default="auto")
+    p.add_argument("--scan_unroll", default="1", help="layers per scan iteration, comma-separated values")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     dev = jax.devices()[0]
     print(f"device: {jax.device_count()} x {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
-          f"peak {metrics.device_peak_flops() / 1e12:.0f} TFLOP/s per device")
+          f"peak {metrics.device_peak_flops() / 1e12:.0f} TFLOP/s per device, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     rows = []
     for name in args.configs.split(","):
         for policy in args.remat.split(","):
-            for bpd in (int(x) for x in args.batches.split(",")):
-                cfg = config_lib.preset(name, dtype=args.dtype, remat_policy=policy, attention=args.attention)
+            for unroll, bpd in ((int(u), int(b)) for u in args.scan_unroll.split(",") for b in args.batches.split(",")):
+                cfg = config_lib.preset(name, dtype=args.dtype, remat_policy=policy, attention=args.attention,
+                                        scan_unroll=unroll)
+                label = f"{name:10s} remat={policy:18s}" + (f" unroll={unroll:2d}" if unroll != 1 else "")
                 try:
                     r = run_one(cfg, bpd, args.seq, args.steps)
                 except Exception as e:  # noqa: BLE001 - report OOM etc. and go on with the sweep
-                    print(f"{name:10s} remat={policy:18s} batch/dev={bpd:3d}: failed: {str(e).splitlines()[0][:160]}")
+                    print(f"{label} batch/dev={bpd:3d}: failed: {str(e).splitlines()[0][:160]}")
                     continue
-                r.update(config=name, remat=policy, batch_per_device=bpd, seq=args.seq, device=dev.device_kind)
+                r.update(config=name, remat=policy, batch_per_device=bpd, seq=args.seq, device=dev.device_kind,
+                         scan_unroll=unroll, xla_flags=os.environ.get("XLA_FLAGS", ""))
                 rows.append(r)
-                print(f"{name:10s} remat={policy:18s} batch/dev={bpd:3d}: step {r['step_s'] * 1e3:7.1f} ms | "
+                print(f"{label} batch/dev={bpd:3d}: step {r['step_s'] * 1e3:7.1f} ms | "
                       f"{r['tokens_per_s']:9,.0f} tok/s | MFU {100 * r['mfu']:5.1f}% | "
                       f"peak mem {r['peak_mem_gib']:6.1f} GiB | compile {r['compile_s']:5.1f} s", flush=True)
     if args.json:
