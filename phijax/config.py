@@ -34,6 +34,7 @@ class PhiConfig:
     remat_policy: str = "none"  # see phijax.remat.POLICIES
     attention: str = "xla"  # see phijax.attention.BACKENDS
     scan_unroll: int = 1  # layers per iteration of the layer scan (n_layers: fully unrolled)
+    loss_chunk: int = 0  # > 0: training fuses the LM head into the loss, this many positions at a time (phijax.loss)
 
     def __post_init__(self):
         problems = []
@@ -49,6 +50,8 @@ class PhiConfig:
                 problems.append(f"{name}={getattr(self, name)} must be in [0, 1)")
         if not 1 <= self.scan_unroll <= max(self.n_layers, 1):
             problems.append(f"scan_unroll={self.scan_unroll} must be in [1, n_layers={self.n_layers}]")
+        if self.loss_chunk < 0:
+            problems.append(f"loss_chunk={self.loss_chunk} must be >= 0 (0: unfused)")
         if problems:
             raise ValueError("invalid PhiConfig: " + "; ".join(problems))
 

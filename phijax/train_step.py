@@ -7,6 +7,7 @@ the whole global batch, so the loss and update do not depend on the microbatch c
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import jax
@@ -14,9 +15,13 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from phijax import loss as loss_lib
 from phijax import model as model_lib
 from phijax import sharding
+from phijax.loss import token_loss_sums  # noqa: F401  (the train step's loss, importable from here)
 from phijax.config import PhiConfig
+
+log = logging.getLogger(__name__)
 
 BATCH_AXES = {  # logical axes of every batch feature ([batch, length])
     "inputs": ("batch", "activation_length"),
@@ -90,44 +95,26 @@ def batch_shardings(features, mesh: Mesh, rules) -> dict[str, NamedSharding]:
     return {k: sharding.named_sharding(BATCH_AXES[k], rules, mesh) for k in features}
 
 
-@jax.custom_vjp
-def _weighted_nll_sum(logits, targets, weights):
-    return _nll_fwd(logits, targets, weights)[0]
-
-
-def _nll_fwd(logits, targets, weights):
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum((lse - picked) * weights), (logits, lse, targets, weights)
-
-
-def _nll_bwd(res, g):
-    # d/dlogits = w * (softmax - onehot): one fused elementwise pass over [batch, len, vocab],
-    # instead of autodiff's several passes through log_softmax and the gather.
-    logits, lse, targets, weights = res
-    onehot = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[..., None]
-    dlogits = (jnp.exp(logits - lse[..., None]) - onehot) * (g * weights)[..., None]
-    return dlogits.astype(logits.dtype), None, None
-
-
-_weighted_nll_sum.defvjp(_nll_fwd, _nll_bwd)
-
-
-def token_loss_sums(logits, targets, weights):
-    """(sum of weighted token NLL, sum of weights) in fp32."""
-    w = weights.astype(jnp.float32)
-    return _weighted_nll_sum(logits.astype(jnp.float32), targets.astype(jnp.int32), w), jnp.sum(w)
-
-
 def make_train_step(graphdef, cfg: PhiConfig, optimizer, schedule, *, mesh: Mesh, rules, microbatches: int,
                     shardings, batch_sharding: dict[str, NamedSharding]):
     use_dropout = max(cfg.embd_dropout, cfg.attn_dropout, cfg.resid_dropout) > 0.0
 
+    fused = loss_lib.fused_applies(cfg.loss_chunk, mesh)
+    if cfg.loss_chunk and not fused:
+        log.warning("loss_chunk=%d ignored: the fused LM-head loss runs on one device only (mesh %s)",
+                    cfg.loss_chunk, dict(mesh.shape))
+
     def loss_sums(params, mb, key):
+        kw = dict(positions=mb.get("positions"), segment_ids=mb.get("segment_ids"),
+                  dropout_key=key if use_dropout else None)
         with sharding.use_mesh_rules(mesh, rules):
-            logits = model_lib.apply(graphdef, params, mb["inputs"], positions=mb.get("positions"),
-                                     segment_ids=mb.get("segment_ids"), dropout_key=key if use_dropout else None)
-        return token_loss_sums(logits, mb["targets"], mb["loss_weights"])
+            if fused:
+                m = model_lib.merge(graphdef, params)
+                h = m.hidden_states(mb["inputs"], **kw)
+                return loss_lib.fused_lm_head_loss_sums(h, m.lm_head.kernel[...], m.lm_head.bias[...],
+                                                        mb["targets"], mb["loss_weights"], cfg.loss_chunk)
+            logits = model_lib.apply(graphdef, params, mb["inputs"], **kw)
+        return loss_lib.token_loss_sums(logits, mb["targets"], mb["loss_weights"])
 
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
 

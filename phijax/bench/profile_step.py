@@ -90,14 +90,17 @@ def main(argv=None):
     p.add_argument("--remat", default="save_dots_attn")
     p.add_argument("--attention", default="auto")
     p.add_argument("--scan_unroll", type=int, default=1)
+    p.add_argument("--loss_chunk", type=int, default=0)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--keep_trace", default=None, help="directory to keep the trace in")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     cfg = config_lib.preset(args.config, dtype=args.dtype, remat_policy=args.remat, attention=args.attention,
-                            scan_unroll=args.scan_unroll)
-    step, state, batch = common.synthetic_train_step(cfg, args.batch, args.seq, mesh_shape=(1, -1, 1))
+                            scan_unroll=args.scan_unroll, loss_chunk=args.loss_chunk)
+    one = args.loss_chunk > 0 and jax.device_count() > 1  # the fused loss runs on one device
+    step, state, batch = common.synthetic_train_step(cfg, args.batch, args.seq, mesh_shape=(1, -1, 1),
+                                                     devices=jax.devices()[:1] if one else None)
     for _ in range(2):  # compile + warm up, untraced
         state, m = step(state, batch)
     jax.block_until_ready(m)

@@ -1,11 +1,17 @@
 """Train-step throughput: phijax vs transformers' PhiForCausalLM (PyTorch), same run, same config.
 
-    python -m phijax.bench.train_throughput [--steps 10] [--configs tiny,small] [--json out.json]
+    python -m phijax.bench.train_throughput [--steps 10] [--rounds 2] [--configs tiny,small] [--json out.json]
 
 For each config both frameworks run the same model shape, batch and AdamW step on this
 machine's CPU; the script prints tokens/s, the ratio phijax/PyTorch, and each one's MFU
 against a fp32 matmul peak measured in this run (the better of jax's and torch's
 1024^3 matmul). FLOPs per token: PhiConfig.flops_per_token (docs/benchmarks.md).
+
+phijax runs twice: with the PhiConfig defaults, and with the CPU settings
+(`CPU_SETTINGS`: every layer unrolled in the scan, the fused chunked LM-head loss), which
+gin/experiments/cpu_demo.gin also uses. Both sides are timed in alternating rounds (compiled /
+warmed up once); each reports its best round, so a burst of load on the shared machine does
+not decide the ratio.
 """
 from __future__ import annotations
 
@@ -29,10 +35,26 @@ CONFIGS = {
 }
 
 
+def cpu_settings(cfg):
+    """phijax's execution settings for a CPU (the model and its numerics are unchanged)."""
+    return cfg.replace(scan_unroll=cfg.n_layers, loss_chunk=32)
+
+
 def bench_phijax(cfg, batch, seq, steps, warmup=2):
+    """A function that times `steps` more steps: (tokens/s, loss). Compiled and warmed up here."""
     step, state, b = common.synthetic_train_step(cfg, batch, seq, mesh_shape=(1, 1, 1), devices=jax.devices()[:1])
-    dt, m, _ = common.time_steps(step, state, b, steps, warmup)
-    return batch * seq / dt, float(m["loss"])
+    box = {"state": state}
+    for _ in range(warmup):
+        box["state"], m = step(box["state"], b)
+    jax.block_until_ready(m)
+
+    def run():
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            box["state"], m = step(box["state"], b)
+        jax.block_until_ready(m)
+        return batch * seq * steps / (time.perf_counter() - t0), float(m["loss"])
+    return run
 
 
 def bench_torch(cfg, batch, seq, steps, warmup=2):
@@ -59,11 +81,13 @@ def bench_torch(cfg, batch, seq, steps, warmup=2):
 
     for _ in range(warmup):
         one()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = one()
-    dt = time.perf_counter() - t0
-    return batch * seq * steps / dt, float(loss.detach())
+
+    def run():
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loss = one()
+        return batch * seq * steps / (time.perf_counter() - t0), float(loss.detach())
+    return run
 
 
 def torch_matmul_peak(n=1024, seconds=1.0):
@@ -80,6 +104,7 @@ def torch_matmul_peak(n=1024, seconds=1.0):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=2, help="alternating timed rounds per side (best counts)")
     p.add_argument("--configs", default="tiny,small")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args(argv)
@@ -93,15 +118,23 @@ def main(argv=None):
     for name in args.configs.split(","):
         cfg, batch, seq = CONFIGS[name]
         fpt = cfg.flops_per_token(seq)
-        j_tps, j_loss = bench_phijax(cfg, batch, seq, args.steps)
-        t_tps, t_loss = bench_torch(cfg, batch, seq, args.steps)
+        runners = {"phijax": bench_phijax(cpu_settings(cfg), batch, seq, args.steps),
+                   "phijax_defaults": bench_phijax(cfg, batch, seq, args.steps),
+                   "torch": bench_torch(cfg, batch, seq, args.steps)}
+        best = {k: 0.0 for k in runners}
+        for _ in range(args.rounds):
+            for k, run in runners.items():
+                best[k] = max(best[k], run()[0])
+        j_tps, d_tps, t_tps = best["phijax"], best["phijax_defaults"], best["torch"]
         row = {"config": name, "params_M": cfg.param_count() / 1e6, "batch": batch, "seq": seq,
-               "phijax_tokens_per_s": j_tps, "torch_tokens_per_s": t_tps, "ratio": j_tps / t_tps,
+               "phijax_tokens_per_s": j_tps, "phijax_defaults_tokens_per_s": d_tps, "torch_tokens_per_s": t_tps,
+               "ratio": j_tps / t_tps, "ratio_defaults": d_tps / t_tps,
                "phijax_mfu": j_tps * fpt / peak, "torch_mfu": t_tps * fpt / peak, "peak_gflops": peak / 1e9}
         results.append(row)
         print(f"{name:6s} {row['params_M']:.2f}M params, batch {batch}x{seq}: "
               f"phijax {j_tps:,.0f} tok/s (MFU {100 * row['phijax_mfu']:.0f}%) | "
-              f"pytorch {t_tps:,.0f} tok/s (MFU {100 * row['torch_mfu']:.0f}%) | ratio {row['ratio']:.2f}x")
+              f"pytorch {t_tps:,.0f} tok/s (MFU {100 * row['torch_mfu']:.0f}%) | ratio {row['ratio']:.2f}x "
+              f"(phijax with PhiConfig defaults: {d_tps:,.0f} tok/s, {row['ratio_defaults']:.2f}x)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
