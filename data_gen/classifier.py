@@ -38,7 +38,8 @@ from data_gen import heuristic_annotator
 from phijax.data.vocab import atomic_write_bytes
 
 __all__ = ["DEFAULT_TEXT_SETTINGS", "make_featurizer", "parse_features", "TextFeaturizer", "ModelFeaturizer",
-           "train", "QualityClassifier", "read_records", "main"]
+           "train", "QualityClassifier", "read_records", "labels_from_records", "iter_scored", "histogram_counts",
+           "histogram_png", "main"]
 
 MODEL_FILE = "model.joblib"
 INFO_FILE = "classifier.json"
@@ -335,13 +336,35 @@ class QualityClassifier:
         return self.clf.predict_proba(self.featurizer.featurize(list(texts)))[:, 1]
 
 
-def _histogram_png(scores: np.ndarray, threshold: float, path: Path) -> None:
+HIST_BINS = 40
+
+
+def iter_scored(qc: QualityClassifier, recs: Iterable[dict], *, text_field: str = "text",
+                chunk: int = 1024) -> Iterator[tuple[list[dict], list[float]]]:
+    """(records, their float scores) in chunks of ``chunk``: a stream is scored holding one chunk.
+    A row's score does not depend on its chunk-mates (the forest scores rows independently)."""
+    buf: list[dict] = []
+    for rec in recs:
+        buf.append(rec)
+        if len(buf) >= chunk:
+            yield buf, qc.score([r[text_field] for r in buf]).tolist()
+            buf = []
+    if buf:
+        yield buf, qc.score([r[text_field] for r in buf]).tolist()
+
+
+def histogram_counts(scores: Sequence[float]) -> np.ndarray:
+    """Counts over HIST_BINS equal bins of [0, 1]; sums of these are the histogram of a stream."""
+    return np.histogram(np.asarray(scores, np.float64), bins=HIST_BINS, range=(0.0, 1.0))[0]
+
+
+def histogram_png(counts: np.ndarray, threshold: float, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.hist(scores, bins=40, range=(0.0, 1.0), color="tab:blue")
+    ax.stairs(counts, np.linspace(0.0, 1.0, len(counts) + 1), fill=True, color="tab:blue")
     ax.axvline(threshold, color="tab:red", linestyle="--", label=f"threshold {threshold:.3f}")
     ax.set_xlabel("quality_score (P[educational])")
     ax.set_ylabel("documents")
@@ -361,36 +384,27 @@ def score_files(model_dir: str | Path, inputs: Sequence[Path], out_dir: str | Pa
     names = [Path(p).name for p in inputs]
     if len(set(names)) != len(names):
         raise InputError(f"input file names must be distinct (outputs are named after them): {names}")
-    all_scores = []
+    counts = np.zeros(HIST_BINS, np.int64)
+    above = 0
     for p in inputs:
         tmp = out / f".{Path(p).name}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
-            buf: list[dict] = []
-
-            def flush():
-                s = qc.score([r[text_field] for r in buf])
-                for r, v in zip(buf, s):
-                    f.write(json.dumps({**r, "quality_score": round(float(v), 6)}, ensure_ascii=False) + "\n")
-                all_scores.extend(s.tolist())
-                buf.clear()
-
-            for _, rec in _iter_jsonl(Path(p)):
-                buf.append(rec)
-                if len(buf) >= chunk:
-                    flush()
-            if buf:
-                flush()
+            for recs, scores in iter_scored(qc, (rec for _, rec in _iter_jsonl(Path(p))),
+                                            text_field=text_field, chunk=chunk):
+                for r, v in zip(recs, scores):
+                    f.write(json.dumps({**r, "quality_score": round(v, 6)}, ensure_ascii=False) + "\n")
+                counts += histogram_counts(scores)
+                above += sum(v >= qc.threshold for v in scores)
         tmp.replace(out / Path(p).name)
-    scores = np.asarray(all_scores)
-    _histogram_png(scores, qc.threshold, out / "score_histogram.png")
-    summary = {"documents": int(scores.size), "above_threshold": int(np.sum(scores >= qc.threshold)),
+    histogram_png(counts, qc.threshold, out / "score_histogram.png")
+    summary = {"documents": int(counts.sum()), "above_threshold": int(above),
                "threshold": qc.threshold, "model": str(Path(model_dir).resolve())}
     atomic_write_bytes(out / "score_summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary
 
 
 # ------------------------------------------------------------------------------------ CLI
-def _labels(records: list[dict], text_field: str, label_field: str) -> tuple[list[float], str]:
+def labels_from_records(records: list[dict], text_field: str, label_field: str) -> tuple[list[float], str]:
     """Annotator scores: the records' own `label_field` if every record has one, else heuristic ones."""
     if all(isinstance(r.get(label_field), (int, float)) for r in records):
         names = sorted({str(r.get("annotator", "unknown")) for r in records})
@@ -428,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd == "train":
             settings = parse_features(args.features, max_len=args.max_len, batch_size=args.batch_size)
             records = read_records(inputs)
-            scores, annotator = _labels(records, args.text_field, args.label_field)
+            scores, annotator = labels_from_records(records, args.text_field, args.label_field)
             info = train([r[args.text_field] for r in records], scores, settings, args.out_dir,
                          annotator=annotator, label_threshold=args.label_threshold, threshold=args.threshold,
                          test_fraction=args.test_fraction, seed=args.seed, n_estimators=args.n_estimators)

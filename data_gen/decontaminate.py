@@ -2,7 +2,8 @@
 
     python -m data_gen.decontaminate --inputs shards/a.jsonl shards/b.jsonl \\
         --text_field prompt+solution --out_dir /data/decontam [--tau 0.95,0.9,0.85,0.8] \\
-        [--ngram 13] [--remove_tau 0.9] [--mbpp_split all] [--extra_bench mine.jsonl]
+        [--ngram 13] [--remove_tau 0.9] [--mbpp_split all] [--extra_bench mine.jsonl] \\
+        [--embed hashed_bow|model:PATH]
 
 Three signals per (training document, benchmark item) pair; see docs/decontamination.md:
 
@@ -13,8 +14,9 @@ Three signals per (training document, benchmark item) pair; see docs/decontamina
   compared with every function of the item; rate = 1 - TED / max(|T1|, |T2|) with TED the
   unit-cost Zhang–Shasha tree edit distance. The pair's score is the best function pair.
 * embedding L2 distance between L2-normalised embeddings from a pluggable
-  ``embed(list[str]) -> np.ndarray``; the default ``hashed_bow_embed`` is a cheap fallback
-  (hashed bag of tokens), not a model embedding.
+  ``embed(list[str]) -> np.ndarray``: ``--embed model:PATH`` uses a phijax model's mean-pooled
+  hidden states (as the paper used a pretrained code model); the default ``hashed_bow_embed``
+  is a cheap fallback (hashed bag of tokens), not a model embedding. The report names it.
 
 Removal rule: a document is removed iff some pair has AST match >= ``remove_tau`` or
 n-gram overlap >= ``remove_min_ngrams`` (default 1). Embedding distance is reported only.
@@ -26,6 +28,7 @@ import ast
 import builtins
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -303,9 +306,12 @@ def ast_match_rate(a: NormTree, b: NormTree, floor: float = 0.0,
 
 
 # --- embeddings -------------------------------------------------------------------------
+DEFAULT_EMBED = "hashed_bow"
+
+
 def hashed_bow_embed(texts: Sequence[str], dim: int = 1024) -> np.ndarray:
     """FALLBACK embedding (not a model): bag of ``tokens`` hashed (blake2b) into ``dim``
-    buckets, L2-normalised. Stands in until phijax hidden-state embeddings are wired in."""
+    buckets. ``--embed model:PATH`` gives the paper's kind: a code model's embeddings."""
     out = np.zeros((len(texts), dim), np.float32)
     cache: dict[str, int] = {}
     for r, t in enumerate(texts):
@@ -318,9 +324,66 @@ def hashed_bow_embed(texts: Sequence[str], dim: int = 1024) -> np.ndarray:
     return out
 
 
+class ModelEmbed:
+    """Mean-pooled final hidden states of a phijax model (checkpoint, export or HF dir):
+    ``data_gen.classifier.ModelFeaturizer`` -- batched, jit-compiled per length bucket, the
+    first ``max_len`` tokens of each text."""
+
+    def __init__(self, settings: dict):
+        from data_gen import classifier
+
+        try:
+            self.featurizer = classifier.make_featurizer(settings)
+        except classifier.InputError as e:
+            raise DecontamError(f"--embed: {e}") from None
+        self.settings = dict(settings)
+        self.name = embed_label(self.settings)[0]
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        return self.featurizer.featurize(texts)
+
+
+def embed_settings(spec: str, max_len: int | None = None, batch_size: int | None = None) -> dict:
+    """``hashed_bow`` | ``model:PATH`` -> picklable settings for ``make_embed`` (checked here:
+    a bad spec fails before any work)."""
+    if spec == DEFAULT_EMBED:
+        return {"kind": DEFAULT_EMBED}
+    if spec.startswith("model:"):
+        from data_gen import classifier
+
+        try:
+            return classifier.parse_features(spec, max_len=max_len, batch_size=batch_size)
+        except classifier.InputError as e:
+            raise DecontamError(f"--embed: {e}") from None
+    raise DecontamError(f"--embed must be {DEFAULT_EMBED!r} or 'model:PATH', got {spec!r}")
+
+
+def make_embed(settings: dict) -> Callable[[list[str]], np.ndarray]:
+    """The embedding function ``embed_settings`` describes."""
+    if settings.get("kind") == DEFAULT_EMBED:
+        return hashed_bow_embed
+    return ModelEmbed(settings)
+
+
+def embed_label(embed: Callable | dict) -> tuple[str, dict | None]:
+    """(name, settings) the report gives for an embedding function or ``embed_settings``' dict:
+    ``("hashed_bow_embed", None)``, ``("model:/abs/path", {max_len, batch_size, ...})``."""
+    if isinstance(embed, dict):
+        if embed.get("kind") == DEFAULT_EMBED:
+            return hashed_bow_embed.__name__, None
+        return f"model:{embed['path']}", dict(embed)
+    name = getattr(embed, "name", None) or getattr(embed, "__name__", None) or str(embed)
+    return name, getattr(embed, "settings", None)
+
+
 def _l2_normalize(x: np.ndarray) -> np.ndarray:
     n = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.where(n == 0, 1.0, n)
+
+
+def _unit_distances(d: np.ndarray, e: np.ndarray) -> np.ndarray:
+    sq = np.maximum(2.0 - 2.0 * d @ e.T, 0.0)  # |u - v|^2 = 2 - 2 u·v for unit vectors
+    return np.sqrt(sq)
 
 
 def embedding_distances(docs: Sequence[str], items: Sequence[str],
@@ -330,8 +393,7 @@ def embedding_distances(docs: Sequence[str], items: Sequence[str],
     d = _l2_normalize(np.asarray(embed(list(docs)), np.float64))
     e = _l2_normalize(np.asarray(embed(list(items)) if item_emb is None else item_emb,
                                  np.float64))
-    sq = np.maximum(2.0 - 2.0 * d @ e.T, 0.0)  # |u - v|^2 = 2 - 2 u·v for unit vectors
-    return np.sqrt(sq)
+    return _unit_distances(d, e)
 
 
 def nearest_embedding(docs: Sequence[str], items: Sequence[str],
@@ -352,6 +414,19 @@ class PairScore:
     embed_l2: float | None = None
 
 
+def check_options(taus: Sequence[float], remove_tau: float, remove_min_ngrams: int,
+                  ngram: int = DEFAULT_NGRAM) -> list[float]:
+    """The τ sweep, distinct and descending; a bad option raises DecontamError."""
+    taus = sorted({float(t) for t in taus}, reverse=True)
+    if not taus or any(not 0.0 < t <= 1.0 for t in taus) or not 0.0 < remove_tau <= 1.0:
+        raise DecontamError(f"taus and remove_tau must be in (0, 1], got {taus}, {remove_tau}")
+    if remove_min_ngrams < 1:
+        raise DecontamError(f"remove_min_ngrams must be >= 1, got {remove_min_ngrams}")
+    if ngram < 1:
+        raise DecontamError(f"--ngram must be >= 1, got {ngram}")
+    return taus
+
+
 class Decontaminator:
     """Scores documents against a fixed set of benchmark items."""
 
@@ -360,11 +435,7 @@ class Decontaminator:
                  remove_min_ngrams: int = 1, max_ted_nodes: int = DEFAULT_MAX_TED_NODES,
                  embed: Callable[[list[str]], np.ndarray] = hashed_bow_embed,
                  min_ast_nodes: int = 1):
-        taus = sorted({float(t) for t in taus}, reverse=True)
-        if not taus or any(not 0.0 < t <= 1.0 for t in taus) or not 0.0 < remove_tau <= 1.0:
-            raise DecontamError(f"taus and remove_tau must be in (0, 1], got {taus}, {remove_tau}")
-        if remove_min_ngrams < 1:
-            raise DecontamError(f"remove_min_ngrams must be >= 1, got {remove_min_ngrams}")
+        taus = check_options(taus, remove_tau, remove_min_ngrams, ngram)
         self.items = list(items)
         self.taus = taus
         self.remove_tau = remove_tau
@@ -401,17 +472,28 @@ class Decontaminator:
 
     def score(self, text: str) -> list[PairScore]:
         """The pairs (this doc, item) sharing >= 1 n-gram or with AST match >= min(taus)."""
-        ov = self.ngram_index.overlaps(text)
-        trees = normalize_functions(text, self.min_ast_nodes)
-        ast_s: dict[int, float | None] = dict(self.ast_scores(trees))
-        for i in ov:  # n-gram-only pairs get their exact AST score too (reported, not a flag)
-            if i not in ast_s:
-                ast_s[i] = self.best_match(trees, i, 0.0)
-        ids = sorted(set(ov) | set(ast_s))
-        if not ids:
-            return []
-        d = embedding_distances([text], [], self.embed, self.item_emb[ids])[0]
-        return [PairScore(i, ov.get(i, 0), ast_s.get(i), float(dist)) for i, dist in zip(ids, d)]
+        return self.score_batch([text])[0]
+
+    def score_batch(self, texts: Sequence[str]) -> list[list[PairScore]]:
+        """``score`` of each text; the embedding runs once for the batch (only on texts with
+        some pair), so a model embedding sees full batches."""
+        found = []
+        for text in texts:
+            ov = self.ngram_index.overlaps(text)
+            trees = normalize_functions(text, self.min_ast_nodes)
+            ast_s: dict[int, float | None] = dict(self.ast_scores(trees))
+            for i in ov:  # n-gram-only pairs get their exact AST score too (reported, not a flag)
+                if i not in ast_s:
+                    ast_s[i] = self.best_match(trees, i, 0.0)
+            found.append((ov, ast_s, sorted(set(ov) | set(ast_s))))
+        need = [k for k, (_, _, ids) in enumerate(found) if ids]
+        emb = _l2_normalize(np.asarray(self.embed([texts[k] for k in need]), np.float64)) if need else None
+        out: list[list[PairScore]] = [[] for _ in texts]
+        for row, k in enumerate(need):
+            ov, ast_s, ids = found[k]
+            d = _unit_distances(emb[row:row + 1], self.item_emb[ids])[0]
+            out[k] = [PairScore(i, ov.get(i, 0), ast_s.get(i), float(dist)) for i, dist in zip(ids, d)]
+        return out
 
     def removes(self, pairs: Iterable[PairScore]) -> bool:
         return any((p.ast_match is not None and p.ast_match >= self.remove_tau)
@@ -477,89 +559,183 @@ class _AtomicText:
             os.unlink(self.tmp)
 
 
+def text_fields(text_field: str) -> list[str]:
+    """``prompt+solution`` -> ["prompt", "solution"]."""
+    fields = [f for f in text_field.split("+") if f]
+    if not fields:
+        raise DecontamError(f"--text_field is empty: {text_field!r}")
+    return fields
+
+
+def build_decontaminator(taus: Sequence[float] = DEFAULT_TAUS, ngram: int = DEFAULT_NGRAM,
+                         remove_tau: float = 0.9, remove_min_ngrams: int = 1,
+                         mbpp_split: str | None = "all", humaneval: bool = True,
+                         extra_bench: Sequence[str] = (), min_ast_nodes: int = 1,
+                         embed: Callable[[list[str]], np.ndarray] = hashed_bow_embed) -> Decontaminator:
+    """The benchmark items ``run`` selects, indexed (a Beam worker builds the same one)."""
+    items = load_bench_items(humaneval, mbpp_split, extra_bench)
+    if not items:
+        raise DecontamError("no benchmark items selected")
+    return Decontaminator(items, ngram, taus, remove_tau, remove_min_ngrams, embed=embed,
+                          min_ast_nodes=min_ast_nodes)
+
+
+def flagged_row(shard: str, line: int, item: BenchItem, ps: PairScore, removed: bool) -> dict:
+    """One line of flagged.jsonl."""
+    return {"shard": shard, "line": line, "benchmark": item.benchmark, "task_id": item.task_id,
+            "ngram_overlap": ps.ngram_overlap,
+            "ast_match": None if ps.ast_match is None else round(ps.ast_match, 4),
+            "embed_l2": round(ps.embed_l2, 4), "removed": removed}
+
+
+class ReportCounts:
+    """The counts of report.json, added one document at a time; ``merge`` combines partial
+    counts (the Beam pipeline's combiner), so both runs report the same numbers."""
+
+    def __init__(self, taus: Sequence[float]):
+        self.taus = list(taus)
+        self.shards: dict[str, list[int]] = {}  # shard -> [docs, removed]
+        self.ng_pairs: Counter = Counter()
+        self.ng_docs = 0
+        self.ng_items: set[int] = set()
+        self.ast_pairs = {t: Counter() for t in self.taus}  # tau -> benchmark -> pairs
+        self.ast_docs = {t: 0 for t in self.taus}
+        self.ast_items: dict[float, set[int]] = {t: set() for t in self.taus}
+
+    def add(self, shard: str, pairs: Sequence[PairScore], removed: bool,
+            items: Sequence[BenchItem]) -> None:
+        c = self.shards.setdefault(shard, [0, 0])
+        c[0] += 1
+        c[1] += bool(removed)
+        ng, hit = False, set()
+        for ps in pairs:
+            bench = items[ps.item].benchmark
+            if ps.ngram_overlap:
+                self.ng_pairs[bench] += 1
+                self.ng_items.add(ps.item)
+                ng = True
+            for t in self.taus:
+                if ps.ast_match is not None and ps.ast_match >= t:
+                    self.ast_pairs[t][bench] += 1
+                    self.ast_items[t].add(ps.item)
+                    hit.add(t)
+        self.ng_docs += ng
+        for t in hit:
+            self.ast_docs[t] += 1
+
+    def merge(self, other: "ReportCounts") -> "ReportCounts":
+        for shard, (d, r) in other.shards.items():
+            c = self.shards.setdefault(shard, [0, 0])
+            c[0] += d
+            c[1] += r
+        self.ng_pairs.update(other.ng_pairs)
+        self.ng_docs += other.ng_docs
+        self.ng_items |= other.ng_items
+        for t in self.taus:
+            self.ast_pairs[t].update(other.ast_pairs[t])
+            self.ast_docs[t] += other.ast_docs[t]
+            self.ast_items[t] |= other.ast_items[t]
+        return self
+
+    def fields(self, shards: Sequence[str]) -> dict:
+        """docs / removed / kept, per shard (in ``shards`` order), n-gram and per-τ AST counts."""
+        per_shard = {}
+        for s in shards:
+            d, r = self.shards.get(s, (0, 0))
+            per_shard[s] = {"docs": d, "kept": d - r, "removed": r}
+        n_docs = sum(v["docs"] for v in per_shard.values())
+        n_removed = sum(v["removed"] for v in per_shard.values())
+        return {
+            "docs": n_docs, "removed": n_removed, "kept": n_docs - n_removed, "shards": per_shard,
+            "ngram_overlap": {"pairs": dict(sorted(self.ng_pairs.items())), "docs": self.ng_docs,
+                              "items": len(self.ng_items)},
+            "ast": {str(t): {"pairs": dict(sorted(self.ast_pairs[t].items())),
+                             "docs": self.ast_docs[t], "items": len(self.ast_items[t])}
+                    for t in self.taus},
+        }
+
+
+def build_report(inputs: Sequence[str], text_field: str, benchmarks: dict, mbpp_split: str | None, *,
+                 ngram: int, taus: Sequence[float], remove_tau: float, remove_min_ngrams: int,
+                 min_ast_nodes: int, embedding: tuple[str, dict | None], counts_fields: dict,
+                 seconds: float) -> dict:
+    """report.json's content (``counts_fields``: ``ReportCounts.fields``; ``embedding``:
+    ``embed_label``)."""
+    return {
+        "inputs": list(inputs), "text_field": text_field, "benchmarks": benchmarks,
+        "mbpp_split": mbpp_split, "ngram": ngram, "taus": list(taus), "remove_tau": remove_tau,
+        "remove_min_ngrams": remove_min_ngrams, "min_ast_nodes": min_ast_nodes,
+        "embedding": embedding[0], "embedding_settings": embedding[1],
+        "rule": f"removed iff AST match >= {remove_tau} or >= {remove_min_ngrams} shared "
+                f"{ngram}-grams with some benchmark item",
+        **counts_fields,
+        "seconds": round(seconds, 2),
+    }
+
+
+def write_report(out: Path, report: dict) -> None:
+    atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write_bytes(out / "report.md", render_markdown(report).encode())
+
+
+def _as_embed(embed) -> Callable[[list[str]], np.ndarray]:
+    """A callable, a spec (``hashed_bow`` | ``model:PATH``) or ``embed_settings``' dict."""
+    if isinstance(embed, str):
+        embed = embed_settings(embed)
+    return make_embed(embed) if isinstance(embed, dict) else embed
+
+
 def run(inputs: Sequence[str], text_field: str, out_dir: str | os.PathLike,
         taus: Sequence[float] = DEFAULT_TAUS, ngram: int = DEFAULT_NGRAM, remove_tau: float = 0.9,
         remove_min_ngrams: int = 1, mbpp_split: str | None = "all", humaneval: bool = True,
         extra_bench: Sequence[str] = (), min_ast_nodes: int = 1,
-        embed: Callable[[list[str]], np.ndarray] = hashed_bow_embed) -> dict:
+        embed: Callable[[list[str]], np.ndarray] | str | dict = hashed_bow_embed,
+        batch_size: int = 64) -> dict:
     """Decontaminates ``inputs``; writes <out_dir>/clean/<shard>.jsonl, flagged.jsonl,
-    report.json, report.md. Returns the report dict."""
-    fields = [f for f in text_field.split("+") if f]
-    if not fields:
-        raise DecontamError(f"--text_field is empty: {text_field!r}")
+    report.json, report.md. Returns the report dict. ``embed``: a function, or
+    ``hashed_bow`` / ``model:PATH`` (see ``embed_settings``); documents are scored
+    ``batch_size`` at a time (one embedding call per batch)."""
+    fields = text_fields(text_field)
+    if batch_size < 1:
+        raise DecontamError(f"batch_size must be >= 1, got {batch_size}")
     paths = validate_inputs(inputs, fields)
     t0 = time.time()
-    items = load_bench_items(humaneval, mbpp_split, extra_bench)
-    if not items:
-        raise DecontamError("no benchmark items selected")
-    dec = Decontaminator(items, ngram, taus, remove_tau, remove_min_ngrams, embed=embed,
-                         min_ast_nodes=min_ast_nodes)
+    dec = build_decontaminator(taus, ngram, remove_tau, remove_min_ngrams, mbpp_split, humaneval,
+                               extra_bench, min_ast_nodes, _as_embed(embed))
     out = Path(out_dir)
-    n_docs = n_removed = 0
-    ast_pairs = {t: Counter() for t in dec.taus}     # tau -> benchmark -> pairs
-    ast_docs = {t: set() for t in dec.taus}
-    ast_items = {t: set() for t in dec.taus}
-    ng_pairs, ng_docs, ng_items = Counter(), set(), set()
-    per_shard = {}
+    counts = ReportCounts(dec.taus)
     flagged = _AtomicText(out / "flagged.jsonl")
     try:
         for p in paths:
             clean = _AtomicText(out / "clean" / _shard_name(p))
-            kept = removed = 0
             try:
-                for rec in iter_jsonl(p, required=fields):
-                    line = rec.pop("_line")
-                    doc = (p.name, line)
-                    n_docs += 1
-                    pairs = dec.score(join_fields(rec, fields))
-                    rm = dec.removes(pairs)
-                    for ps in pairs:
-                        it = items[ps.item]
-                        if ps.ngram_overlap:
-                            ng_pairs[it.benchmark] += 1
-                            ng_docs.add(doc)
-                            ng_items.add(ps.item)
-                        for t in dec.taus:
-                            if ps.ast_match is not None and ps.ast_match >= t:
-                                ast_pairs[t][it.benchmark] += 1
-                                ast_docs[t].add(doc)
-                                ast_items[t].add(ps.item)
-                        flagged.write(json.dumps({
-                            "shard": str(p), "line": line, "benchmark": it.benchmark,
-                            "task_id": it.task_id, "ngram_overlap": ps.ngram_overlap,
-                            "ast_match": None if ps.ast_match is None else round(ps.ast_match, 4),
-                            "embed_l2": round(ps.embed_l2, 4), "removed": rm}) + "\n")
-                    if rm:
-                        removed += 1
-                    else:
-                        kept += 1
-                        clean.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                recs = iter_jsonl(p, required=fields)
+                while batch := list(itertools.islice(recs, batch_size)):
+                    scored = dec.score_batch([join_fields(r, fields) for r in batch])
+                    for rec, pairs in zip(batch, scored):
+                        line = rec.pop("_line")
+                        rm = dec.removes(pairs)
+                        counts.add(str(p), pairs, rm, dec.items)
+                        for ps in pairs:
+                            flagged.write(json.dumps(flagged_row(str(p), line, dec.items[ps.item], ps, rm))
+                                          + "\n")
+                        if not rm:
+                            clean.write(json.dumps(rec, ensure_ascii=False) + "\n")
             except BaseException:
                 clean.abort()
                 raise
             clean.commit()
-            per_shard[str(p)] = {"docs": kept + removed, "kept": kept, "removed": removed}
-            n_removed += removed
         flagged.commit()
     except BaseException:
         flagged.abort()
         raise
-    report = {
-        "inputs": [str(p) for p in paths], "text_field": text_field,
-        "benchmarks": dict(Counter(it.benchmark for it in items)), "mbpp_split": mbpp_split,
-        "ngram": ngram, "taus": dec.taus, "remove_tau": remove_tau,
-        "remove_min_ngrams": remove_min_ngrams, "min_ast_nodes": min_ast_nodes,
-        "embedding": getattr(embed, "__name__", str(embed)),
-        "rule": f"removed iff AST match >= {remove_tau} or >= {remove_min_ngrams} shared "
-                f"{ngram}-grams with some benchmark item",
-        "docs": n_docs, "removed": n_removed, "kept": n_docs - n_removed, "shards": per_shard,
-        "ngram_overlap": {"pairs": dict(ng_pairs), "docs": len(ng_docs), "items": len(ng_items)},
-        "ast": {str(t): {"pairs": dict(ast_pairs[t]), "docs": len(ast_docs[t]),
-                         "items": len(ast_items[t])} for t in dec.taus},
-        "seconds": round(time.time() - t0, 2),
-    }
-    atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
-    atomic_write_bytes(out / "report.md", render_markdown(report).encode())
+    inputs = [str(p) for p in paths]
+    report = build_report(inputs, text_field, dict(Counter(it.benchmark for it in dec.items)), mbpp_split,
+                          ngram=ngram, taus=dec.taus, remove_tau=remove_tau,
+                          remove_min_ngrams=remove_min_ngrams, min_ast_nodes=min_ast_nodes,
+                          embedding=embed_label(dec.embed), counts_fields=counts.fields(inputs),
+                          seconds=time.time() - t0)
+    write_report(out, report)
     return report
 
 
@@ -583,9 +759,8 @@ def render_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m data_gen.decontaminate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The stage's flags (shared with ``python -m data_gen.beam_stages decontaminate``)."""
     ap.add_argument("--inputs", nargs="+", required=True, help="JSONL shards (.gz ok)")
     ap.add_argument("--text_field", default="text",
                     help="field, or fields joined by '+' (e.g. prompt+solution)")
@@ -601,14 +776,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no_humaneval", action="store_true")
     ap.add_argument("--extra_bench", nargs="*", default=[],
                     help="extra JSONL benchmark files (fields task_id, code)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--embed", default=DEFAULT_EMBED,
+                    help="hashed_bow (a cheap fallback) or model:PATH (a phijax checkpoint/export/HF "
+                         "dir: mean-pooled hidden states)")
+    ap.add_argument("--embed_max_len", type=int, default=None, help="model embedding: tokens per document")
+    ap.add_argument("--embed_batch_size", type=int, default=None, help="model embedding: rows per batch")
+
+
+def run_kwargs(args: argparse.Namespace) -> dict:
+    """``add_arguments``' flags -> keyword arguments of ``run`` (bad values raise DecontamError);
+    ``embed`` is left as ``embed_settings``' picklable dict."""
     split = None if args.mbpp_split == "none" else args.mbpp_split
+    if split not in (None, "all", *benchmarks.MBPP_SPLITS):
+        raise DecontamError(f"unknown --mbpp_split {args.mbpp_split!r}")
+    return dict(taus=_parse_taus(args.tau), ngram=args.ngram, remove_tau=args.remove_tau,
+                remove_min_ngrams=args.remove_min_ngrams, mbpp_split=split,
+                humaneval=not args.no_humaneval, extra_bench=args.extra_bench,
+                min_ast_nodes=args.min_ast_nodes,
+                embed=embed_settings(args.embed, args.embed_max_len, args.embed_batch_size))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m data_gen.decontaminate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    args = ap.parse_args(argv)
     try:
-        if split not in (None, "all", *benchmarks.MBPP_SPLITS):
-            raise DecontamError(f"unknown --mbpp_split {args.mbpp_split!r}")
-        r = run(args.inputs, args.text_field, args.out_dir, _parse_taus(args.tau), args.ngram,
-                args.remove_tau, args.remove_min_ngrams, split, not args.no_humaneval,
-                args.extra_bench, args.min_ast_nodes)
+        r = run(args.inputs, args.text_field, args.out_dir, **run_kwargs(args))
     except DecontamError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -483,14 +483,15 @@ def add_gin_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gin_param", action="append", default=[], help="gin binding")
 
 
-def parse_gin(args: argparse.Namespace) -> None:
+def parse_gin(args: argparse.Namespace, default_file: str = "ingest.gin") -> None:
+    """--gin_file / --gin_param; with only params, on top of gin/data/<default_file>."""
     if not (args.gin_file or args.gin_param):
         return
     from data_gen import dedup  # noqa: F401  registers data_gen.DedupConfig: gin/data/ingest.gin binds both
     from phijax import gin_setup  # imports jax via phijax.optim: only when gin is used
 
     try:
-        gin_setup.parse(args.gin_file or [os.path.join(gin_setup.REPO_GIN_DIR, "data", "ingest.gin")],
+        gin_setup.parse(args.gin_file or [os.path.join(gin_setup.REPO_GIN_DIR, "data", default_file)],
                         args.gin_param)
     except gin_setup.GinError as e:
         raise IngestError(str(e)) from None

@@ -11,12 +11,14 @@ Faults are rules matched per request, in order (the first that applies wins)::
     {"kind": "429", "first": 1, "retry_after": 0.2}      # first receipt of every body: 429
     {"kind": "500", "match": "sample 7", "first": 2}    # bodies containing the text: twice
     {"kind": "drop", "prob": 0.1}                        # 10% of receipts (seeded)
+    {"kind": "reply", "text": "no idea", "match": "doc 3", "unless": "could not be parsed"}
 
 kinds: 429 (with Retry-After), 500, 502, 503, 400 (echoes the Authorization header, to test
 that keys are redacted), timeout (answers after ``delay`` s), drop (resets the connection),
 malformed (200 with a cut-off JSON body), length (finish_reason "length"), slow (``delay`` s
-more latency), expire (batch only: the request is missing from the output).
-``first``: only the first N receipts of an identical body; ``prob``: a seeded coin per
+more latency), expire (batch only: the request is missing from the output), reply (a normal
+200 whose content is the rule's ``text``: scripted answers). ``unless``: not for bodies containing
+that text. ``first``: only the first N receipts of an identical body; ``prob``: a seeded coin per
 (body, receipt). It can also enforce its own rpm / tpm limits (token buckets, prompt +
 max_tokens charged up front, refunded to the completion's usage), answering 429 with
 Retry-After like the real API.
@@ -28,7 +30,9 @@ work was requested again.
 Content: ``responder`` 'lorem' (filler of the configured completion length), 'textbook'
 (markdown with prose and a ```python block; a seeded share are refusals, broken code, short,
 near-duplicates), 'exercises' (a function named as the prompt asks, with docstring and asserts;
-a seeded share wrong, broken, unnamed or duplicated), or 'auto' (by model name).
+a seeded share wrong, broken, unnamed or duplicated), 'annotate' (a JSON educational-value score
+0-10 with a reason; a seeded share fenced, wrapped in prose, unparseable or out of range), or
+'auto' (by model name).
 
     python -m data_gen.llm.fake_server --port 8000 --latency 0.5 2.0 --rpm 600 --tpm 200000
 """
@@ -55,8 +59,9 @@ from typing import Any
 from data_gen.llm.ratelimit import TokenBucket
 from data_gen.llm.request import canonical_json, estimate_tokens
 
-FAULT_KINDS = ("429", "500", "502", "503", "400", "timeout", "drop", "malformed", "length", "slow", "expire")
-RESPONDERS = ("auto", "lorem", "textbook", "exercises")
+FAULT_KINDS = ("429", "500", "502", "503", "400", "timeout", "drop", "malformed", "length", "slow", "expire",
+               "reply")
+RESPONDERS = ("auto", "lorem", "textbook", "exercises", "annotate")
 
 DEFAULTS: dict[str, Any] = {
     "latency": (0.0, 0.0),          # uniform seconds per request
@@ -66,6 +71,7 @@ DEFAULTS: dict[str, Any] = {
     "responder": "auto",
     "textbook_mix": {"refusal": 0.06, "bad_code": 0.06, "short": 0.05, "boilerplate": 0.05, "near_dup": 0.08},
     "exercises_mix": {"wrong": 0.08, "syntax": 0.05, "no_asserts": 0.05, "wrong_name": 0.05, "dup": 0.08},
+    "annotate_mix": {"fenced": 0.15, "wrapped": 0.1, "prose": 0.05, "out_of_range": 0.03},
     "batch_delay_s": 0.0,            # a batch stays in_progress this long
     "seed": 0,
 }
@@ -203,6 +209,23 @@ def respond_exercise(rng: random.Random, prompt: str, mix: dict[str, float]) -> 
     return f"```python\n{src}```\n"
 
 
+def respond_annotate(rng: random.Random, mix: dict[str, float]) -> str:
+    """An educational-value judgement as data_gen.annotate asks for it (the score is random: this
+    server does not read code)."""
+    kind, score = _pick(rng, mix), rng.randint(0, 10)
+    reason = _sentence(rng, 10)
+    if kind == "prose":
+        return f"{reason} I would rate it about {score} out of 10."
+    if kind == "out_of_range":
+        score = rng.choice([11, 15, -1])
+    answer = json.dumps({"educational_value": score, "reason": reason})
+    if kind == "fenced":
+        return f"```json\n{answer}\n```"
+    if kind == "wrapped":
+        return f"Here is my assessment:\n{answer}\nI hope this helps."
+    return answer
+
+
 class _State:
     """Shared, lock-protected server state."""
 
@@ -254,6 +277,8 @@ class _State:
         for rule in self.config["faults"]:
             if rule.get("match") is not None and rule["match"] not in text:
                 continue
+            if rule.get("unless") is not None and rule["unless"] in text:
+                continue
             if rule.get("first") is not None and receipt >= rule["first"]:
                 continue
             if rule.get("prob") is not None and _rng(self.config["seed"], h, receipt, "p").random() >= rule["prob"]:
@@ -285,11 +310,16 @@ class _State:
         responder = c["responder"]
         model = str(body.get("model", ""))
         if responder == "auto":
-            responder = "textbook" if "textbook" in model else "exercises" if "exercise" in model else "lorem"
-        if responder == "textbook":
+            responder = ("textbook" if "textbook" in model else "exercises" if "exercise" in model
+                         else "annotate" if "annotat" in model else "lorem")
+        if rule and rule["kind"] == "reply":
+            text = str(rule.get("text", ""))
+        elif responder == "textbook":
             text = respond_textbook(rng, c["textbook_mix"])
         elif responder == "exercises":
             text = respond_exercise(rng, _prompt_text(body), c["exercises_mix"])
+        elif responder == "annotate":
+            text = respond_annotate(rng, c["annotate_mix"])
         else:
             lo, hi = c["completion_tokens"]
             text = respond_lorem(rng, rng.randint(lo, hi))
