@@ -486,8 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         common.setup(args)  # logging + gin (a bad binding: GeneratorError)
         ecfg = common.engine_config(args.batch)  # installs key redaction on the log handlers
-        overrides = {k: getattr(args, k) for k in ("max_parse_retries", "max_doc_chars", "text_field", "shard_size")
-                     if getattr(args, k) is not None}
+        overrides = ingest.flag_overrides(args, ("max_parse_retries", "max_doc_chars", "text_field", "shard_size"))
         cfg = dataclasses.replace(AnnotateConfig(), **overrides)
         res = run(args.inputs, args.out_dir, n_samples=cfg.n_samples if args.n_samples is None else args.n_samples,
                   seed=cfg.seed if args.seed is None else args.seed,

@@ -806,13 +806,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.runner:
         beam_args = [f"--runner={args.runner}", *beam_args]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    ingest.setup_logging()
     try:
         if args.stage == "dedup":
             ingest.parse_gin(args)
-            overrides = {k: getattr(args, k) for k in ("threshold", "num_perm", "ngram", "seed", "text_field",
-                                                       "shard_size") if getattr(args, k) is not None}
+            overrides = ingest.flag_overrides(args, ("threshold", "num_perm", "ngram", "seed", "text_field",
+                                                     "shard_size"))
             if args.exact_only:
                 overrides["near"] = False
             cfg = dataclasses.replace(dedup.DedupConfig(), **overrides)

@@ -161,12 +161,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="rerun even if the output is complete")
     ingest.add_gin_flags(p)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    ingest.setup_logging()
     try:
         ingest.parse_gin(args)
-        overrides = {k: getattr(args, k) for k in ("threshold", "num_perm", "ngram", "seed", "text_field",
-                                                   "shard_size") if getattr(args, k) is not None}
+        overrides = ingest.flag_overrides(args, ("threshold", "num_perm", "ngram", "seed", "text_field",
+                                                 "shard_size"))
         if args.exact_only:
             overrides["near"] = False
         cfg = dataclasses.replace(DedupConfig(), **overrides)

@@ -208,12 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="rerun even if the output is complete")
     ingest.add_gin_flags(p)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    ingest.setup_logging()
     try:
         ingest.parse_gin(args, "filter.gin")
-        overrides = {k: getattr(args, k) for k in ("threshold", "tokenizer", "text_field", "chunk", "shard_size")
-                     if getattr(args, k) is not None}
+        overrides = ingest.flag_overrides(args, ("threshold", "tokenizer", "text_field", "chunk", "shard_size"))
         cfg = dataclasses.replace(FilterConfig(), **overrides)
         res = run(args.inputs, args.out_dir, args.classifier, cfg, args.force)
     except ingest.IngestError as e:

@@ -478,6 +478,17 @@ def run(spec: str, out_dir: str | os.PathLike, cfg: IngestConfig | None = None, 
     return result
 
 
+def setup_logging() -> None:
+    """What every stage CLI logs: INFO and up, to stderr."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+def flag_overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    """The flags among ``names`` given on the command line (None: keep the gin binding / default)."""
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+
+
 def add_gin_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gin_file", action="append", default=[], help="gin file (e.g. gin/data/ingest.gin)")
     p.add_argument("--gin_param", action="append", default=[], help="gin binding")
@@ -514,12 +525,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--so_tag", default="python", help="StackOverflow tag a question must carry")
     p.add_argument("--force", action="store_true", help="rerun even if the output is complete")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    setup_logging()
     try:
         parse_gin(args)
-        overrides = {k: getattr(args, k) for k in ("max_bytes", "min_chars", "max_line_chars", "content_field",
-                                                   "shard_size", "limit") if getattr(args, k) is not None}
+        overrides = flag_overrides(args, ("max_bytes", "min_chars", "max_line_chars", "content_field",
+                                          "shard_size", "limit"))
         if args.licenses is not None:
             overrides["licenses"] = None if args.licenses.strip().lower() == "any" else tuple(
                 x for x in args.licenses.split(",") if x.strip())

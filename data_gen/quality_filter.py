@@ -552,8 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tokenizer", help="tokenizer.json for token counts (default: the stdlib BPE)")
     p.add_argument("--force", action="store_true", help="redo every stage")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    ingest.setup_logging()
     try:
         r = run(settings_from_args(args), args.force)
     except ingest.IngestError as e:

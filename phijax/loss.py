@@ -58,8 +58,7 @@ def token_loss_sums(logits, targets, weights):
 # ------------------------------------------------------------------ fused LM head + loss
 def chunk_size(length: int, chunk: int) -> int:
     """The largest divisor of `length` that is <= chunk (chunks must tile the sequence)."""
-    chunk = max(1, min(chunk, length))
-    return max(c for c in range(1, chunk + 1) if length % c == 0 and c <= chunk)
+    return max(c for c in range(1, max(1, min(chunk, length)) + 1) if length % c == 0)
 
 
 def _chunks(x, c):  # [b, t, ...] -> [t // c, b, c, ...]
