@@ -72,16 +72,39 @@ def rotary_tables(positions, rotary_dim, base):
     return jnp.cos(emb), jnp.sin(emb)
 
 
-def apply_rotary(x, cos, sin, rotary_dim):
-    """Rotate-half RoPE on the first rotary_dim features of x [batch, len, heads, head_dim]."""
-    if rotary_dim == 0:
-        return x
+def _rotate(x, cos, sin, rotary_dim):
     rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
     half = rotary_dim // 2
     rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
     cos = cos[:, :, None, :].astype(x.dtype)
     sin = sin[:, :, None, :].astype(x.dtype)
     return jnp.concatenate([rot * cos + rotated * sin, rest], axis=-1)
+
+
+@jax.custom_vjp
+def _rotary(x, cos, sin):
+    return _rotate(x, cos, sin, cos.shape[-1])
+
+
+def _rotary_fwd(x, cos, sin):
+    return _rotary(x, cos, sin), (cos, sin)
+
+
+def _rotary_bwd(res, g):
+    # The transpose of a rotation is the rotation by -angle (both halves share one angle):
+    # one slice/concat pass, where autodiff of the slices would pad and add.
+    cos, sin = res
+    return _rotate(g, cos, -sin, cos.shape[-1]), jnp.zeros_like(cos), jnp.zeros_like(sin)
+
+
+_rotary.defvjp(_rotary_fwd, _rotary_bwd)
+
+
+def apply_rotary(x, cos, sin, rotary_dim):
+    """Rotate-half RoPE on the first rotary_dim features of x [batch, len, heads, head_dim]."""
+    if rotary_dim == 0:
+        return x
+    return _rotary(x, cos, sin)
 
 
 def _dropout(x, rate, key):

@@ -60,6 +60,45 @@ def test_grouped_query_attention_equals_repeated_kv():
         attention.get_backend("nope")
 
 
+@pytest.mark.parametrize("t,kv,packed,causal", [(256, 2, True, True), (256, 1, False, True), (40, 2, True, False)])
+def test_xla_attention_gradient_equals_autodiff_of_plain_softmax(t, kv, packed, causal):
+    """xla_attention's written-out backward (query blocks, dS = P * (dP - rowsum(dO * O)), dK/dV
+    formed transposed) against autodiff of one softmax over the whole masked score matrix."""
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.normal(size=(2, t, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, t, kv, 8)), jnp.float32) for _ in range(2))
+    seg = jnp.asarray(np.repeat([[1, 2, 3]], [t // 3, t // 2, t - t // 3 - t // 2], axis=1).repeat(2, 0)) if packed else None
+    if t == 256:
+        assert attention.causal_blocks(t) == 2  # the blocked path really runs
+
+    def plain(q, k, v, segment_ids, causal):
+        return attention._attend(q, k, v, attention.make_mask(t, t, segment_ids, segment_ids, causal), 0.0, None)
+
+    def value_and_grads(fn):
+        def loss(q, k, v):
+            out = fn(q, k, v, segment_ids=seg, causal=causal)
+            return jnp.sum(out * jnp.cos(out)), out
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+    (_, out), grads = value_and_grads(attention.xla_attention)
+    (_, ref), ref_grads = value_and_grads(plain)
+    np.testing.assert_allclose(out, ref, atol=2e-6)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, r, atol=2e-5)
+        assert np.abs(np.asarray(r)).max() > 1e-2  # a real gradient, not zeros on both sides
+
+
+def test_rotary_gradient_is_the_inverse_rotation():
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(2, 6, 3, 8)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(2, 6, 3, 8)), jnp.float32)
+    cos, sin = model.rotary_tables(jnp.asarray(rng.integers(0, 50, (2, 6))), 4, 10000.0)
+    _, vjp = jax.vjp(lambda x: model.apply_rotary(x, cos, sin, 4), x)
+    _, ref_vjp = jax.vjp(lambda x: model._rotate(x, cos, sin, 4), x)  # autodiff of the same forward
+    np.testing.assert_allclose(vjp(g)[0], ref_vjp(g)[0], atol=1e-6)
+    np.testing.assert_allclose(model.apply_rotary(x, cos, sin, 4)[..., 4:], x[..., 4:])  # only rotary_dim rotates
+
+
 def _loss_and_grads(cfg, params, graphdef, key=None):
     rng = np.random.default_rng(2)
     w = rng.integers(0, cfg.vocab_size, (2, 17)).astype(np.int32)
