@@ -63,19 +63,12 @@ def xla_attention(q, k, v, *, segment_ids=None, causal=True, dropout_rate=0.0, d
     n = causal_blocks(t) if causal and t == s else 1
     if not _has_dropout(dropout_rate, dropout_key):
         return _blocked_attention(q, k, v, segment_ids, n, causal)
-    if n == 1:
-        mask = make_mask(t, s, segment_ids, segment_ids, causal)
-        return _attend(q, k, v, mask, dropout_rate, dropout_key)
-    bq = t // n
     outs = []
-    for i in range(n):
-        q_i, kv_end = q[:, i * bq:(i + 1) * bq], (i + 1) * bq
-        seg_q = None if segment_ids is None else segment_ids[:, i * bq:(i + 1) * bq]
-        seg_k = None if segment_ids is None else segment_ids[:, :kv_end]
-        mask = make_mask(bq, kv_end, seg_q, seg_k, causal=True, q_offset=i * bq)
-        key_i = jax.random.fold_in(dropout_key, i)
-        outs.append(_attend(q_i, k[:, :kv_end], v[:, :kv_end], mask, dropout_rate, key_i))
-    return jnp.concatenate(outs, axis=1)
+    for i, (q0, q1, kv_end) in enumerate(_block_spans(t, s, n, causal)):
+        key_i = jax.random.fold_in(dropout_key, i) if n > 1 else dropout_key
+        mask = _block_mask(segment_ids, q0, q1, kv_end, causal)
+        outs.append(_attend(q[:, q0:q1], k[:, :kv_end], v[:, :kv_end], mask, dropout_rate, key_i))
+    return jnp.concatenate(outs, axis=1) if n > 1 else outs[0]
 
 
 # ------------------------------------------------------------------ attention with a written-out VJP
@@ -93,10 +86,10 @@ def _block_spans(t: int, s: int, n: int, causal: bool):
     return [(i * bq, (i + 1) * bq, (i + 1) * bq if causal and n > 1 else s) for i in range(n)]
 
 
-def _block_mask(segment_ids, q0, q1, kv_end, causal):  # [b|1, 1, 1, q, s]
+def _block_mask(segment_ids, q0, q1, kv_end, causal):  # [b|1, 1, q, s]
     seg_q = None if segment_ids is None else segment_ids[:, q0:q1]
     seg_k = None if segment_ids is None else segment_ids[:, :kv_end]
-    return make_mask(q1 - q0, kv_end, seg_q, seg_k, causal, q_offset=q0)[:, :, None]
+    return make_mask(q1 - q0, kv_end, seg_q, seg_k, causal, q_offset=q0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -113,7 +106,7 @@ def _blocked_fwd(q, k, v, segment_ids, n, causal):
     outs, es, ls = [], [], []
     for q0, q1, kv_end in _block_spans(t, k.shape[1], n, causal):
         scores = jnp.einsum("bkgqd,bksd->bkgqs", q5[:, :, :, q0:q1], k4[:, :, :kv_end]).astype(F32)
-        scores = jnp.where(_block_mask(segment_ids, q0, q1, kv_end, causal), scores, jnp.finfo(F32).min)
+        scores = jnp.where(_block_mask(segment_ids, q0, q1, kv_end, causal)[:, :, None], scores, jnp.finfo(F32).min)
         e = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True)).astype(v.dtype)  # unnormalised
         denom = jnp.sum(e, axis=-1, dtype=F32)
         out = jnp.einsum("bkgqs,bksd->bkgqd", e, v4[:, :, :kv_end], preferred_element_type=F32)
