@@ -1,0 +1,248 @@
+"""Issue 17's accelerator measurements as one prepared run: every figure in one device call.
+
+    python3 scripts/device_perf.py --out "$OUT"                  # one H100/H200: phi-1, the full plan
+    python3 scripts/device_perf.py --rehearse --out /tmp/perf    # the same plan on a CPU at nano size
+
+Each stage is its own process (clean device memory, an XLA abort stays local) with its own time
+limit, in priority order, skipped once the overall deadline is near; logs and JSON go to --out
+and `summary.md` / `summary.json` collect the figures at the end (also after a timeout of a
+stage). Stages:
+  sweep    phi-1 train step at --batch for every (scan unroll, fused-loss chunk) pair, each
+           run for --steps steps from the same init on the same tokens: tokens/s, MFU, memory,
+           compile time, and the per-step losses (the new paths must equal the baseline's
+           losses within bf16 noise)
+  peer     transformers PhiForCausalLM (SDPA, bf16 autocast, fused AdamW), eager and
+           torch.compile, on the same shapes: the ratio phijax / peer
+  decode   compile seconds of a phi-1 decode bucket (prefill and the decode loop)
+  big      the best sweep variant at --big_batch
+  adamw    the optimizer step alone: fused vs optax's chain
+  profile  per-op breakdown of the best variant's step (jax.profiler trace)
+  greedy   greedy agreement with transformers in fp32 and bf16 (identical tokens, margins)
+Needs jax, flax, optax, numpy (and torch + transformers for peer/greedy); no tensorflow/seqio/gin.
+Flax older than 0.12 is replaced from .whl/ if present (carry it: see docs/benchmarks.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOISE = re.compile(r"^(W|I|E)\d{4} |^WARNING: All log messages before absl|^\s*$")
+
+
+def run(name, argv, out_dir, timeout, env=None, log=print):
+    """Runs one stage; returns (rc, seconds). Output goes to out_dir/<name>.log and, filtered, here."""
+    t0 = time.time()
+    path = os.path.join(out_dir, f"{name}.log")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    log(f"\n=== {name} (limit {timeout:.0f} s): {' '.join(argv)}")
+    with open(path, "w") as f:
+        p = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = t0 + timeout
+            for line in p.stdout:  # noqa: SIM113 - stream as it comes
+                f.write(line)
+                if not NOISE.match(line):
+                    log(line.rstrip()[:300])
+                if time.time() > deadline:
+                    raise subprocess.TimeoutExpired(argv, timeout)
+            rc = p.wait(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            rc = 124
+            log(f"--- {name}: stopped at its {timeout:.0f} s limit")
+    dt = time.time() - t0
+    log(f"--- {name}: exit {rc} after {dt:.0f} s")
+    return rc, dt
+
+
+def load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def plan(args):
+    py = [sys.executable, "-m"]
+    common = ["--configs", args.config, "--remat", args.remat, "--seq", str(args.seq), "--dtype", args.dtype]
+    o = lambda n: os.path.join(args.out, n)
+    stages = {
+        "sweep": lambda best: py + ["phijax.bench.mfu", *common, "--batches", str(args.batch),
+                                    "--scan_unroll", args.unrolls, "--loss_chunk", args.loss_chunks,
+                                    "--steps", str(args.steps), "--json", o("sweep.json")],
+        "peer": lambda best: py + ["phijax.bench.mfu", *common, "--batches", args.peer_batches, "--peer", "torch",
+                                   "--peer_only", "--peer_modes", args.peer_modes, "--steps", str(args.peer_steps),
+                                   "--json", o("peer.json")],
+        "decode": lambda best: py + ["phijax.bench.decode_compile", "--config", args.config, "--dtype", args.dtype,
+                                     *args.decode_args.split(), "--json", o("decode.json")],
+        "big": lambda best: py + ["phijax.bench.mfu", *common, "--batches", str(args.big_batch),
+                                  "--scan_unroll", str(best["scan_unroll"]), "--loss_chunk", str(best["loss_chunk"]),
+                                  "--steps", str(max(2, args.steps // 3)), "--json", o("big.json")],
+        "adamw": lambda best: py + ["phijax.bench.optimizer_step", "--config", args.config, "--json", o("adamw.json")],
+        "profile": lambda best: py + ["phijax.bench.profile_step", "--config", args.config,
+                                      "--batch", str(args.batch), "--seq", str(args.seq), "--dtype", args.dtype,
+                                      "--remat", args.remat, "--scan_unroll", str(best["scan_unroll"]),
+                                      "--loss_chunk", str(best["loss_chunk"]), "--steps", "2", "--top", "60",
+                                      "--json", o("profile.json")],
+        "greedy": lambda best: py + ["phijax.bench.greedy_agreement", "--config", args.greedy_config,
+                                     "--dtypes", "float32,bfloat16", "--torch_device", args.torch_device,
+                                     *args.greedy_args.split(), "--json", o("greedy.json")],
+    }
+    return stages
+
+
+def best_of(sweep):
+    rows = [r for r in (sweep or []) if r.get("tokens_per_s")]
+    return max(rows, key=lambda r: r["tokens_per_s"]) if rows else None
+
+
+def loss_agreement(rows, base):
+    """Max |loss - baseline loss| / baseline loss over the steps both ran, per variant."""
+    out = {}
+    for r in rows:
+        a, b = r.get("losses") or [], base.get("losses") or []
+        n = min(len(a), len(b))
+        if n:
+            out[(r["scan_unroll"], r["loss_chunk"])] = (n, max(abs(x - y) / max(abs(y), 1e-9) for x, y in zip(a, b)))
+    return out
+
+
+def summarize(args, timings):
+    sweep, peer, big = load(os.path.join(args.out, "sweep.json")), load(os.path.join(args.out, "peer.json")), \
+        load(os.path.join(args.out, "big.json"))
+    lines, js = [f"# device_perf summary: {args.config}, seq {args.seq}, {args.dtype}, remat {args.remat}", ""], {}
+    rows = [r for r in (sweep or []) if r.get("tokens_per_s")] + [r for r in (big or []) if r.get("tokens_per_s")]
+    if rows:
+        lines += ["| batch | scan unroll | loss chunk | step ms | tokens/s | MFU | peak GiB | compile s |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in rows:
+            lines.append(f"| {r['batch_per_device']} | {r['scan_unroll']} | {r['loss_chunk']} | {r['step_s'] * 1e3:.1f} "
+                         f"| {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | {r['peak_mem_gib']:.1f} | "
+                         f"{r['compile_s']:.1f} |")
+        js["phijax"] = rows
+    base = next((r for r in (sweep or []) if r.get("scan_unroll") == int(args.unrolls.split(",")[0])
+                 and r.get("loss_chunk") == 0), None)
+    if base:
+        agree = loss_agreement([r for r in sweep if r.get("losses")], base)
+        lines += ["", f"Per-step losses against the baseline (unroll {base['scan_unroll']}, unfused loss):"]
+        for (u, c), (n, d) in agree.items():
+            lines.append(f"- unroll {u}, loss chunk {c}: max relative difference {d:.2e} over {n} steps")
+        js["loss_agreement"] = {f"unroll={u},chunk={c}": d for (u, c), (n, d) in agree.items()}
+    best = max(rows, key=lambda r: r["tokens_per_s"]) if rows else None
+    peer_rows = [r for r in ((peer or {}).get("rows", peer) if isinstance(peer, dict) else (peer or []))
+                 if r.get("framework") == "torch" and r.get("tokens_per_s")]
+    if peer_rows:
+        lines += ["", "| peer | mode | batch | tokens/s | MFU | peak GiB | compile s |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in peer_rows:
+            lines.append(f"| transformers | {r.get('mode')} | {r.get('batch_per_device', r.get('batch'))} | "
+                         f"{r['tokens_per_s']:,.0f} | {100 * r.get('mfu', float('nan')):.1f}% | "
+                         f"{r.get('peak_mem_gib', float('nan')):.1f} | {r.get('compile_s', float('nan')):.1f} |")
+        js["peer"] = peer_rows
+        if best:
+            for mode in sorted({r.get("mode") for r in peer_rows}):
+                top = max((r for r in peer_rows if r.get("mode") == mode), key=lambda r: r["tokens_per_s"])
+                ratio = best["tokens_per_s"] / top["tokens_per_s"]
+                lines.append(f"- phijax best {best['tokens_per_s']:,.0f} tok/s / peer {mode} best "
+                             f"{top['tokens_per_s']:,.0f} tok/s = **{ratio:.2f}x**")
+                js[f"ratio_vs_{mode}"] = ratio
+    for name in ("adamw", "decode", "greedy", "profile"):
+        d = load(os.path.join(args.out, f"{name}.json"))
+        if d is not None:
+            js[name] = d if name != "profile" else {k: {"busy_ms": v["busy_ms"], "kinds": v["kinds"]} for k, v in d.items()}
+    lines += ["", "Stage times (s): " + ", ".join(f"{k} {v[1]:.0f} (exit {v[0]})" for k, v in timings.items())]
+    js["stages"] = timings
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(js, f, indent=1, default=str)
+    print("\n" + "\n".join(lines))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/device_perf"))
+    ap.add_argument("--rehearse", action="store_true", help="nano shapes on a CPU: checks the whole plan runs")
+    ap.add_argument("--deadline_s", type=float, default=560)
+    ap.add_argument("--stages", default="sweep,peer,decode,big,adamw,profile,greedy")
+    ap.add_argument("--config", default="phi1")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--remat", default="save_dots_attn")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--big_batch", type=int, default=32)
+    ap.add_argument("--unrolls", default="2,24", help="the first is the baseline")
+    ap.add_argument("--loss_chunks", default="0,256", help="0 (the unfused loss) must come first")
+    ap.add_argument("--steps", type=int, default=18, help="timed steps (+2 warm-up: 20 losses per variant)")
+    ap.add_argument("--peer_batches", default="8,16")
+    ap.add_argument("--peer_modes", default="eager,compile")
+    ap.add_argument("--peer_steps", type=int, default=6)
+    ap.add_argument("--torch_device", default="cuda")
+    ap.add_argument("--decode_args", default="--batch 16 --prompt_bucket 512 --new_bucket 256")
+    ap.add_argument("--greedy_config", default="phi1")
+    ap.add_argument("--greedy_args", default="--rows 16 --new_tokens 64")
+    args = ap.parse_args(argv)
+    if args.rehearse:
+        args.__dict__.update(config="nano", dtype="float32", seq=64, batch=2, big_batch=4, unrolls="1,2",
+                             loss_chunks="0,16", steps=3, peer_batches="2", peer_modes="eager", peer_steps=2,
+                             torch_device="cpu", decode_args="--batch 2 --prompt_bucket 16 --new_bucket 16",
+                             greedy_config="nano", greedy_args="--rows 2 --new_tokens 8", remat="save_dots_attn")
+    os.makedirs(args.out, exist_ok=True)
+    t_start = time.time()
+    with open(os.path.join(args.out, "device_perf.log"), "a") as logf:
+        def log(msg):
+            print(msg, flush=True)
+            logf.write(msg + "\n")
+            logf.flush()
+
+        env = subprocess.run([sys.executable, "-c", "import jax, flax, optax; print('jax', jax.__version__, 'flax', "
+                              "flax.__version__, 'optax', optax.__version__, jax.devices())"],
+                             capture_output=True, text=True, cwd=REPO)
+        log(env.stdout.strip() or env.stderr.strip()[-500:])
+        old_flax = subprocess.run([sys.executable, "-c", "import sys, flax; sys.exit(tuple(map(int, "
+                                   "flax.__version__.split('.')[:2])) < (0, 12))"], cwd=REPO).returncode
+        wheels = [os.path.join(REPO, ".whl", f) for f in os.listdir(os.path.join(REPO, ".whl"))
+                  if f.startswith("flax-")] if os.path.isdir(os.path.join(REPO, ".whl")) else []
+        if old_flax and wheels:  # the model needs flax >= 0.12 (nnx): install the carried wheel
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target",
+                            "/tmp/site", *wheels], check=True)
+            os.environ["PYTHONPATH"] = "/tmp/site" + os.pathsep + os.environ.get("PYTHONPATH", "")
+            log(f"flax < 0.12 here: using {wheels[0]}")
+        if not args.rehearse:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,clocks.max.sm", "--format=csv"],
+                                 capture_output=True, text=True)
+            log(smi.stdout.strip())
+        check = subprocess.run([sys.executable, "-c", "import sys, phijax.model, phijax.train_step, phijax.bench.mfu; "
+                                "bad=[m for m in ('tensorflow','seqio','gin') if m in sys.modules]; assert not bad, bad"],
+                               capture_output=True, text=True, cwd=REPO)
+        if check.returncode:
+            log("the model/train step pulled in tensorflow/seqio/gin or failed to import:\n" + check.stderr[-2000:])
+            return 1
+        limits = {"sweep": 240, "peer": 200, "decode": 90, "big": 90, "adamw": 60, "profile": 90, "greedy": 150}
+        stages, timings, best = plan(args), {}, None
+        for name in args.stages.split(","):
+            left = args.deadline_s - (time.time() - t_start)
+            if left < 20:
+                log(f"--- {name}: skipped, {left:.0f} s left before the deadline")
+                continue
+            if name in ("big", "profile") and best is None:
+                best = best_of(load(os.path.join(args.out, "sweep.json")))
+                if best is None:
+                    log(f"--- {name}: skipped, no sweep result")
+                    continue
+            timings[name] = run(name, stages[name](best), args.out, min(limits[name], left), log=log)
+            if name == "sweep":
+                best = best_of(load(os.path.join(args.out, "sweep.json")))
+        summarize(args, timings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
