@@ -3,8 +3,18 @@
 # MFU sweep (phijax/bench/mfu.py), once per XLA_FLAGS variant. Writes logs and JSON under ${OUT:-/tmp}.
 #   XLA_FLAG_SETS='A;B'  ';'-separated XLA_FLAGS variants, one sweep each (default: the current XLA_FLAGS)
 #   ATTENTION_CHECK=1    first run scripts/device_attention_check.py (cuDNN vs the XLA reference)
+# Usage: bash scripts/device_mfu.sh [phijax.bench.mfu flags], e.g.
+#   bash scripts/device_mfu.sh --configs phi1 --batches 16,32 --remat save_dots_attn --steps 4
+#   bash scripts/device_mfu.sh --configs phi1 --batches 16 --remat save_dots_attn --steps 4 \
+#       --peer torch --peer_batches 8,16 --peer_modes eager,compile     # + the PyTorch peer, and the ratios
+# With --peer, jax must not preallocate 75% of the GPU (torch runs in the same process after it):
+# XLA_PYTHON_CLIENT_PREALLOCATE=false is exported (unless already set). The peer runs once per XLA_FLAGS set.
 set -uo pipefail
 OUT=${OUT:-/tmp}
+case " $* " in
+  *" --peer "* | *" --peer="*) export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
+    python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())" || exit 1 ;;
+esac
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
 if ! python3 -c "import sys, flax; sys.exit(0 if tuple(map(int, flax.__version__.split('.')[:2])) >= (0, 12) else 1)"; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/flax-*.whl && export PYTHONPATH=/tmp/site

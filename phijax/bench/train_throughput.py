@@ -21,7 +21,6 @@ import os
 import time
 
 import jax
-import numpy as np
 
 from phijax import config as config_lib, metrics
 from phijax.bench import common
@@ -58,35 +57,16 @@ def bench_phijax(cfg, batch, seq, steps, warmup=2):
 
 
 def bench_torch(cfg, batch, seq, steps, warmup=2):
-    import torch
-    from transformers import PhiConfig as HFPhiConfig, PhiForCausalLM
+    """The same for transformers' PhiForCausalLM (phijax.bench.torch_peer: eager, fp32, on the CPU)."""
+    from phijax.bench import torch_peer
 
-    from phijax import convert
-
-    torch.manual_seed(0)
-    hf_cfg = HFPhiConfig(**convert.config_to_hf(cfg))
-    model = PhiForCausalLM(hf_cfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    w = torch.from_numpy(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq + 1)))
-    inputs, targets = w[:, :-1], w[:, 1:]
-
-    def one():
-        logits = model(input_ids=inputs).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
+    step = torch_peer.TrainStep(cfg, batch, seq, device="cpu")
     for _ in range(warmup):
-        one()
+        step()
 
     def run():
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            loss = one()
-        return batch * seq * steps / (time.perf_counter() - t0), float(loss.detach())
+        dt, loss = step.timed(steps)
+        return batch * seq / dt, loss
     return run
 
 
