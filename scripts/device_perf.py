@@ -70,6 +70,12 @@ def load(path):
         return None
 
 
+def rows_of(path):
+    """The rows of a phijax.bench.mfu --json file ([] when absent)."""
+    d = load(path)
+    return [r for r in (d or {}).get("rows", []) if r.get("tokens_per_s")]
+
+
 def plan(args):
     py = [sys.executable, "-m"]
     common = ["--configs", args.config, "--remat", args.remat, "--seq", str(args.seq), "--dtype", args.dtype]
@@ -78,8 +84,8 @@ def plan(args):
         "sweep": lambda best: py + ["phijax.bench.mfu", *common, "--batches", str(args.batch),
                                     "--scan_unroll", args.unrolls, "--loss_chunk", args.loss_chunks,
                                     "--steps", str(args.steps), "--json", o("sweep.json")],
-        "peer": lambda best: py + ["phijax.bench.mfu", *common, "--batches", args.peer_batches, "--peer", "torch",
-                                   "--peer_only", "--peer_modes", args.peer_modes, "--steps", str(args.peer_steps),
+        "peer": lambda best: py + ["phijax.bench.mfu", *common, "--peer_batches", args.peer_batches, "--peer", "torch",
+                                   "--peer_only", "--peer_modes", args.peer_modes, "--devices", "1", "--steps", str(args.peer_steps),
                                    "--json", o("peer.json")],
         "decode": lambda best: py + ["phijax.bench.decode_compile", "--config", args.config, "--dtype", args.dtype,
                                      *args.decode_args.split(), "--json", o("decode.json")],
@@ -99,8 +105,11 @@ def plan(args):
     return stages
 
 
-def best_of(sweep):
-    rows = [r for r in (sweep or []) if r.get("tokens_per_s")]
+def num(x, scale=1.0, fmt=".1f", unit=""):
+    return "n/a" if x is None else f"{x * scale:{fmt}}{unit}"
+
+
+def best_of(rows):
     return max(rows, key=lambda r: r["tokens_per_s"]) if rows else None
 
 
@@ -116,19 +125,18 @@ def loss_agreement(rows, base):
 
 
 def summarize(args, timings):
-    sweep, peer, big = load(os.path.join(args.out, "sweep.json")), load(os.path.join(args.out, "peer.json")), \
-        load(os.path.join(args.out, "big.json"))
+    sweep, peer, big = (rows_of(os.path.join(args.out, f"{n}.json")) for n in ("sweep", "peer", "big"))
     lines, js = [f"# device_perf summary: {args.config}, seq {args.seq}, {args.dtype}, remat {args.remat}", ""], {}
-    rows = [r for r in (sweep or []) if r.get("tokens_per_s")] + [r for r in (big or []) if r.get("tokens_per_s")]
+    rows = sweep + big
     if rows:
         lines += ["| batch | scan unroll | loss chunk | step ms | tokens/s | MFU | peak GiB | compile s |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in rows:
             lines.append(f"| {r['batch_per_device']} | {r['scan_unroll']} | {r['loss_chunk']} | {r['step_s'] * 1e3:.1f} "
-                         f"| {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | {r['peak_mem_gib']:.1f} | "
-                         f"{r['compile_s']:.1f} |")
+                         f"| {r['tokens_per_s']:,.0f} | {num(r.get('mfu'), 100, '.1f', '%')} | "
+                         f"{num(r.get('peak_mem_gib'))} | {num(r.get('compile_s'))} |")
         js["phijax"] = rows
-    base = next((r for r in (sweep or []) if r.get("scan_unroll") == int(args.unrolls.split(",")[0])
+    base = next((r for r in sweep if r.get("scan_unroll") == int(args.unrolls.split(",")[0])
                  and r.get("loss_chunk") == 0), None)
     if base:
         agree = loss_agreement([r for r in sweep if r.get("losses")], base)
@@ -137,14 +145,13 @@ def summarize(args, timings):
             lines.append(f"- unroll {u}, loss chunk {c}: max relative difference {d:.2e} over {n} steps")
         js["loss_agreement"] = {f"unroll={u},chunk={c}": d for (u, c), (n, d) in agree.items()}
     best = max(rows, key=lambda r: r["tokens_per_s"]) if rows else None
-    peer_rows = [r for r in ((peer or {}).get("rows", peer) if isinstance(peer, dict) else (peer or []))
-                 if r.get("framework") == "torch" and r.get("tokens_per_s")]
+    peer_rows = [r for r in peer if r.get("framework") == "torch"]
     if peer_rows:
         lines += ["", "| peer | mode | batch | tokens/s | MFU | peak GiB | compile s |", "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in peer_rows:
-            lines.append(f"| transformers | {r.get('mode')} | {r.get('batch_per_device', r.get('batch'))} | "
-                         f"{r['tokens_per_s']:,.0f} | {100 * r.get('mfu', float('nan')):.1f}% | "
-                         f"{r.get('peak_mem_gib', float('nan')):.1f} | {r.get('compile_s', float('nan')):.1f} |")
+            lines.append(f"| transformers | {r.get('mode')} | {r.get('batch_per_device')} | {r['tokens_per_s']:,.0f} | "
+                         f"{num(r.get('mfu'), 100, '.1f', '%')} | {num(r.get('peak_mem_gib'))} | "
+                         f"{num(r.get('compile_s'))} |")
         js["peer"] = peer_rows
         if best:
             for mode in sorted({r.get("mode") for r in peer_rows}):
@@ -181,7 +188,7 @@ def main(argv=None):
     ap.add_argument("--unrolls", default="2,24", help="the first is the baseline")
     ap.add_argument("--loss_chunks", default="0,256", help="0 (the unfused loss) must come first")
     ap.add_argument("--steps", type=int, default=18, help="timed steps (+2 warm-up: 20 losses per variant)")
-    ap.add_argument("--peer_batches", default="8,16")
+    ap.add_argument("--peer_batches", default="eager=8,16;compile=16")
     ap.add_argument("--peer_modes", default="eager,compile")
     ap.add_argument("--peer_steps", type=int, default=6)
     ap.add_argument("--torch_device", default="cuda")
@@ -191,7 +198,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.rehearse:
         args.__dict__.update(config="nano", dtype="float32", seq=64, batch=2, big_batch=4, unrolls="1,2",
-                             loss_chunks="0,16", steps=3, peer_batches="2", peer_modes="eager", peer_steps=2,
+                             loss_chunks="0,16", steps=3, peer_batches="eager=2;compile=2", peer_modes="eager", peer_steps=2,
                              torch_device="cpu", decode_args="--batch 2 --prompt_bucket 16 --new_bucket 16",
                              greedy_config="nano", greedy_args="--rows 2 --new_tokens 8", remat="save_dots_attn")
     os.makedirs(args.out, exist_ok=True)
@@ -233,13 +240,13 @@ def main(argv=None):
                 log(f"--- {name}: skipped, {left:.0f} s left before the deadline")
                 continue
             if name in ("big", "profile") and best is None:
-                best = best_of(load(os.path.join(args.out, "sweep.json")))
+                best = best_of(rows_of(os.path.join(args.out, "sweep.json")))
                 if best is None:
                     log(f"--- {name}: skipped, no sweep result")
                     continue
             timings[name] = run(name, stages[name](best), args.out, min(limits[name], left), log=log)
             if name == "sweep":
-                best = best_of(load(os.path.join(args.out, "sweep.json")))
+                best = best_of(rows_of(os.path.join(args.out, "sweep.json")))
         summarize(args, timings)
     return 0
 

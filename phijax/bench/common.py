@@ -33,17 +33,21 @@ def synthetic_train_step(cfg, global_batch: int, seq: int, mesh_shape=(1, -1, 1)
 
 
 def time_steps(step, state, batch, steps: int, warmup: int = 2):
-    """(seconds per step, last metrics, compile+first-step seconds, first metrics); the state is
-    donated each step. The first metrics' loss is the loss of the initial parameters."""
+    """(seconds per step, last metrics, compile+first-step seconds, first metrics, every step's loss);
+    the state is donated each step. The first metrics' loss is the loss of the initial parameters.
+    The losses stay on the device until the timing ends (reading them would synchronise)."""
     t0 = time.perf_counter()
     state, m = step(state, batch)
     jax.block_until_ready(m)
-    first, m0 = time.perf_counter() - t0, m
+    first, m0, losses = time.perf_counter() - t0, m, [m["loss"]]
     for _ in range(warmup - 1):
         state, m = step(state, batch)
+        losses.append(m["loss"])
     jax.block_until_ready(m)
     t0 = time.perf_counter()
     for _ in range(steps):
         state, m = step(state, batch)
+        losses.append(m["loss"])
     jax.block_until_ready(m)
-    return (time.perf_counter() - t0) / steps, m, first, m0
+    dt = (time.perf_counter() - t0) / steps
+    return dt, m, first, m0, [float(x) for x in jax.device_get(losses)]

@@ -65,13 +65,13 @@ def run_one(cfg, batch_per_device, seq, steps, devices, peak, warmup=2, weights_
                                                      devices=devices)
     if weights_out is not None:
         weights_out.update(convert.params_to_hf_state(cfg, state["params"]))
-    dt, m, compile_s, m0 = common.time_steps(step, state, batch, steps, warmup)
+    dt, m, compile_s, m0, losses = common.time_steps(step, state, batch, steps, warmup)
     tps = batch_per_device * n * seq / dt
     fpt = cfg.flops_per_token(seq)
     stats = devices[0].memory_stats() or {}
     return {"step_s": dt, "tokens_per_s": tps, "mfu": _mfu(tps, fpt, peak * n if peak else None),
             "peak_mem_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "compile_s": compile_s,
-            "loss": float(m["loss"]), "first_loss": float(m0["loss"]), "flops_per_token": fpt}
+            "loss": float(m["loss"]), "first_loss": float(m0["loss"]), "flops_per_token": fpt, "losses": losses}
 
 
 def phijax_sweep(args, weights):
@@ -86,10 +86,12 @@ def phijax_sweep(args, weights):
     rows = []
     for name in args.configs.split(","):
         for policy in args.remat.split(","):
-            for unroll, bpd in ((int(u), int(b)) for u in args.scan_unroll.split(",") for b in args.batches.split(",")):
+            for unroll, chunk, bpd in ((int(u), int(c), int(b)) for u in args.scan_unroll.split(",")
+                                       for c in args.loss_chunk.split(",") for b in args.batches.split(",")):
                 cfg = config_lib.preset(name, dtype=args.dtype, remat_policy=policy, attention=args.attention,
-                                        scan_unroll=unroll)
-                label = f"{name:10s} remat={policy:18s}" + (f" unroll={unroll:2d}" if unroll != 1 else "")
+                                        scan_unroll=unroll, loss_chunk=chunk)
+                label = (f"{name:10s} remat={policy:18s}" + (f" unroll={unroll:2d}" if unroll != 1 else "")
+                         + (f" loss_chunk={chunk}" if chunk else ""))
                 keep = {} if args.peer != "none" and name not in weights else None
                 try:
                     r = run_one(cfg, bpd, args.seq, args.steps, devices, peak, weights_out=keep)
@@ -99,13 +101,22 @@ def phijax_sweep(args, weights):
                 if keep:
                     weights[name] = keep
                 r.update(framework="phijax", config=name, remat=policy, batch_per_device=bpd, seq=args.seq,
-                         device=kind, devices=n, dtype=args.dtype, scan_unroll=unroll,
+                         device=kind, devices=n, dtype=args.dtype, scan_unroll=unroll, loss_chunk=chunk,
                          xla_flags=os.environ.get("XLA_FLAGS", ""))
                 rows.append(r)
+                write_json(args.json, rows)
                 print(f"{label} batch/dev={bpd:3d}: step {r['step_s'] * 1e3:7.1f} ms | "
                       f"{r['tokens_per_s']:9,.0f} tok/s | MFU {_fmt_mfu(r['mfu'])} | "
                       f"peak mem {r['peak_mem_gib']:6.1f} GiB | compile {r['compile_s']:5.1f} s", flush=True)
     return rows, peak
+
+
+def write_json(path, rows, summary=None):
+    """The figures so far (rewritten after every row: a sweep stopped at a time limit keeps them)."""
+    if path:
+        with open(path + ".tmp", "w") as f:
+            json.dump({"rows": rows, "summary": summary or {}}, f, indent=2)
+        os.replace(path + ".tmp", path)
 
 
 def release_jax():
@@ -130,13 +141,13 @@ def peer_sweep(args, weights, peak, phijax_rows):
     free = torch_peer.free_device_gib(device)
     print(f"peer: {torch_peer.versions()} on {torch_peer.device_name(device)}"
           + (f", {free[0]:.1f} of {free[1]:.1f} GiB free" if free else ""), flush=True)
-    batches = [int(b) for b in (args.peer_batches or args.batches).split(",")]
+    batches = peer_batches(args.peer_batches or args.batches, args.peer_modes.split(","))
     rows = []
     for name in args.configs.split(","):
         cfg = config_lib.preset(name, dtype=args.dtype)
         fpt = cfg.flops_per_token(args.seq)
         for mode in args.peer_modes.split(","):
-            for b in batches:
+            for b in batches[mode]:
                 label = f"{name:10s} torch={mode:18s} batch/dev={b:3d}"
                 r = err = None
                 try:
@@ -153,6 +164,7 @@ def peer_sweep(args, weights, peak, phijax_rows):
                          device=torch_peer.device_name(device), devices=1, dtype=args.dtype, tokens_per_s=tps,
                          mfu=_mfu(tps, fpt, peak), flops_per_token=fpt)
                 rows.append(r)
+                write_json(args.json, phijax_rows + rows)
                 ref = next((p for p in phijax_rows if p["config"] == name and p["batch_per_device"] == b
                             and p["devices"] == 1), None)
                 mem = f"{r['peak_mem_gib']:6.1f} GiB" if r["peak_mem_gib"] is not None else "   n/a"
@@ -160,6 +172,17 @@ def peer_sweep(args, weights, peak, phijax_rows):
                       f"peak mem {mem} | compile {r['compile_s']:5.1f} s | first loss {r['first_loss']:.5f}"
                       + (f" (phijax {ref['first_loss']:.5f})" if ref else ""), flush=True)
     return rows
+
+
+def peer_batches(spec: str, modes) -> dict:
+    """'8,16' (every mode) or 'eager=8,16;compile=16' (per mode) -> {mode: [batch, ...]}."""
+    if "=" not in spec:
+        return {m: [int(b) for b in spec.split(",")] for m in modes}
+    per = {k.strip(): [int(b) for b in v.split(",")] for k, v in (part.split("=") for part in spec.split(";"))}
+    missing = set(modes) - set(per)
+    if missing:
+        raise ValueError(f"--peer_batches {spec!r} names no batch for mode(s) {sorted(missing)}")
+    return {m: per[m] for m in modes}
 
 
 def summarize(rows) -> dict:
@@ -174,7 +197,7 @@ def summarize(rows) -> dict:
     for name in dict.fromkeys(r["config"] for r in rows):
         mine = [r for r in rows if r["config"] == name]
         j = best([r for r in mine if r["framework"] == "phijax"])
-        s = {"phijax": pick(j, "remat", "scan_unroll", "devices") if j else None}
+        s = {"phijax": pick(j, "remat", "scan_unroll", "loss_chunk", "devices") if j else None}
         for mode in dict.fromkeys(r["mode"] for r in mine if r["framework"] == "torch"):
             p = best([r for r in mine if r["framework"] == "torch" and r["mode"] == mode])
             s[f"torch_{mode}"] = pick(p, "compile_s")
@@ -188,7 +211,7 @@ def print_summary(summary):
     for name, s in summary.items():
         j = s["phijax"]
         parts = [f"phijax {j['tokens_per_s']:,.0f} tok/s (MFU {_fmt_mfu(j['mfu']).strip()}, remat {j['remat']}, "
-                 f"batch/dev {j['batch_per_device']}, unroll {j['scan_unroll']})" if j else "phijax: no row"]
+                 f"batch/dev {j['batch_per_device']}, unroll {j['scan_unroll']}, loss chunk {j['loss_chunk']})" if j else "phijax: no row"]
         for k, p in s.items():
             if k.startswith("torch_"):
                 ratio = s.get(f"ratio_{k}")
@@ -207,9 +230,13 @@ def main(argv=None):
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--attention", default="auto")
     p.add_argument("--scan_unroll", default="1", help="layers per scan iteration, comma-separated values")
+    p.add_argument("--loss_chunk", default="0", help="fused LM-head loss chunks (0: unfused), comma-separated")
     p.add_argument("--devices", type=int, default=0, help="phijax uses the first N devices (default: all)")
     p.add_argument("--peer", default="none", choices=("none", "torch"), help="also time this framework's step")
-    p.add_argument("--peer_batches", default=None, help="the peer's batch sizes (default: --batches)")
+    p.add_argument("--peer_batches", default=None,
+                   help="the peer's batch sizes: '8,16', or per mode 'eager=8;compile=16' (default: --batches)")
+    p.add_argument("--peer_only", action="store_true",
+                   help="time only the peer (phijax measured in another process; no ratio printed here)")
     p.add_argument("--peer_modes", default="eager,compile", help="torch: eager and/or compile")
     p.add_argument("--json", default=None, help='write {"rows": [...], "summary": {...}} here')
     args = p.parse_args(argv)
@@ -218,17 +245,24 @@ def main(argv=None):
         bad = set(args.peer_modes.split(",")) - set(torch_peer.MODES)
         if bad:
             p.error(f"--peer_modes {sorted(bad)} unknown; known: {torch_peer.MODES}")
+        try:
+            peer_batches(args.peer_batches or args.batches, args.peer_modes.split(","))
+        except ValueError as e:
+            p.error(str(e))
+    elif args.peer_only:
+        p.error("--peer_only needs --peer torch")
     weights = {}
-    rows, peak = phijax_sweep(args, weights)
+    if args.peer_only:
+        rows, peak = [], peak_flops_per_device(jax.devices()[0])
+    else:
+        rows, peak = phijax_sweep(args, weights)
     if args.peer == "torch":
         rows += peer_sweep(args, weights, peak, rows)
     summary = summarize(rows)
     if args.peer != "none":
         print_summary(summary)
     result = {"rows": rows, "summary": summary}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.json, rows, summary)
     return result
 
 
