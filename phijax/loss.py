@@ -11,14 +11,29 @@ transposed read the weight gradient needs (XLA:CPU's GEMMs take both operands wi
 contracted dim innermost, so that gradient must exist in both layouts): −20% step time on the
 7.4M-parameter benchmark config. The forward keeps the logits (compute dtype, as the unfused
 path does), so nothing is recomputed.
+
+Under the trainer's mesh (phijax.sharding.use_mesh_rules) both passes run in a shard_map laid
+out by the same logical-axis rules as the arrays (batch over data+fsdp, the kernel [embed ->
+fsdp, vocab -> tensor]): left to XLA, the gradient accumulator of the chunk loop would be
+all-reduced once per chunk. Each device walks its own rows with the kernel gathered over fsdp
+once per pass (as FSDP does). With the vocab split over tensor, each device computes its vocab
+slice of the logits; per chunk, the log-sum-exp and the target logit combine across tensor in
+two collectives of [rows, chunk] (max, then sum of exp with the target logit, which lives in
+one slice), and the input gradient is summed across tensor (activation-sized, as in the unfused
+path). The weight/bias gradients accumulate locally over all chunks and are reduced over the
+batch axes once at the end (a reduce-scatter back to the kernel's fsdp shard); the loss sum
+too. On one device the loop runs as is, with no collectives.
 """
 from __future__ import annotations
 
 import functools
-import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from phijax import sharding
 
 F32 = jnp.float32
 
@@ -76,41 +91,142 @@ def _head(h, kernel, bias):
     return jnp.einsum("bcd,dv->bcv", h, kernel.astype(h.dtype)) + bias.astype(h.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _fused_nll_sum(h, kernel, bias, targets, weights, chunk):
-    return _fused_fwd(h, kernel, bias, targets, weights, chunk)[0]
+class _Axes(NamedTuple):
+    """The mesh axes one device's loss combines over (all empty on one device). rows: split h's
+    rows/positions, so the sums add over them. embed: split the kernel's input dim (FSDP; all
+    are row axes). vocab: split the vocab (none is a row axis)."""
+    rows: tuple = ()
+    embed: tuple = ()
+    vocab: tuple = ()
 
 
-def _fused_fwd(h, kernel, bias, targets, weights, chunk):
+def _psum(x, axes):
+    return jax.lax.psum(x, axes) if axes else x
+
+
+def _lse_and_target_logit(lf, t, vocab):
+    """fp32 log-sum-exp and target logit of the fp32 logits lf [b, c, v]. With `vocab` axes, lf is
+    this device's vocab slice and t the target's index in it (outside it: another slice's)."""
+    if not vocab:
+        return jax.nn.logsumexp(lf, axis=-1), jnp.take_along_axis(lf, t[..., None], axis=-1)[..., 0]
+    m = jax.lax.pmax(jnp.max(lf, axis=-1), vocab)
+    v = lf.shape[-1]
+    picked = jnp.take_along_axis(lf, jnp.clip(t, 0, v - 1)[..., None], axis=-1)[..., 0]
+    picked = jnp.where((t >= 0) & (t < v), picked, 0.0)
+    # The sum of exp and the target logit in one [2, b, c] collective.
+    s, picked = jax.lax.psum(jnp.stack([jnp.sum(jnp.exp(lf - m[..., None]), axis=-1), picked]), vocab)
+    return m + jnp.log(s), picked
+
+
+def _local_operands(kernel, targets, dtype, ax):
+    """The kernel in the compute dtype with its whole input dim (gathered once per pass, as FSDP
+    does; cast first, so the gather moves compute-dtype bytes), and the targets as indices into
+    this device's vocab slice."""
+    kernel = kernel.astype(dtype)
+    if ax.embed:
+        kernel = jax.lax.all_gather(kernel, ax.embed, axis=0, tiled=True)
+    if ax.vocab:
+        targets = targets - jax.lax.axis_index(ax.vocab) * kernel.shape[1]
+    return kernel, targets
+
+
+def _local_fwd(h, kernel, bias, targets, weights, chunk, ax):
+    c = chunk_size(h.shape[1], chunk)
+    kernel, targets = _local_operands(kernel, targets, h.dtype, ax)
+
     def body(total, xs):
         h_c, t_c, w_c = xs
         logits = _head(h_c, kernel, bias)
-        lf = logits.astype(F32)
-        lse = jax.nn.logsumexp(lf, axis=-1)
-        picked = jnp.take_along_axis(lf, t_c[..., None], axis=-1)[..., 0]
+        lse, picked = _lse_and_target_logit(logits.astype(F32), t_c, ax.vocab)
         return total + jnp.sum((lse - picked) * w_c), (logits, lse)
 
-    total, (logits, lse) = jax.lax.scan(body, F32(0), (_chunks(h, chunk), _chunks(targets, chunk),
-                                                      _chunks(weights, chunk)))
-    return total, (h, kernel, bias, targets, weights, logits, lse)
+    total, (logits, lse) = jax.lax.scan(body, F32(0), (_chunks(h, c), _chunks(targets, c), _chunks(weights, c)))
+    return _psum(total, ax.rows), logits, lse
 
 
-def _fused_bwd(chunk, res, g):
-    h, kernel, bias, targets, weights, logits, lse = res
-    k = kernel.astype(h.dtype)
+def _local_bwd(h, kernel, targets, weights, logits, lse, g, chunk, ax):
+    c = chunk_size(h.shape[1], chunk)
+    k, targets = _local_operands(kernel, targets, h.dtype, ax)
 
     def body(carry, xs):
         dk, db = carry
         h_c, t_c, w_c, l_c, lse_c = xs
-        d = _softmax_grad(l_c, lse_c, t_c, g * w_c).astype(h.dtype)
+        d = _softmax_grad(l_c, lse_c, t_c, g * w_c).astype(h.dtype)  # a target in another slice: no onehot here
         dk = dk + jnp.einsum("bcd,bcv->dv", h_c, d, preferred_element_type=F32)
         db = db + jnp.sum(d.astype(F32), axis=(0, 1))
-        return (dk, db), jnp.einsum("bcv,dv->bcd", d, k)
+        return (dk, db), _psum(jnp.einsum("bcv,dv->bcd", d, k), ax.vocab)  # every vocab slice adds to dh
 
     (dk, db), dh = jax.lax.scan(
-        body, (jnp.zeros(kernel.shape, F32), jnp.zeros(bias.shape, F32)),
-        (_chunks(h, chunk), _chunks(targets, chunk), _chunks(weights, chunk), logits, lse))
-    return _unchunk(dh), dk.astype(kernel.dtype), db.astype(bias.dtype), None, None
+        body, (jnp.zeros(k.shape, F32), jnp.zeros(k.shape[1:], F32)),
+        (_chunks(h, c), _chunks(targets, c), _chunks(weights, c), logits, lse))
+    # The weight/bias gradients are reduced over the rows once, here, not once per chunk; the
+    # kernel's goes back to its FSDP shard on the way (a reduce-scatter).
+    if ax.embed:
+        dk = jax.lax.psum_scatter(dk, ax.embed, scatter_dimension=0, tiled=True)
+    dk = _psum(dk, tuple(a for a in ax.rows if a not in ax.embed))
+    return _unchunk(dh), dk, _psum(db, ax.rows)
+
+
+class _Layout(NamedTuple):
+    """The fused loss under a mesh: the axes it combines over and its shard_maps' specs."""
+    mesh: Mesh
+    ax: _Axes
+    h: P  # [batch, len, d_model]
+    rows: P  # targets, weights [batch, len]
+    kernel: P  # [d_model, vocab]
+    bias: P  # [vocab]
+    logits: P  # forward residuals: logits [chunks, batch, c, vocab]
+    lse: P  # and lse [chunks, batch, c]
+
+    def map(self, fn, in_specs, out_specs):
+        # The collectives are written out and nothing is differentiated through the shard_maps
+        # (the custom VJP wraps them), so there is nothing for replication checking to add.
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+def _mesh_axes(entry) -> tuple:  # a PartitionSpec entry as a tuple of mesh axes
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _layout(h, kernel) -> _Layout | None:
+    """The layout under the trainer's mesh (phijax.sharding.use_mesh_rules), or None on one device.
+    The specs come from the logical axes and rules that shard the arrays, so the shard_maps move
+    nothing on the way in, except a split the loop cannot use (the kernel's input dim over a
+    non-row axis, the vocab over a row axis): that operand is gathered first."""
+    ctx = sharding._CONTEXT.get()
+    if ctx is None or ctx[0].size == 1:
+        return None
+    mesh, rules = ctx
+    h_spec = sharding.logical_to_spec(("activation_batch", "activation_length", None), rules, mesh, h.shape)
+    k_spec = sharding.logical_to_spec(("embed", "vocab"), rules, mesh, kernel.shape)
+    rows = _mesh_axes(h_spec[0]) + _mesh_axes(h_spec[1])
+    embed = tuple(a for a in _mesh_axes(k_spec[0]) if a in rows) or None
+    vocab = tuple(a for a in _mesh_axes(k_spec[1]) if a not in rows) or None
+    b, t = h_spec[:2]
+    return _Layout(mesh, _Axes(rows, _mesh_axes(embed), _mesh_axes(vocab)), h=h_spec, rows=P(b, t),
+                   kernel=P(embed, vocab), bias=P(vocab), logits=P(None, b, t, vocab), lse=P(None, b, t))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _fused_nll_sum(h, kernel, bias, targets, weights, chunk, layout):
+    return _fused_fwd(h, kernel, bias, targets, weights, chunk, layout)[0]
+
+
+def _fused_fwd(h, kernel, bias, targets, weights, chunk, lo):
+    fwd = functools.partial(_local_fwd, chunk=chunk, ax=lo.ax if lo is not None else _Axes())
+    if lo is not None:
+        fwd = lo.map(fwd, (lo.h, lo.kernel, lo.bias, lo.rows, lo.rows), (P(), lo.logits, lo.lse))
+    total, logits, lse = fwd(h, kernel, bias, targets, weights)
+    return total, (h, kernel, bias, targets, weights, logits, lse)
+
+
+def _fused_bwd(chunk, lo, res, g):
+    h, kernel, bias, targets, weights, logits, lse = res
+    bwd = functools.partial(_local_bwd, chunk=chunk, ax=lo.ax if lo is not None else _Axes())
+    if lo is not None:
+        bwd = lo.map(bwd, (lo.h, lo.kernel, lo.rows, lo.rows, lo.logits, lo.lse, P()), (lo.h, lo.kernel, lo.bias))
+    dh, dk, db = bwd(h, kernel, targets, weights, logits, lse, g)
+    return dh, dk.astype(kernel.dtype), db.astype(bias.dtype), None, None
 
 
 _fused_nll_sum.defvjp(_fused_fwd, _fused_bwd)
@@ -118,14 +234,8 @@ _fused_nll_sum.defvjp(_fused_fwd, _fused_bwd)
 
 def fused_lm_head_loss_sums(h, kernel, bias, targets, weights, chunk: int):
     """token_loss_sums(h @ kernel + bias, targets, weights) for final hidden states h
-    [batch, len, d_model], computed `chunk` positions at a time (see the module docstring)."""
-    c = chunk_size(h.shape[1], chunk)
+    [batch, len, d_model], computed `chunk` positions at a time; sharded under the trainer's
+    mesh (phijax.sharding.use_mesh_rules). See the module docstring."""
     w = weights.astype(F32)
-    return _fused_nll_sum(h, kernel, bias, targets.astype(jnp.int32), w, c), jnp.sum(w)
-
-
-def fused_applies(chunk: int, mesh) -> bool:
-    """Whether the train step uses the fused loss: asked for, and on one device. Under a
-    multi-device mesh XLA would all-reduce the LM-head weight gradient once per chunk (the
-    accumulator is a loop carry), so the step keeps the unfused loss there."""
-    return chunk > 0 and (mesh is None or math.prod(mesh.devices.shape) == 1)
+    layout = _layout(h, kernel)
+    return _fused_nll_sum(h, kernel, bias, targets.astype(jnp.int32), w, chunk, layout), jnp.sum(w)

@@ -7,7 +7,6 @@ the whole global batch, so the loss and update do not depend on the microbatch c
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import jax
@@ -20,8 +19,6 @@ from phijax import model as model_lib
 from phijax import sharding
 from phijax.loss import token_loss_sums  # noqa: F401  (the train step's loss, importable from here)
 from phijax.config import PhiConfig
-
-log = logging.getLogger(__name__)
 
 BATCH_AXES = {  # logical axes of every batch feature ([batch, length])
     "inputs": ("batch", "activation_length"),
@@ -99,16 +96,11 @@ def make_train_step(graphdef, cfg: PhiConfig, optimizer, schedule, *, mesh: Mesh
                     shardings, batch_sharding: dict[str, NamedSharding]):
     use_dropout = max(cfg.embd_dropout, cfg.attn_dropout, cfg.resid_dropout) > 0.0
 
-    fused = loss_lib.fused_applies(cfg.loss_chunk, mesh)
-    if cfg.loss_chunk and not fused:
-        log.warning("loss_chunk=%d ignored: the fused LM-head loss runs on one device only (mesh %s)",
-                    cfg.loss_chunk, dict(mesh.shape))
-
     def loss_sums(params, mb, key):
         kw = dict(positions=mb.get("positions"), segment_ids=mb.get("segment_ids"),
                   dropout_key=key if use_dropout else None)
         with sharding.use_mesh_rules(mesh, rules):
-            if fused:
+            if cfg.loss_chunk > 0:  # the fused LM head + loss (sharded by the mesh and rules set here)
                 m = model_lib.merge(graphdef, params)
                 h = m.hidden_states(mb["inputs"], **kw)
                 return loss_lib.fused_lm_head_loss_sums(h, m.lm_head.kernel[...], m.lm_head.bias[...],

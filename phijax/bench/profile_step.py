@@ -98,9 +98,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     cfg = config_lib.preset(args.config, dtype=args.dtype, remat_policy=args.remat, attention=args.attention,
                             scan_unroll=args.scan_unroll, loss_chunk=args.loss_chunk)
-    one = args.loss_chunk > 0 and jax.device_count() > 1  # the fused loss runs on one device
-    step, state, batch = common.synthetic_train_step(cfg, args.batch, args.seq, mesh_shape=(1, -1, 1),
-                                                     devices=jax.devices()[:1] if one else None)
+    step, state, batch = common.synthetic_train_step(cfg, args.batch, args.seq, mesh_shape=(1, -1, 1))
     for _ in range(2):  # compile + warm up, untraced
         state, m = step(state, batch)
     jax.block_until_ready(m)
