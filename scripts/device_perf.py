@@ -99,7 +99,7 @@ def plan(args):
                                       "--loss_chunk", str(best["loss_chunk"]), "--steps", "2", "--top", "60",
                                       "--json", o("profile.json")],
         "greedy": lambda best: py + ["phijax.bench.greedy_agreement", "--config", args.greedy_config,
-                                     "--dtypes", "float32,bfloat16", "--torch_device", args.torch_device,
+                                     "--dtypes", "float32,bfloat16", "--device", args.torch_device,
                                      *args.greedy_args.split(), "--json", o("greedy.json")],
     }
     return stages
@@ -244,7 +244,9 @@ def main(argv=None):
                 if best is None:
                     log(f"--- {name}: skipped, no sweep result")
                     continue
-            timings[name] = run(name, stages[name](best), args.out, min(limits[name], left), log=log)
+            # fp32 on a GPU: full-precision matmuls on the jax side too (XLA would use TF32, torch does not)
+            env = {"JAX_DEFAULT_MATMUL_PRECISION": "highest"} if name == "greedy" else None
+            timings[name] = run(name, stages[name](best), args.out, min(limits[name], left), env=env, log=log)
             if name == "sweep":
                 best = best_of(rows_of(os.path.join(args.out, "sweep.json")))
         summarize(args, timings)
