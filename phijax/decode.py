@@ -14,7 +14,9 @@ How a batch runs (docs/decoding.md):
     the other rows.
   * One compiled prefill call runs the whole padded prompt batch into the cache and samples the
     first token; a compiled `lax.while_loop` then decodes one token per iteration until the step
-    limit or until every row has produced end-of-text. Programs are compiled once per
+    limit or until every row has produced end-of-text. Both run the layers in the layer scan
+    over the stacked weights, with the stacked cache carried through it and written in place
+    (`Phi.decode_step`), so compile time does not grow with depth. Programs are compiled once per
     (batch, prompt bucket, new-token bucket, greedy or sampling); limits, temperature, top-p,
     seed and end-of-text id are runtime values.
   * String stop sequences are checked on the host between chunks of `chunk_size` steps (rows
@@ -161,6 +163,14 @@ def _replicate_outputs(state: _State) -> _State:
                                done=sharding.constrain(state.done, (None,)))
 
 
+def _place(x, dtype, sharding=None):
+    """x as `dtype` on the device(s). An abstract x (jax.ShapeDtypeStruct, e.g. from
+    `model.abstract`) stays abstract: such a Sampler compiles (`Sampler.lower`) but cannot run."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, dtype, sharding=sharding)
+    return jax.device_put(x if x.dtype == dtype else x.astype(dtype), sharding)
+
+
 class Sampler:
     """Batched decoding of one model on one mesh. Rows (prompt x sample) are sorted by prompt
     length and run `batch_size` at a time; the last batch is filled with masked rows.
@@ -182,7 +192,7 @@ class Sampler:
         self.pad_id = tok.pad_id if tok is not None else 0
         self.mesh, self.rules = mesh, tuple(rules if rules is not None else sharding.DEFAULT_RULES)
         pd = jnp.dtype(self.cfg.param_dtype)
-        params = jax.tree.map(lambda x: x if x.dtype == pd else x.astype(pd), model.params)
+        params = model.params
         if mesh is not None:
             dp = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
             if batch_size % dp:
@@ -190,12 +200,12 @@ class Sampler:
                                  "(data x fsdp)")
             _, _, axes = model_lib.abstract(self.cfg)
             shardings = sharding.tree_shardings(axes, params, self.rules, mesh)
-            self.params = jax.tree.map(jax.device_put, params, shardings)
+            self.params = jax.tree.map(lambda x, s: _place(x, pd, s), params, shardings)
             self._row_sharding = sharding.named_sharding(("activation_batch",), self.rules, mesh, (batch_size,))
             self._tok_sharding = sharding.named_sharding(("activation_batch", None), self.rules, mesh,
                                                          (batch_size, 1))
         else:
-            self.params = jax.device_put(params)
+            self.params = jax.tree.map(lambda x: _place(x, pd), params)
             self._row_sharding = self._tok_sharding = None
         self.traces: collections.Counter = collections.Counter()  # Python traces = compilations
         self.last_steps: list[int] = []
@@ -230,14 +240,13 @@ class Sampler:
     def _decode_fn(self, params, state, limit, stopped, temperature, top_p, eos, *, greedy):
         self.traces["decode"] += 1
         model = nnx.merge(self.model.graphdef, params)
-        layers = model.unstacked_layers()  # sliced once, outside the loop
 
         def cond(s):
             return (s.step < limit) & ~jnp.all(s.done)
 
         def body(s):
             fed = jnp.where(s.done, 0, s.last)
-            logits, cache = model.decode_step(fed[:, None], s.cache, positions=s.pos[:, None], layers=layers)
+            logits, cache = model.decode_step(fed[:, None], s.cache, positions=s.pos[:, None])
             tok = _sample(logits, s.keys, s.step, temperature, top_p, greedy)
             col = jnp.where(s.done, -1, tok)[:, None]
             out = jax.lax.dynamic_update_slice(s.tokens, col, (0, s.step))
@@ -246,6 +255,29 @@ class Sampler:
 
         state = dataclasses.replace(state, done=state.done | stopped)
         return _replicate_outputs(jax.lax.while_loop(cond, body, state))
+
+    def lower(self, prompt_bucket: int, new_bucket: int, *, greedy: bool = True):
+        """(prefill, decode loop) of one bucket lowered on abstract inputs: nothing runs and
+        nothing is allocated, so the params may be abstract too. `.compile()` each to measure
+        compile time (phijax.bench.decode_compile) or check memory ahead of time. The compiled
+        programs take the arguments `_run` passes: prefill(params, tokens, lengths, prompt_ids,
+        sample_ids, done, seed, temperature, top_p, eos), decode(params, state, limit, stopped,
+        temperature, top_p, eos)."""
+        b = self.batch_size
+
+        def arg(shape, dtype):
+            where = {0: None, 1: self._row_sharding, 2: self._tok_sharding}[len(shape)]
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=where)
+
+        rows = arg((b,), jnp.int32)
+        scalars = (arg((), jnp.float32), arg((), jnp.float32), arg((), jnp.int32))  # temperature, top_p, eos
+        with self._context():
+            prefill = self._prefill.lower(self.params, arg((b, prompt_bucket), jnp.int32), rows, rows, rows,
+                                          arg((b,), jnp.bool_), arg((), jnp.uint32), *scalars,
+                                          new_bucket=new_bucket, greedy=greedy)
+            decode = self._decode.lower(self.params, prefill.out_info, arg((), jnp.int32), arg((b,), jnp.bool_),
+                                        *scalars, greedy=greedy)
+        return prefill, decode
 
     # ------------------------------------------------------------------ host side
 

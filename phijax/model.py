@@ -4,9 +4,10 @@ Block: h = x + dropout(attn(LN(x))) + dropout(mlp(LN(x))) with ONE LayerNorm sha
 two parallel branches. Partial rotary (first `rotary_dim` features of each head,
 rotate-half layout). Bias on every linear, untied lm_head with bias.
 
-Layers are stored stacked (leading 'layers' axis) and run with `lax.scan`, so compile
-time does not grow with depth. Every parameter carries its logical axis names in the
-`axes` metadata; `phijax.sharding` maps them to the mesh. No tensorflow here.
+Layers are stored stacked (leading 'layers' axis) and run with `lax.scan` (`Phi.scan_layers`:
+training, prefill and every decoded token), so compile time does not grow with depth. Every
+parameter carries its logical axis names in the `axes` metadata; `phijax.sharding` maps them to
+the mesh. No tensorflow here.
 """
 from __future__ import annotations
 
@@ -114,43 +115,54 @@ def _dropout(x, rate, key):
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
-# Decoding cache layout: [batch, kv_heads, slots, head_dim] (attention.cached_attention), sharded
-# like the attention activations.
-CACHE_AXES = ("activation_batch", "activation_kv_heads", "activation_length", None)
+# Decoding cache layout: [layers, batch, kv_heads, slots, head_dim], every layer's keys (or values)
+# in one buffer that the layer scan carries and updates in place. The per-layer block is the
+# layout attention.cached_attention wants, sharded like the attention activations; the layers axis
+# is never sharded (each scan step indexes it).
+CACHE_AXES = (None, "activation_batch", "activation_kv_heads", "activation_length", None)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class LayerCache:
-    """One layer's keys/values for decoding. `index` (int32 scalar) is the slot of the first new
-    token; `segment_ids` [batch, slots] already covers the new tokens (unwritten slots lie after
-    them, so the causal mask hides them; padding has its own segment id)."""
+class KVCache:
+    """Every layer's keys/values for decoding, stacked: k, v [layers, batch, kv_heads, slots,
+    head_dim]; `segment_ids` [batch, slots]; `index` (int32 scalar) the next slot to write."""
 
     k: jax.Array
     v: jax.Array
     segment_ids: jax.Array
     index: jax.Array
 
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerCache:
+    """One layer's view of the stacked cache inside the layer scan: k, v are the whole stacked
+    buffers (the scan carry), `layer` (int32 scalar) the layer running. `index` is the slot of the
+    first new token; `segment_ids` [batch, slots] already covers the new tokens (unwritten slots
+    lie after them, so the causal mask hides them; padding has its own segment id)."""
+
+    k: jax.Array
+    v: jax.Array
+    segment_ids: jax.Array
+    index: jax.Array
+    layer: jax.Array
+
     def write(self, k, v) -> "LayerCache":
-        """Stores k, v [batch, t, kv_heads, head_dim] in slots index .. index + t - 1."""
-        at = (0, 0, self.index, 0)
-        k = jnp.swapaxes(k, 1, 2).astype(self.k.dtype)
-        v = jnp.swapaxes(v, 1, 2).astype(self.v.dtype)
+        """Stores k, v [batch, t, kv_heads, head_dim] in this layer's slots index .. index + t - 1:
+        one dynamic_update_slice of the carried buffer, which XLA does in place."""
+        at = (self.layer, 0, 0, self.index, 0)
+        k = jnp.swapaxes(k, 1, 2)[None].astype(self.k.dtype)
+        v = jnp.swapaxes(v, 1, 2)[None].astype(self.v.dtype)
         k = constrain(jax.lax.dynamic_update_slice(self.k, k, at), CACHE_AXES)
         v = constrain(jax.lax.dynamic_update_slice(self.v, v, at), CACHE_AXES)
         return dataclasses.replace(self, k=k, v=v)
 
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class KVCache:
-    """Every layer's cache as separate buffers (tuples of [batch, kv_heads, slots, head_dim]), so a
-    decode loop updates each in place; `index` is the next slot to write."""
-
-    k: tuple
-    v: tuple
-    segment_ids: jax.Array
-    index: jax.Array
+    def read(self):
+        """This layer's (k, v), each [batch, kv_heads, slots, head_dim]. (A dynamic slice: XLA:CPU
+        copies it before the attention matmuls read it, one layer's block per token.)"""
+        return (jax.lax.dynamic_index_in_dim(self.k, self.layer, keepdims=False),
+                jax.lax.dynamic_index_in_dim(self.v, self.layer, keepdims=False))
 
 
 class Attention(nnx.Module):
@@ -180,7 +192,8 @@ class Attention(nnx.Module):
         k = apply_rotary(k, cos, sin, cfg.rotary_dim)
         if cache is not None:
             cache = cache.write(k, v)
-            out = attention.cached_attention(q, cache.k, cache.v, q_offset=cache.index,
+            k_layer, v_layer = cache.read()
+            out = attention.cached_attention(q, k_layer, v_layer, q_offset=cache.index,
                                              q_segment_ids=segment_ids, kv_segment_ids=cache.segment_ids)
             out = constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
             return self.dense(out), cache
@@ -254,15 +267,23 @@ class Phi(nnx.Module):
             x = _dropout(x, cfg.embd_dropout, k_embed)
             layer_keys = jax.random.split(k_layers, cfg.n_layers)
         cos, sin = rotary_tables(positions, cfg.rotary_dim, cfg.rope_base)
+        x = self.scan_layers(lambda layer, h, key: layer(h, cos, sin, segment_ids, key), x, layer_keys,
+                             remat_policy=cfg.remat_policy)
+        return self.final_layernorm(x)
 
+    def scan_layers(self, fn, carry, xs=None, *, remat_policy: str = "none"):
+        """carry = fn(layer, carry, x) for every layer in order (x: the layer's slice of `xs`, whose
+        leaves have a leading n_layers axis; None without), as one `lax.scan` over the stacked
+        weights, `cfg.scan_unroll` layers per iteration: compile time does not grow with depth.
+        Training and decoding both run their layers through here."""
         graphdef, stacked = nnx.split(self.layers)
 
-        def body(h, xs):
-            layer_state, key = xs
-            return nnx.merge(graphdef, layer_state)(h, cos, sin, segment_ids, key), None
+        def body(c, inputs):
+            layer_state, x = inputs
+            return fn(nnx.merge(graphdef, layer_state), c, x), None
 
-        x, _ = jax.lax.scan(remat.apply(body, cfg.remat_policy), x, (stacked, layer_keys), unroll=cfg.scan_unroll)
-        return self.final_layernorm(x)
+        carry, _ = jax.lax.scan(remat.apply(body, remat_policy), carry, (stacked, xs), unroll=self.cfg.scan_unroll)
+        return carry
 
     def __call__(self, tokens, *, positions=None, segment_ids=None, dropout_key=None):
         """Logits [batch, len, vocab] in fp32 for int32 tokens [batch, len].
@@ -288,25 +309,21 @@ class Phi(nnx.Module):
         """An empty cache of `slots` positions per sequence (compute dtype unless `dtype`)."""
         cfg = self.cfg
         dtype = jnp.dtype(dtype or cfg.dtype)
-        shape = (batch, cfg.kv_heads, slots, cfg.head_dim)
-        n = cfg.n_layers
-        buffers = [constrain(jnp.zeros(shape, dtype), CACHE_AXES) for _ in range(2 * n)]
-        return KVCache(k=tuple(buffers[:n]), v=tuple(buffers[n:]), segment_ids=jnp.zeros((batch, slots), jnp.int32),
-                       index=jnp.zeros((), jnp.int32))
+        shape = (cfg.n_layers, batch, cfg.kv_heads, slots, cfg.head_dim)
+        k, v = (constrain(jnp.zeros(shape, dtype), CACHE_AXES) for _ in range(2))
+        return KVCache(k=k, v=v, segment_ids=jnp.zeros((batch, slots), jnp.int32), index=jnp.zeros((), jnp.int32))
 
-    def unstacked_layers(self) -> list:
-        """Per-layer views of the stacked layers. Decoding runs the layers unrolled: slice the
-        weights once (outside a decode loop) instead of once per generated token."""
-        graphdef, stacked = nnx.split(self.layers)
-        return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked)) for i in range(self.cfg.n_layers)]
-
-    def decode_step(self, tokens, cache: KVCache, *, positions, segment_ids=None, layers=None):
+    def decode_step(self, tokens, cache: KVCache, *, positions, segment_ids=None):
         """Runs `tokens` [batch, t] into cache slots cache.index .. cache.index + t - 1, attending
         to every earlier filled slot of the same segment. Returns (fp32 logits of the last
         position [batch, vocab], the cache advanced by t). `positions` [batch, t] are the RoPE
         positions; `segment_ids` (default 1) must differ between padding and real tokens.
         Prefill is one call with the whole (left-padded) prompt, then one call per new token.
-        `layers`: `unstacked_layers()` computed once outside a loop (default: sliced here)."""
+
+        The layers run in the layer scan (`scan_layers`) with the stacked k/v buffers in its
+        carry: each layer writes its new keys/values into them in place and reads its own block.
+        (Passing the cache as the scan's per-layer input and output instead would rebuild, that
+        is copy, the whole cache at every token.)"""
         b, t = tokens.shape
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
@@ -314,14 +331,15 @@ class Phi(nnx.Module):
         kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index))
         x = self.embed(tokens)
         cos, sin = rotary_tables(positions, self.cfg.rotary_dim, self.cfg.rope_base)
-        ks, vs = [], []
-        for i, layer in enumerate(self.unstacked_layers() if layers is None else layers):
-            lc = LayerCache(cache.k[i], cache.v[i], kv_segments, cache.index)
-            x, lc = layer(x, cos, sin, segment_ids, None, cache=lc)
-            ks.append(lc.k)
-            vs.append(lc.v)
+
+        def run_layer(layer, carry, i):
+            x, k, v = carry
+            x, lc = layer(x, cos, sin, segment_ids, None, cache=LayerCache(k, v, kv_segments, cache.index, i))
+            return x, lc.k, lc.v
+
+        x, k, v = self.scan_layers(run_layer, (x, cache.k, cache.v), jnp.arange(self.cfg.n_layers, dtype=jnp.int32))
         logits = self.logits(self.final_layernorm(x[:, -1:]))[:, 0]
-        return logits, KVCache(tuple(ks), tuple(vs), kv_segments, cache.index + t)
+        return logits, KVCache(k, v, kv_segments, cache.index + t)
 
 
 def init(cfg: PhiConfig, seed: int = 0) -> Phi:

@@ -19,7 +19,8 @@ import torch
 import transformers
 
 from phijax import checkpoint as ckpt_lib
-from phijax import decode, sharding
+from phijax import config, decode, sharding
+from phijax import model as model_lib
 from phijax.data import vocab
 
 N_NEW = 24  # new-token bucket 32
@@ -121,6 +122,20 @@ def test_same_bucket_does_not_recompile(sampler):
     sampler.generate_tokens(_prompts([40]), N_NEW)  # prompt bucket 64: one new prefill, one new loop
     assert sampler.traces["prefill"] == before["prefill"] + 1
     assert sampler.traces["decode"] == before["decode"] + 1
+
+
+def test_decode_loop_writes_the_stacked_cache_in_place():
+    """The layer scan carries the stacked k/v buffers and writes each token into them: the compiled
+    loop holds no second cache (scanning the cache as per-layer input/output would rebuild it every
+    token). Compiled on abstract weights (`Sampler.lower`): nothing is allocated."""
+    cfg = config.preset("nano", n_layers=4, dtype="float32", param_dtype="float32")
+    graphdef, params, _ = model_lib.abstract(cfg)
+    sampler = decode.Sampler(decode.InferenceModel(graphdef, params, cfg), batch_size=64)
+    _, loop = sampler.lower(64, 64)
+    cache_bytes = 2 * cfg.n_layers * 64 * cfg.kv_heads * (64 + 64) * cfg.head_dim * 4
+    mem = loop.compile().memory_analysis()
+    assert mem.alias_size_in_bytes >= cache_bytes  # the donated state, cache included, is the output
+    assert mem.temp_size_in_bytes < cache_bytes / 2  # at most a layer's block is copied for attention
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(temperature=0.8, top_p=0.9, seed=3)], ids=["greedy", "top_p"])
