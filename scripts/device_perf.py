@@ -18,6 +18,8 @@ stage). Stages:
   adamw    the optimizer step alone: fused vs optax's chain
   profile  per-op breakdown of the best variant's step (jax.profiler trace)
   greedy   greedy agreement with transformers in fp32 and bf16 (identical tokens, margins)
+  speed    decode tokens/s (phijax.bench.decode_throughput, transformers generate beside it);
+           speed_dsf the same with XLA's dynamic-slice fusion (the layer scan's weight slices)
 Needs jax, flax, optax, numpy (and torch + transformers for peer/greedy); no tensorflow/seqio/gin.
 Flax older than 0.12 is replaced from .whl/ if present (carry it: see docs/benchmarks.md).
 """
@@ -98,6 +100,12 @@ def plan(args):
                                       "--remat", args.remat, "--scan_unroll", str(best["scan_unroll"]),
                                       "--loss_chunk", str(best["loss_chunk"]), "--steps", "2", "--top", "60",
                                       "--json", o("profile.json")],
+        "speed": lambda best: py + ["phijax.bench.decode_throughput", "--configs", args.speed_config, "--dtype",
+                                    args.dtype, "--torch_device", args.torch_device, "--repeats", "1",
+                                    "--json", o("speed.json")],
+        "speed_dsf": lambda best: py + ["phijax.bench.decode_throughput", "--configs", args.speed_config,
+                                        "--dtype", args.dtype, "--torch_device", args.torch_device, "--repeats", "1",
+                                        "--json", o("speed_dsf.json")],
         "greedy": lambda best: py + ["phijax.bench.greedy_agreement", "--config", args.greedy_config,
                                      "--dtypes", "float32,bfloat16", "--device", args.torch_device,
                                      *args.greedy_args.split(), "--json", o("greedy.json")],
@@ -160,7 +168,7 @@ def summarize(args, timings):
                 lines.append(f"- phijax best {best['tokens_per_s']:,.0f} tok/s / peer {mode} best "
                              f"{top['tokens_per_s']:,.0f} tok/s = **{ratio:.2f}x**")
                 js[f"ratio_vs_{mode}"] = ratio
-    for name in ("adamw", "decode", "greedy", "profile"):
+    for name in ("adamw", "decode", "greedy", "speed", "speed_dsf", "profile"):
         d = load(os.path.join(args.out, f"{name}.json"))
         if d is not None:
             js[name] = d if name != "profile" else {k: {"busy_ms": v["busy_ms"], "kinds": v["kinds"]} for k, v in d.items()}
@@ -178,7 +186,8 @@ def main(argv=None):
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/device_perf"))
     ap.add_argument("--rehearse", action="store_true", help="nano shapes on a CPU: checks the whole plan runs")
     ap.add_argument("--deadline_s", type=float, default=560)
-    ap.add_argument("--stages", default="sweep,peer,decode,big,adamw,profile,greedy")
+    ap.add_argument("--stages", default="sweep,peer,decode,greedy,big,speed,adamw,speed_dsf,profile",
+                    help="in priority order (a stage that does not fit before the deadline is skipped)")
     ap.add_argument("--config", default="phi1")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--remat", default="save_dots_attn")
@@ -188,19 +197,20 @@ def main(argv=None):
     ap.add_argument("--unrolls", default="2,24", help="the first is the baseline")
     ap.add_argument("--loss_chunks", default="0,256", help="0 (the unfused loss) must come first")
     ap.add_argument("--steps", type=int, default=18, help="timed steps (+2 warm-up: 20 losses per variant)")
-    ap.add_argument("--peer_batches", default="eager=8,16;compile=16")
+    ap.add_argument("--peer_batches", default="eager=8;compile=16")
     ap.add_argument("--peer_modes", default="eager,compile")
     ap.add_argument("--peer_steps", type=int, default=6)
     ap.add_argument("--torch_device", default="cuda")
     ap.add_argument("--decode_args", default="--batch 16 --prompt_bucket 512 --new_bucket 256")
     ap.add_argument("--greedy_config", default="phi1")
+    ap.add_argument("--speed_config", default="phi1", help="phijax.bench.decode_throughput config")
     ap.add_argument("--greedy_args", default="--rows 16 --new_tokens 64")
     args = ap.parse_args(argv)
     if args.rehearse:
         args.__dict__.update(config="nano", dtype="float32", seq=64, batch=2, big_batch=4, unrolls="1,2",
                              loss_chunks="0,16", steps=3, peer_batches="eager=2;compile=2", peer_modes="eager", peer_steps=2,
                              torch_device="cpu", decode_args="--batch 2 --prompt_bucket 16 --new_bucket 16",
-                             greedy_config="nano", greedy_args="--rows 2 --new_tokens 8", remat="save_dots_attn")
+                             greedy_config="nano", speed_config="small", greedy_args="--rows 2 --new_tokens 8 --prompt_lengths 8,32", remat="save_dots_attn")
     os.makedirs(args.out, exist_ok=True)
     t_start = time.time()
     with open(os.path.join(args.out, "device_perf.log"), "a") as logf:
@@ -232,7 +242,8 @@ def main(argv=None):
         if check.returncode:
             log("the model/train step pulled in tensorflow/seqio/gin or failed to import:\n" + check.stderr[-2000:])
             return 1
-        limits = {"sweep": 240, "peer": 200, "decode": 90, "big": 90, "adamw": 60, "profile": 90, "greedy": 150}
+        limits = {"sweep": 240, "peer": 200, "decode": 90, "big": 90, "adamw": 60, "profile": 90, "greedy": 150,
+                  "speed": 120, "speed_dsf": 120}
         stages, timings, best = plan(args), {}, None
         for name in args.stages.split(","):
             left = args.deadline_s - (time.time() - t_start)
@@ -245,7 +256,9 @@ def main(argv=None):
                     log(f"--- {name}: skipped, no sweep result")
                     continue
             # fp32 on a GPU: full-precision matmuls on the jax side too (XLA would use TF32, torch does not)
-            env = {"JAX_DEFAULT_MATMUL_PRECISION": "highest"} if name == "greedy" else None
+            env = {"greedy": {"JAX_DEFAULT_MATMUL_PRECISION": "highest"},
+                   # the decode loop's layer scan slices stacked weights: let cuBLAS read them in place
+                   "speed_dsf": {"XLA_FLAGS": "--xla_gpu_enable_dynamic_slice_fusion=true"}}.get(name)
             timings[name] = run(name, stages[name](best), args.out, min(limits[name], left), env=env, log=log)
             if name == "sweep":
                 best = best_of(rows_of(os.path.join(args.out, "sweep.json")))
