@@ -271,18 +271,19 @@ class Phi(nnx.Module):
                              remat_policy=cfg.remat_policy)
         return self.final_layernorm(x)
 
-    def scan_layers(self, fn, carry, xs=None, *, remat_policy: str = "none"):
+    def scan_layers(self, fn, carry, xs=None, *, remat_policy: str = "none", unroll: int | None = None):
         """carry = fn(layer, carry, x) for every layer in order (x: the layer's slice of `xs`, whose
         leaves have a leading n_layers axis; None without), as one `lax.scan` over the stacked
-        weights, `cfg.scan_unroll` layers per iteration: compile time does not grow with depth.
-        Training and decoding both run their layers through here."""
+        weights, `unroll` (default `cfg.scan_unroll`) layers per iteration. Training and decoding
+        both run their layers through here."""
         graphdef, stacked = nnx.split(self.layers)
 
         def body(c, inputs):
             layer_state, x = inputs
             return fn(nnx.merge(graphdef, layer_state), c, x), None
 
-        carry, _ = jax.lax.scan(remat.apply(body, remat_policy), carry, (stacked, xs), unroll=self.cfg.scan_unroll)
+        unroll = self.cfg.scan_unroll if unroll is None else unroll
+        carry, _ = jax.lax.scan(remat.apply(body, remat_policy), carry, (stacked, xs), unroll=unroll)
         return carry
 
     def __call__(self, tokens, *, positions=None, segment_ids=None, dropout_key=None):
@@ -337,7 +338,10 @@ class Phi(nnx.Module):
             x, lc = layer(x, cos, sin, segment_ids, None, cache=LayerCache(k, v, kv_segments, cache.index, i))
             return x, lc.k, lc.v
 
-        x, k, v = self.scan_layers(run_layer, (x, cache.k, cache.v), jnp.arange(self.cfg.n_layers, dtype=jnp.int32))
+        # One layer per scan iteration whatever the training setting (cfg.scan_unroll, which a GPU
+        # run may set to n_layers for step time): a phi-1 bucket compiles in seconds.
+        x, k, v = self.scan_layers(run_layer, (x, cache.k, cache.v), jnp.arange(self.cfg.n_layers, dtype=jnp.int32),
+                                   unroll=1)
         logits = self.logits(self.final_layernorm(x[:, -1:]))[:, 0]
         return logits, KVCache(k, v, kv_segments, cache.index + t)
 

@@ -1,7 +1,7 @@
 """Compile time of the decoding programs of one bucket: the prefill and the decode loop.
 
     python -m phijax.bench.decode_compile --config phi1 --dtype bfloat16 \\
-        [--batch 16] [--prompt_bucket 512] [--new_bucket 256] [--sampling] [--scan_unroll 1] [--json out.json]
+        [--batch 16] [--prompt_bucket 512] [--new_bucket 256] [--sampling] [--json out.json]
 
 The Sampler is built on abstract parameters (ShapeDtypeStructs from `model.abstract`), so nothing
 1.3B-sized is allocated and phi-1 compiles on a small CPU too; `Sampler.lower` lowers both programs
@@ -46,25 +46,21 @@ def main(argv=None):
     p.add_argument("--prompt_bucket", type=int, default=512)
     p.add_argument("--new_bucket", type=int, default=256)
     p.add_argument("--sampling", action="store_true", help="the sampling programs (default: greedy)")
-    p.add_argument("--scan_unroll", type=int, default=None, help="layers per layer-scan iteration (default: the "
-                   "preset's, 1; n_layers unrolls the layers completely)")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args(argv)
     overrides = dict(dtype=args.dtype, param_dtype=args.dtype)
-    if args.scan_unroll is not None:
-        overrides["scan_unroll"] = args.scan_unroll
     cfg = config_lib.preset(args.config, **overrides)
     slots = args.prompt_bucket + args.new_bucket
     if slots > cfg.max_len:  # the Sampler refuses such prompts; the programs would still compile
         print(f"note: {slots} cache slots exceed {args.config}'s max_len={cfg.max_len}")
     print(f"machine: {os.cpu_count()} cpus, jax {jax.__version__}, devices {jax.devices()}", flush=True)
     row = {"config": args.config, "dtype": args.dtype, "batch": args.batch, "prompt_bucket": args.prompt_bucket,
-           "new_bucket": args.new_bucket, "greedy": not args.sampling, "scan_unroll": cfg.scan_unroll,
+           "new_bucket": args.new_bucket, "greedy": not args.sampling,
            "n_layers": cfg.n_layers, "backend": jax.default_backend(),
            **measure(cfg, args.batch, args.prompt_bucket, args.new_bucket, greedy=not args.sampling)}
     print(f"{args.config} {args.dtype} batch {args.batch}, prompt bucket {args.prompt_bucket}, new bucket "
-          f"{args.new_bucket}, {'greedy' if row['greedy'] else 'sampling'}, {cfg.n_layers} layers, scan_unroll "
-          f"{cfg.scan_unroll}: trace+lower {row['lower_s']:.1f}s | compile prefill {row['prefill_compile_s']:.1f}s, "
+          f"{args.new_bucket}, {'greedy' if row['greedy'] else 'sampling'}, {cfg.n_layers} layers "
+          f"(scanned): trace+lower {row['lower_s']:.1f}s | compile prefill {row['prefill_compile_s']:.1f}s, "
           f"decode loop {row['decode_compile_s']:.1f}s | total {row['total_s']:.1f}s", flush=True)
     if args.json:
         with open(args.json, "w") as f:
