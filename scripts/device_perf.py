@@ -4,9 +4,12 @@
     python3 scripts/device_perf.py --rehearse --out /tmp/perf    # the same plan on a CPU at nano size
 
 Each stage is its own process (clean device memory, an XLA abort stays local) with its own time
-limit, in priority order, skipped once the overall deadline is near; logs and JSON go to --out
-and `summary.md` / `summary.json` collect the figures at the end (also after a timeout of a
-stage). Stages:
+limit, in priority order, skipped once the overall deadline (--deadline_s) is near. Each stage's
+full log and JSON go to --work; --out gets three files: device_perf.log (every stage's filtered
+output), summary.md and summary.json (every stage's figures, per-step losses included), written at
+the end, also after a stage ran into its limit. On phi-1 the whole plan takes ≈ 11 minutes of
+device time, more than one 10-minute call: docs/benchmarks.md (session 5) gives the split into
+calls (--stages) that was used. Stages:
   sweep    phi-1 train step at --batch for every (scan unroll, fused-loss chunk) pair, each
            run for --steps steps from the same init on the same tokens: tokens/s, MFU, memory,
            compile time, and the per-step losses (the new paths must equal the baseline's
@@ -81,7 +84,7 @@ def rows_of(path):
 def plan(args):
     py = [sys.executable, "-m"]
     common = ["--configs", args.config, "--remat", args.remat, "--seq", str(args.seq), "--dtype", args.dtype]
-    o = lambda n: os.path.join(args.out, n)
+    o = lambda n: os.path.join(args.work, n)
     stages = {
         "sweep": lambda best: py + ["phijax.bench.mfu", *common, "--batches", str(args.batch),
                                     "--scan_unroll", args.unrolls, "--loss_chunk", args.loss_chunks,
@@ -133,7 +136,7 @@ def loss_agreement(rows, base):
 
 
 def summarize(args, timings):
-    sweep, peer, big = (rows_of(os.path.join(args.out, f"{n}.json")) for n in ("sweep", "peer", "big"))
+    sweep, peer, big = (rows_of(os.path.join(args.work, f"{n}.json")) for n in ("sweep", "peer", "big"))
     lines, js = [f"# device_perf summary: {args.config}, seq {args.seq}, {args.dtype}, remat {args.remat}", ""], {}
     rows = sweep + big
     if rows:
@@ -169,7 +172,7 @@ def summarize(args, timings):
                              f"{top['tokens_per_s']:,.0f} tok/s = **{ratio:.2f}x**")
                 js[f"ratio_vs_{mode}"] = ratio
     for name in ("adamw", "decode", "greedy", "speed", "speed_dsf", "profile"):
-        d = load(os.path.join(args.out, f"{name}.json"))
+        d = load(os.path.join(args.work, f"{name}.json"))
         if d is not None:
             js[name] = d if name != "profile" else {k: {"busy_ms": v["busy_ms"], "kinds": v["kinds"]} for k, v in d.items()}
     lines += ["", "Stage times (s): " + ", ".join(f"{k} {v[1]:.0f} (exit {v[0]})" for k, v in timings.items())]
@@ -184,6 +187,8 @@ def summarize(args, timings):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/device_perf"))
+    ap.add_argument("--work", default=None, help="each stage's full log and JSON (default: a stages/ folder "
+                    "beside --out, so that --out holds only the three files a device call brings back)")
     ap.add_argument("--rehearse", action="store_true", help="nano shapes on a CPU: checks the whole plan runs")
     ap.add_argument("--deadline_s", type=float, default=560)
     ap.add_argument("--stages", default="sweep,peer,decode,greedy,big,speed,adamw,speed_dsf,profile",
@@ -211,7 +216,9 @@ def main(argv=None):
                              loss_chunks="0,16", steps=3, peer_batches="eager=2;compile=2", peer_modes="eager", peer_steps=2,
                              torch_device="cpu", decode_args="--batch 2 --prompt_bucket 16 --new_bucket 16",
                              greedy_config="nano", speed_config="small", greedy_args="--rows 2 --new_tokens 8 --prompt_lengths 8,32", remat="save_dots_attn")
+    args.work = args.work or os.path.join(os.path.dirname(os.path.abspath(args.out)), "device_perf_stages")
     os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.work, exist_ok=True)
     t_start = time.time()
     with open(os.path.join(args.out, "device_perf.log"), "a") as logf:
         def log(msg):
@@ -251,15 +258,15 @@ def main(argv=None):
                 log(f"--- {name}: skipped, {left:.0f} s left before the deadline")
                 continue
             if name in ("big", "profile") and best is None:
-                best = best_of(rows_of(os.path.join(args.out, "sweep.json"))) or {
+                best = best_of(rows_of(os.path.join(args.work, "sweep.json"))) or {
                     "scan_unroll": int(args.unrolls.split(",")[-1]), "loss_chunk": int(args.loss_chunks.split(",")[-1])}
             # fp32 on a GPU: full-precision matmuls on the jax side too (XLA would use TF32, torch does not)
             env = {"greedy": {"JAX_DEFAULT_MATMUL_PRECISION": "highest"},
                    # the decode loop's layer scan slices stacked weights: let cuBLAS read them in place
                    "speed_dsf": {"XLA_FLAGS": "--xla_gpu_enable_dynamic_slice_fusion=true"}}.get(name)
-            timings[name] = run(name, stages[name](best), args.out, min(limits[name], left), env=env, log=log)
+            timings[name] = run(name, stages[name](best), args.work, min(limits[name], left), env=env, log=log)
             if name == "sweep":
-                best = best_of(rows_of(os.path.join(args.out, "sweep.json")))
+                best = best_of(rows_of(os.path.join(args.work, "sweep.json")))
         summarize(args, timings)
     return 0
 

@@ -12,13 +12,13 @@ No tensorflow, seqio or gin.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 import jax
 
 from phijax import config as config_lib, decode, model as model_lib
+from phijax.bench import common
 
 
 def measure(cfg, batch: int, prompt_bucket: int, new_bucket: int, greedy: bool = True) -> dict:
@@ -62,9 +62,7 @@ def main(argv=None):
           f"{args.new_bucket}, {'greedy' if row['greedy'] else 'sampling'}, {cfg.n_layers} layers "
           f"(scanned): trace+lower {row['lower_s']:.1f}s | compile prefill {row['prefill_compile_s']:.1f}s, "
           f"decode loop {row['decode_compile_s']:.1f}s | total {row['total_s']:.1f}s", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(row, f, indent=2)
+    common.save_json(args.json, row)
     return row
 
 

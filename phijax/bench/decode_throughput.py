@@ -12,7 +12,6 @@ runs, as transformers' warm-up call is) and whether both produced the same token
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -20,6 +19,7 @@ import jax
 import numpy as np
 
 from phijax import config as config_lib, convert, decode, model as model_lib
+from phijax.bench import common
 
 CONFIGS = {
     # The CPU demo model (7.4M params, 8k vocabulary): what a CPU user decodes with.
@@ -145,9 +145,7 @@ def main(argv=None):
           f"({torch.get_num_threads()} threads), transformers {transformers.__version__}", flush=True)
     print(f"jax devices: {jax.devices()}", flush=True)
     results = [run(name, args.repeats, args.dtype, args.torch_device) for name in args.configs.split(",")]
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    common.save_json(args.json, results)
     return results
 
 

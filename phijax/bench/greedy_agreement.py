@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 
 import jax
 import numpy as np
 
 from phijax import config as config_lib, convert, decode, model as model_lib
+from phijax.bench import common
 from phijax.bench.decode_throughput import hf_model, prompts_for
 
 
@@ -193,9 +193,7 @@ def main(argv=None) -> dict:
         res = compare(base.replace(dtype=dtype, param_dtype=dtype), master, model, prompts, args.new_tokens)
         report(res)
         results["by_dtype"][dtype] = res
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    common.save_json(args.json, results)
     return results
 
 

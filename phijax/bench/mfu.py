@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 
@@ -113,10 +112,7 @@ def phijax_sweep(args, weights):
 
 def write_json(path, rows, summary=None):
     """The figures so far (rewritten after every row: a sweep stopped at a time limit keeps them)."""
-    if path:
-        with open(path + ".tmp", "w") as f:
-            json.dump({"rows": rows, "summary": summary or {}}, f, indent=2)
-        os.replace(path + ".tmp", path)
+    common.save_json(path, {"rows": rows, "summary": summary or {}})
 
 
 def release_jax():

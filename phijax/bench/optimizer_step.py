@@ -12,13 +12,13 @@ an H200: 10.7 ms for phi-1, 4.25 TB/s of the 45.4 GB floor; docs/benchmarks.md).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from phijax.bench import common
 from phijax import config as config_lib, model as model_lib, optim
 
 
@@ -59,9 +59,7 @@ def main(argv=None):
            "gb_per_s": floor_bytes / dt / 1e9}
     print(f"{args.config} ({n / 1e6:,.0f}M params) AdamW: {dt * 1e3:8.2f} ms per step, "
           f"{row['gb_per_s']:7.1f} GB/s of the {floor_bytes / 1e9:.1f} GB floor", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(row, f, indent=2)
+    common.save_json(args.json, row)
     return row
 
 

@@ -122,9 +122,7 @@ def main(argv=None):
         print(f"  top {args.top} ops (ms per step, calls per step, kind):")
         for name, kind, ms, calls in s["ops"][:args.top]:
             print(f"    {ms:9.2f} ms {100 * ms / s['busy_ms']:5.1f}% x{calls:<5g} {kind:16s} {name[:90]}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({d: {**s, "ops": s["ops"][:200]} for d, s in summary.items()}, f, indent=1)
+    common.save_json(args.json, {d: {**s, "ops": s["ops"][:200]} for d, s in summary.items()}, indent=1)
     return summary
 
 

@@ -16,7 +16,6 @@ not decide the ratio.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -115,9 +114,7 @@ def main(argv=None):
               f"phijax {j_tps:,.0f} tok/s (MFU {100 * row['phijax_mfu']:.0f}%) | "
               f"pytorch {t_tps:,.0f} tok/s (MFU {100 * row['torch_mfu']:.0f}%) | ratio {row['ratio']:.2f}x "
               f"(phijax with PhiConfig defaults: {d_tps:,.0f} tok/s, {row['ratio_defaults']:.2f}x)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    common.save_json(args.json, results)
     return results
 
 
