@@ -1,4 +1,4 @@
-"""Issue 17's accelerator measurements as one prepared run: every figure in one device call.
+"""Issue 17's accelerator measurements as one prepared script, rehearsed on a CPU.
 
     python3 scripts/device_perf.py --out "$OUT"                  # one H100/H200: phi-1, the full plan
     python3 scripts/device_perf.py --rehearse --out /tmp/perf    # the same plan on a CPU at nano size
