@@ -63,6 +63,7 @@ from typing import Any
 from data_gen import common, dedup, heuristic_annotator, ingest
 from data_gen.llm import engine as engine_lib
 from data_gen.llm import ledger as ledger_lib
+from data_gen.llm import lock as lock_lib
 from data_gen.llm.request import Request, canonical_json, messages_from, seed_from_key
 from phijax.data import records
 from phijax.data.vocab import atomic_write_bytes
@@ -312,7 +313,7 @@ def _annotate_llm(out: Path, sample: Path, n: int, cfg: AnnotateConfig, eng: eng
         reports.append(eng.run_sync(requests(todo, attempt, keys), total=len(todo)))
         assert len(keys) == len(todo), "the engine stopped reading requests early"
         wanted = set(keys.values())
-        results = {r["key"]: r for r in ledger_lib.iter_results(out / ledger_lib.RESPONSES_FILE) if r["key"] in wanted}
+        results = {r["key"]: r for r in ledger_lib.iter_answers(out / ledger_lib.RESPONSES_FILE) if r["key"] in wanted}
         led = ledger_lib.Ledger(out / ledger_lib.LEDGER_FILE)
         try:
             failed = {k: led.get(k) for k in led.permanent_failures() & wanted}
@@ -379,85 +380,96 @@ def run(inputs: Sequence[str], out_dir: str | os.PathLike, *, n_samples: int, se
     fp = ingest.fingerprint("annotate", files, ingest.IngestConfig(),
                             {"annotate": dataclasses.asdict(cfg), "annotator": name,
                              "templates": _template_digest(cfg) if kind == "llm" else None})
-    if not force and not dry_run and ingest.is_complete(out, fp):
-        log.info("annotate: %s already complete (fingerprint %s)", out, fp)
-        return dict(json.loads((out / REPORT_FILE).read_text()), resumed=True)
-    if eng is not None:
-        _ = eng.client  # no API key: an error now, not after sampling
-    if kind == "heuristic":
-        log.warning("annotate: using the HEURISTIC annotator (%s); its scores are not LLM judgements", why)
-    else:
-        log.info("annotate: annotator %s (%s)", name, why)
-    if dry_run:  # leaves a finished output as it is
-        out.mkdir(parents=True, exist_ok=True)
-        sample = out / f".dry_run_{SAMPLE_FILE}"
-        n = min(cfg.n_samples, write_sample(files, cfg.n_samples, cfg.text_field, cfg.seed, sample).n_ok)
-        est = eng.estimate(prompter.request(rec[cfg.text_field], 0) for _, rec in iter_sample(sample))
-        sample.unlink()
-        return {"dry_run": True, "sampled": n, "estimate": dataclasses.asdict(est), "lines": est.lines(),
-                "note": "first attempts only; parse retries add to this"}
-    ingest.start_run(out)
-    read_report = write_sample(files, cfg.n_samples, cfg.text_field, cfg.seed, out / SAMPLE_FILE)
-    n = min(cfg.n_samples, read_report.n_ok)
-    if n == 0:
-        raise AnnotateError(f"no usable records (with a non-empty {cfg.text_field!r}) in {inputs}")
-
-    counts = {"parse_retries": 0, "docs_retried": 0}
-    reports: list[engine_lib.RunReport] = []
-    if kind == "llm":
-        docs, reports, counts = _annotate_llm(out, out / SAMPLE_FILE, n, cfg, eng, prompter)
-    hist = collections.Counter()
-    rejects, n_truncated, total = [], 0, 0.0
-    writer = ingest.ShardWriter(out, "annotate", cfg.shard_size)
-    for rank, rec in iter_sample(out / SAMPLE_FILE):
+    with lock_lib.hold(out):  # one run per output directory (a second one: OutputDirError)
+        if not force and not dry_run and ingest.is_complete(out, fp):
+            log.info("annotate: %s already complete (fingerprint %s)", out, fp)
+            return dict(json.loads((out / REPORT_FILE).read_text()), resumed=True)
+        if eng is not None:
+            _ = eng.client  # no API key: an error now, not after sampling
         if kind == "heuristic":
-            res = heuristic_annotator.annotate(rec, cfg.text_field)
-            raw = round(res["educational_value"] * MAX_SCORE, 4)
-            res["educational_value_raw"] = raw
+            log.warning("annotate: using the HEURISTIC annotator (%s); its scores are not LLM judgements", why)
         else:
-            d = docs[rank]
-            n_truncated += d.truncated
-            if d.score is None:
-                if d.reject is not None and (d.reject == "request_failed" or d.attempts > cfg.max_parse_retries):
-                    rejects.append({"rank": rank, "id": rec.get("id"), "key": d.key, "reason": d.reject,
-                                    "detail": eng.redact(d.detail)[:500], "attempts": d.attempts,
-                                    "answer": d.answer})
-                continue
-            raw = d.score
-            res = dict(rec, educational_value=raw / MAX_SCORE, educational_value_raw=raw, annotator=name,
-                       annotation_reason=d.reason, annotation_truncated=d.truncated,
-                       annotation_attempts=d.attempts)
-        hist[min(int(raw), MAX_SCORE)] += 1
-        total += res["educational_value"]
-        writer.write(res)
-    shards = writer.commit()
-    common.write_jsonl(out / REJECTS_FILE, rejects)
-    n_annotated = writer.n
-    pending = n - n_annotated - len(rejects)
-    wall, cpu = time.monotonic() - t0, time.process_time() - c0
-    report = {"annotator": name, "annotator_choice": why, "heuristic": kind == "heuristic",
-              "inputs": [str(f) for f in files], "fingerprint": fp, "n_input": read_report.n_ok,
-              "unreadable": read_report.as_dict(), "n_samples": cfg.n_samples, "seed": cfg.seed,
-              "sampled": n, "annotated": n_annotated, "rejected": len(rejects),
-              "rejects_by_reason": dict(sorted(collections.Counter(r["reason"] for r in rejects).items())),
-              "pending": pending, "parse_retries": counts["parse_retries"], "docs_retried": counts["docs_retried"],
-              "truncated": n_truncated, "mean_educational_value": round(total / n_annotated, 6) if n_annotated else None,
-              "histogram": {str(k): hist[k] for k in range(MAX_SCORE + 1)},
-              "model": ecfg.model if kind == "llm" else None, "engine": _merge_engine(reports),
-              "complete": pending == 0, "shards": shards, "options": dataclasses.asdict(cfg),
-              "timing": {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
-                         "docs_per_cpu_s": round(n / cpu, 2) if cpu > 0 else None},
-              "resumed": False}
-    if pending:  # no marker: a rerun sends what is missing
-        atomic_write_bytes(out / REPORT_FILE, (json.dumps(report, indent=2, default=str) + "\n").encode())
-        log.warning("annotate: %d of %d documents still without an answer (budget or network); rerun to finish",
-                    pending, n)
-    else:
-        ingest.finish_run(out, REPORT_FILE, report, fp)
-    log.info("annotate: %d sampled of %d, %d annotated by %s, %d rejected %s, %d parse retries",
-             n, read_report.n_ok, n_annotated, name, len(rejects), report["rejects_by_reason"],
-             counts["parse_retries"])
-    return report
+            log.info("annotate: annotator %s (%s)", name, why)
+        if dry_run:  # leaves a finished output as it is
+            out.mkdir(parents=True, exist_ok=True)
+            sample = out / f".dry_run_{SAMPLE_FILE}"
+            n = min(cfg.n_samples, write_sample(files, cfg.n_samples, cfg.text_field, cfg.seed, sample).n_ok)
+            est = eng.estimate(prompter.request(rec[cfg.text_field], 0) for _, rec in iter_sample(sample))
+            sample.unlink()
+            return {"dry_run": True, "sampled": n, "estimate": dataclasses.asdict(est), "lines": est.lines(),
+                    "note": "first attempts only; parse retries add to this"}
+        ingest.start_run(out)
+        read_report = write_sample(files, cfg.n_samples, cfg.text_field, cfg.seed, out / SAMPLE_FILE)
+        n = min(cfg.n_samples, read_report.n_ok)
+        if n == 0:
+            raise AnnotateError(f"no usable records (with a non-empty {cfg.text_field!r}) in {inputs}")
+
+        counts = {"parse_retries": 0, "docs_retried": 0}
+        reports: list[engine_lib.RunReport] = []
+        if kind == "llm":
+            docs, reports, counts = _annotate_llm(out, out / SAMPLE_FILE, n, cfg, eng, prompter)
+        hist = collections.Counter()
+        rejects, pending_keys, n_truncated, total = [], [], 0, 0.0
+        writer = ingest.ShardWriter(out, "annotate", cfg.shard_size)
+        for rank, rec in iter_sample(out / SAMPLE_FILE):
+            if kind == "heuristic":
+                res = heuristic_annotator.annotate(rec, cfg.text_field)
+                raw = round(res["educational_value"] * MAX_SCORE, 4)
+                res["educational_value_raw"] = raw
+            else:
+                d = docs[rank]
+                n_truncated += d.truncated
+                if d.score is None:
+                    if d.reject is not None and (d.reject == "request_failed" or d.attempts > cfg.max_parse_retries):
+                        rejects.append({"rank": rank, "id": rec.get("id"), "key": d.key, "reason": d.reject,
+                                        "detail": eng.redact(d.detail)[:500], "attempts": d.attempts,
+                                        "answer": d.answer})
+                    else:
+                        pending_keys.append(d.key)
+                    continue
+                raw = d.score
+                res = dict(rec, educational_value=raw / MAX_SCORE, educational_value_raw=raw, annotator=name,
+                           annotation_reason=d.reason, annotation_truncated=d.truncated,
+                           annotation_attempts=d.attempts)
+            hist[min(int(raw), MAX_SCORE)] += 1
+            total += res["educational_value"]
+            writer.write(res)
+        shards = writer.commit()
+        common.write_jsonl(out / REJECTS_FILE, rejects)
+        n_annotated = writer.n
+        pending = n - n_annotated - len(rejects)
+        pending_reasons: dict[str, int] = {}
+        if pending_keys:
+            led = ledger_lib.Ledger(out / ledger_lib.LEDGER_FILE)
+            try:
+                pending_reasons = dict(led.why_missing(pending_keys).most_common())
+            finally:
+                led.close()
+        wall, cpu = time.monotonic() - t0, time.process_time() - c0
+        report = {"annotator": name, "annotator_choice": why, "heuristic": kind == "heuristic",
+                  "inputs": [str(f) for f in files], "fingerprint": fp, "n_input": read_report.n_ok,
+                  "unreadable": read_report.as_dict(), "n_samples": cfg.n_samples, "seed": cfg.seed,
+                  "sampled": n, "annotated": n_annotated, "rejected": len(rejects),
+                  "rejects_by_reason": dict(sorted(collections.Counter(r["reason"] for r in rejects).items())),
+                  "pending": pending, "pending_reasons": pending_reasons, "parse_retries": counts["parse_retries"],
+                  "docs_retried": counts["docs_retried"],
+                  "truncated": n_truncated, "mean_educational_value": round(total / n_annotated, 6) if n_annotated else None,
+                  "histogram": {str(k): hist[k] for k in range(MAX_SCORE + 1)},
+                  "model": ecfg.model if kind == "llm" else None, "engine": _merge_engine(reports),
+                  "complete": pending == 0, "shards": shards, "options": dataclasses.asdict(cfg),
+                  "timing": {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
+                             "docs_per_cpu_s": round(n / cpu, 2) if cpu > 0 else None},
+                  "resumed": False}
+        if pending:  # no marker: a rerun sends what is missing
+            atomic_write_bytes(out / REPORT_FILE, (json.dumps(report, indent=2, default=str) + "\n").encode())
+            log.warning("annotate: %d of %d documents still without an answer (%s); rerun to finish", pending, n,
+                        ", ".join(f"{c} {r}" for r, c in pending_reasons.items()))
+        else:
+            ingest.finish_run(out, REPORT_FILE, report, fp)
+        log.info("annotate: %d sampled of %d, %d annotated by %s, %d rejected %s, %d parse retries",
+                 n, read_report.n_ok, n_annotated, name, len(rejects), report["rejects_by_reason"],
+                 counts["parse_retries"])
+        return report
 
 
 # --- CLI -------------------------------------------------------------------------------------
@@ -496,6 +508,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (common.GeneratorError, ingest.IngestError, engine_lib.EngineError) as e:
         print(f"annotate: error: {e}", file=sys.stderr)
         return ingest.EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"annotate: interrupted: what was annotated is kept in {args.out_dir}; rerun the same command to"
+              " resume", file=sys.stderr)
+        return common.EXIT_INTERRUPTED
     if args.dry_run:
         print("\n".join([f"sampled {res['sampled']} documents ({res['note']})", *res["lines"]]))
         return 0

@@ -4,6 +4,7 @@ choices, the engine run, and the shard / reject writers.
 Output directory of a generator run::
 
     ledger.sqlite, responses.jsonl, batches/   the engine's (see data_gen/llm/ledger.py)
+    .lock                                      held by the run using the directory (data_gen/llm/lock.py)
     shards/<name>-00000-of-00003.jsonl        accepted records (replaced as a set on every finalize)
     rejects.jsonl                              rejected samples: key, sample_index, reason, detail, ...
     stats.json                                 counts (engine + validation) of the last run
@@ -25,6 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from data_gen.llm import engine as engine_lib
 from data_gen.llm import ledger as ledger_lib
+from data_gen.llm import lock as lock_lib
 from data_gen.llm.request import Request, messages_from, seed_from_key
 from phijax import gin_setup
 from phijax.data.cache import replace_dir
@@ -36,7 +38,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARDS_DIR = "shards"
 REJECTS_FILE = "rejects.jsonl"
 STATS_FILE = "stats.json"
-EXIT_INCOMPLETE = 3  # budget stop or failed requests: rerun (after raising the cap) to finish
+EXIT_BAD_INPUT = 2  # bad configuration, output directory or endpoint settings: the message says which
+EXIT_INCOMPLETE = 3  # samples without an answer (budget stop, failed requests): rerun to finish
+EXIT_INTERRUPTED = 130  # Ctrl-C: rerun the same command to resume
 
 
 class GeneratorError(ValueError):
@@ -205,8 +209,8 @@ def run_requests(out_dir: Path, cfg: engine_lib.EngineConfig, requests: list[Req
 
 # --- finalize -----------------------------------------------------------------------
 def load_results(out_dir: Path, requests: Sequence[Request]) -> list[tuple[Request, dict[str, Any] | None]]:
-    """(request, its result or None) in sample order, for the requests of this config only."""
-    by_key = {r["key"]: r for r in ledger_lib.iter_results(out_dir / ledger_lib.RESPONSES_FILE)}
+    """(request, its answer or None) in sample order, for the requests of this config only."""
+    by_key = {r["key"]: r for r in ledger_lib.iter_answers(out_dir / ledger_lib.RESPONSES_FILE)}
     return [(req, by_key.get(req.key)) for req in sorted(requests, key=lambda r: r.sample_index)]
 
 
@@ -270,29 +274,49 @@ def reject(req: Request, res: dict[str, Any], reason: str, detail: str = "", **e
             "status": res.get("status"), "meta": dict(req.meta), "text": res.get("text"), **extra}
 
 
+def missing_line(out_dir: Path, requests: Sequence[Request], n_missing: int) -> str:
+    """How many requested samples have no answer, and why (from the ledger)."""
+    have = {r["key"] for r in ledger_lib.iter_answers(out_dir / ledger_lib.RESPONSES_FILE)}
+    led = ledger_lib.Ledger(out_dir / ledger_lib.LEDGER_FILE)
+    try:
+        why = led.why_missing(r.key for r in requests if r.key not in have)
+    finally:
+        led.close()
+    return (f"incomplete: {n_missing} of {len(requests)} samples have no answer: "
+            + ", ".join(f"{n} {reason}" for reason, n in why.most_common()) + "; rerun the same command to continue")
+
+
 def main_flow(argv, description: str, name: str, build: Callable[[Any, str], list[Request]],
               judge_factory: Callable[[Any], Callable], config_cls: type) -> int:
-    """parse → build requests → (dry run | engine run) → finalize. Returns the exit code."""
+    """parse → build requests → (dry run | engine run) → finalize. Returns the exit code: 0 every
+    requested sample has an answer, 2 bad input (one ``error:`` line), 3 samples missing (how many
+    and why), 130 interrupted."""
     args = parse_cli(argv, description)
+    out_dir = Path(args.out_dir)
     try:
         setup(args)
         cfg = config_factory(config_cls)(args.n_samples)
         ecfg = engine_config(args.batch)
         requests = build(cfg, ecfg.model)
-        out_dir = Path(args.out_dir)
-        report = None
-        if not args.finalize_only:
-            report = run_requests(out_dir, ecfg, requests, args.dry_run)
-            if args.dry_run:
-                return 0
+        if args.dry_run:
+            run_requests(out_dir, ecfg, requests, dry_run=True)
+            return 0
+        with lock_lib.hold(out_dir, create=not args.finalize_only):  # finalize_only: the dir must exist
+            report = None if args.finalize_only else run_requests(out_dir, ecfg, requests, dry_run=False)
+            info = {"engine": report.as_dict() if report is not None else None, "model": ecfg.model}
+            fin = finalize(out_dir, name, requests, cfg.shard_size, judge_factory(cfg), info)
+            missing = missing_line(out_dir, requests, fin.n_missing) if fin.n_missing else None
     except (GeneratorError, engine_lib.EngineError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    info = {"engine": report.as_dict() if report is not None else None, "model": ecfg.model}
-    fin = finalize(out_dir, name, requests, cfg.shard_size, judge_factory(cfg), info)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"interrupted: what was generated is kept in {out_dir}; rerun the same command to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(f"{name}: {fin.n_accepted} accepted, rejects {fin.rejects}, shards in {out_dir / SHARDS_DIR}")
     if report is not None:
         print(report.summary())
-        if not report.complete:
-            return EXIT_INCOMPLETE
+    if missing:
+        print(missing)
+        return EXIT_INCOMPLETE
     return 0

@@ -213,6 +213,7 @@ def test_budget_stop_leaves_pending_then_a_rerun_finishes(tmp_path, monkeypatch,
         total = server.stats()["total"]
     assert first["complete"] is False and first["engine"]["stopped"] == "budget" and not marker_after_first
     assert 0 < first["annotated"] < 10 and first["pending"] == 10 - first["annotated"] and first["rejected"] == 0
+    assert first["pending_reasons"] == {"not sent yet (budget cap, or the run was stopped)": first["pending"]}
     assert second["complete"] is True and second["annotated"] == 10 and (out / "_COMPLETE").is_file()
     assert second["engine"]["n_already_done"] == sent_first and total == 10  # the rest only, once each
 
@@ -229,6 +230,7 @@ def clean_gin():
     (["--annotator", "gpt5"], "annotator must be one of"),
     (["--gin_param", "data_gen.AnnotateConfig.nope = 1"], "nope"),
     (["--max_parse_retries", "-1"], "max_parse_retries"),
+    (["--out_dir", "{tmp}/in.jsonl/out"], "in.jsonl is a file"),
 ])
 def test_bad_input_exits_2_before_any_request(tmp_path, monkeypatch, capsys, clean_gin, args, message):
     inp = _write(tmp_path / "in.jsonl", _docs(3))

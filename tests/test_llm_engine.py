@@ -3,20 +3,31 @@
 Faults (429 + Retry-After, 5xx, timeouts, dropped connections, malformed JSON, cut-off
 responses, 4xx), resume without re-sending completed work, the budget cap, the dry run, the
 Batch API path (incl. a run interrupted after submitting), rate-limiter accuracy, and that the
-API key never reaches logs or files.
+API key never reaches logs or files. Then the hardening of issue 14: malformed answers asked
+again, missing samples reported on every run, 401/403/404 and an unreachable endpoint stopping
+the run, the output-directory lock, 429s that spend no attempts, default limits, and the CLI's
+one-line errors and Ctrl-C.
 """
 import asyncio
 import json
 import logging
+import signal
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
+import gin
 import pytest
 
+from data_gen import textbook
 from data_gen.llm import ledger as ledger_lib
-from data_gen.llm.engine import Engine, EngineConfig, Redactor
+from data_gen.llm.engine import Engine, EngineConfig, EngineError, Redactor
 from data_gen.llm.fake_server import FakeOpenAIServer, body_hash
 from data_gen.llm.ratelimit import RateLimiter
 from data_gen.llm.request import Request, TokenCounter, messages_from
+from phijax import gin_setup
 
 KEY = "sk-test-SECRET0123456789abcdefXYZ"
 PRICES = {"m": {"input": 2.0, "output": 4.0}}
@@ -72,7 +83,7 @@ def test_every_fault_kind_then_resume_sends_nothing(server, tmp_path, caplog):
         {"kind": "503", "match": "s3.", "first": 1},
         {"kind": "timeout", "match": "s4.", "first": 1, "delay": 1.5},
         {"kind": "drop", "match": "s5.", "first": 1},
-        {"kind": "malformed", "match": "s6."},
+        {"kind": "malformed", "match": "s6.", "first": 1},
         {"kind": "length", "match": "s7."},
         {"kind": "slow", "match": "s8.", "delay": 0.3},
         {"kind": "400", "match": "s9."},  # echoes the Authorization header back
@@ -84,16 +95,16 @@ def test_every_fault_kind_then_resume_sends_nothing(server, tmp_path, caplog):
     st = server.stats()
     by_body = {r.sample_index: st["by_body"].get(body_hash(r.body()), 0) for r in reqs}
     # Retryable faults: one extra request each (two for the double 500), then success.
-    assert by_body == {0: 1, 1: 2, 2: 3, 3: 2, 4: 2, 5: 2, 6: 1, 7: 1, 8: 1, 9: 1, 10: 1}
-    for i in (0, 1, 2, 3, 4, 5, 8, 10):
+    assert by_body == {0: 1, 1: 2, 2: 3, 3: 2, 4: 2, 5: 2, 6: 2, 7: 1, 8: 1, 9: 1, 10: 1}
+    for i in (0, 1, 2, 3, 4, 5, 6, 8, 10):
         assert res[i]["status"] == "ok" and res[i]["finish_reason"] == "stop" and res[i]["text"]
         assert res[i]["response_id"].split("-")[1] == body_hash(reqs[i].body())
     assert res[1]["attempts"] == 2 and res[2]["attempts"] == 3
     # Retry-After honoured: the retry of s1 came at least 0.3 s after the 429.
     t = st["times_by_body"][body_hash(reqs[1].body())]
     assert t[1] - t[0] >= 0.3
-    # Malformed and cut-off responses are recorded as such, not used as text.
-    assert res[6]["status"] == "malformed" and res[6]["text"] is None and "JSONDecodeError" in res[6]["error"]
+    # A malformed answer is asked again; a cut-off one is recorded as such, not passed off as complete.
+    assert res[6]["attempts"] == 2
     assert res[7]["status"] == "length" and res[7]["finish_reason"] == "length"
     # A 400 is not retried, and is not a result.
     assert 9 not in res
@@ -103,8 +114,8 @@ def test_every_fault_kind_then_resume_sends_nothing(server, tmp_path, caplog):
     assert "[REDACTED]" in row["error"]
     assert led.state_counts() == {"done": 10, "failed": 1}
     led.close()
-    assert report.by_status == {"ok": 8, "malformed": 1, "length": 1} and report.n_failed == 1
-    assert report.retries_by_reason == {"429": 1, "5xx": 3, "timeout": 1, "connection": 1}
+    assert report.by_status == {"ok": 9, "length": 1} and report.n_failed == 1
+    assert report.retries_by_reason == {"429": 1, "5xx": 3, "timeout": 1, "connection": 1, "malformed": 1}
     assert_no_key_in(tmp_path, caplog.text)
 
     # A second run: everything is done or failed for good; nothing is sent.
@@ -190,6 +201,7 @@ def test_dry_run_contacts_nothing(server, tmp_path):
 def test_batch_path_reconciles_and_resubmits(server, tmp_path, caplog):
     server.configure(faults=[{"kind": "500", "match": "s3.", "first": 1},
                              {"kind": "expire", "match": "s5.", "first": 1},
+                             {"kind": "no_choices", "match": "s9.", "first": 1},  # malformed: resubmitted
                              {"kind": "400", "match": "s7."}])
     reqs = make_requests(12)
     caplog.set_level(logging.INFO)
@@ -199,7 +211,7 @@ def test_batch_path_reconciles_and_resubmits(server, tmp_path, caplog):
     assert all(r["via"] == "batch" and r["status"] == "ok" for r in res.values())
     st = server.stats()
     counts = {r.sample_index: st["by_body"][body_hash(r.body())] for r in reqs}
-    assert counts == {i: 2 if i in (3, 5) else 1 for i in range(12)}  # only the failures twice
+    assert counts == {i: 2 if i in (3, 5, 9) else 1 for i in range(12)}  # only the failures twice
     assert st["requests"]["/v1/batches"] == 4  # 3 in round 0, 1 resubmission
     r0 = res[0]
     u = r0["usage"]
@@ -280,3 +292,257 @@ def test_redactor():
     r = Redactor([KEY])
     assert KEY not in r(f"Bearer {KEY} and sk-proj-abcdefghijklmnop")
     assert "sk-proj-abcdefghijklmnop" not in r("sk-proj-abcdefghijklmnop")
+
+
+# --- hardening (issue 14) ----------------------------------------------------------------
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def clean_gin():
+    yield
+    gin.clear_config()
+
+
+def closed_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def textbook_prompts(n):
+    """The user prompt of each textbook sample the CLI builds (to aim faults at one sample)."""
+    reqs = textbook.build_requests(textbook.TextbookConfig(n_samples=n), "fake-textbook")
+    prompts = [r.messages[-1]["content"] for r in reqs]
+    assert len(set(prompts)) == n
+    return prompts, reqs
+
+
+def textbook_argv(server_url, out, n, *extra):
+    return ["--gin_file=gin/data/textbook.gin", f"--out_dir={out}", f"--n_samples={n}",
+            "--gin_param=data_gen.EngineConfig.model = 'fake-textbook'",
+            f"--gin_param=data_gen.EngineConfig.base_url = '{server_url}'",
+            "--gin_param=data_gen.EngineConfig.progress = False",
+            "--gin_param=data_gen.EngineConfig.concurrency = 4",
+            "--gin_param=data_gen.EngineConfig.max_attempts = 2",
+            "--gin_param=data_gen.EngineConfig.backoff_base_s = 0.01",
+            "--gin_param=data_gen.EngineConfig.backoff_max_s = 0.05",
+            "--gin_param=data_gen.TextbookConfig.min_chars = 400", *extra]
+
+
+def body_count(server, req):
+    return server.stats()["by_body"].get(body_hash(req.body()), 0)
+
+
+def test_malformed_answers_are_asked_again_until_well_formed(server, tmp_path):
+    server.configure(faults=[{"kind": "malformed", "match": "s0.", "first": 2},
+                             {"kind": "no_choices", "match": "s1.", "first": 1}])
+    reqs = make_requests(4)
+    rep = Engine(tmp_path, config(server, max_attempts=3)).run_sync(reqs)
+    res = results(tmp_path)
+    assert rep.complete and rep.by_status == {"ok": 4} and rep.retries_by_reason == {"malformed": 3}
+    assert all(r["status"] == "ok" and r["text"] for r in res.values())
+    assert res[0]["attempts"] == 3 and res[1]["attempts"] == 2
+    lines = (tmp_path / ledger_lib.RESPONSES_FILE).read_text().splitlines()
+    assert len(lines) == 4  # only well-formed answers are results
+    # A malformed answer stored as done by an older run is asked again, not reported as done.
+    more = make_requests(6)
+    old = {"key": more[4].key, "sample_index": 4, "status": "malformed", "text": None, "cost_usd": 0.01}
+    with open(tmp_path / ledger_lib.RESPONSES_FILE, "a") as f:
+        f.write(json.dumps(old) + "\n")
+    rep2 = Engine(tmp_path, config(server)).run_sync(more)
+    assert rep2.n_already_done == 4 and rep2.by_status == {"ok": 2} and results(tmp_path)[4]["status"] == "ok"
+
+
+def test_missing_samples_exit_3_saying_how_many_and_why_on_every_run(server, tmp_path, capsys, clean_gin):
+    n = 6
+    prompts, reqs = textbook_prompts(n)
+    faults = [{"kind": "malformed", "match": prompts[2]}, {"kind": "400", "match": prompts[4]}]
+    server.configure(faults=faults)
+    out = tmp_path / "tb"
+    for run in range(2):  # the rerun must not report the missing samples as done
+        before = body_count(server, reqs[2])
+        assert textbook.main(textbook_argv(server.base_url, out, n)) == 3
+        text = capsys.readouterr().out
+        assert "2 of 6 samples have no answer" in text, text
+        assert "malformed" in text and "HTTP 400" in text and "retry_failed" in text
+        assert body_count(server, reqs[2]) == before + 2  # asked again (max_attempts = 2)
+        assert body_count(server, reqs[4]) == 1  # a 400 is not resent by itself
+    assert KEY not in text
+    server.configure(faults=[])
+    assert textbook.main(textbook_argv(server.base_url, out, n,
+                                       "--gin_param=data_gen.EngineConfig.retry_failed = True")) == 0
+    assert "no answer" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fault", ["401", "403", "404"])
+def test_auth_permission_and_model_errors_stop_the_run_and_record_nothing(server, tmp_path, monkeypatch, caplog,
+                                                                         fault):
+    wrong = "sk-wrong-0123456789abcdefghijkl"
+    server.configure(api_key=KEY, models=["m"])
+    reqs = make_requests(40)
+    model = "m"
+    if fault == "401":
+        monkeypatch.setenv("OPENAI_API_KEY", wrong)
+    elif fault == "403":
+        server.configure(faults=[{"kind": "403"}])
+    else:
+        model = "no-such-model"
+        reqs = make_requests(40, model=model)
+    cfg = config(server, concurrency=4, model=model, prices={model: PRICES["m"]})
+    with pytest.raises(EngineError) as err:
+        Engine(tmp_path, cfg).run_sync(reqs)
+    msg = str(err.value)
+    want = {"401": ["HTTP 401", "OPENAI_API_KEY"], "403": ["HTTP 403", "Permission denied"],
+            "404": ["HTTP 404", "no-such-model", "data_gen.EngineConfig.model"]}[fault]
+    assert all(w in msg for w in want), msg
+    assert wrong not in msg and wrong not in caplog.text and KEY not in msg
+    assert server.stats()["total"] <= 4  # stopped at the first answer (at most what was in flight)
+    led = ledger_lib.Ledger(tmp_path / ledger_lib.LEDGER_FILE)
+    assert led.state_counts() == {} and led.spent() == 0  # nothing recorded against the samples
+    led.close()
+    # Fixed: the same output directory finishes every sample.
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    server.configure(faults=[], models=None)
+    rep = Engine(tmp_path, cfg).run_sync(reqs)
+    assert rep.complete and rep.by_status == {"ok": 40} and rep.n_skipped_failed == 0
+    assert_no_key_in(tmp_path)
+
+
+def test_auth_failures_recorded_by_older_runs_do_not_poison_the_output(server, tmp_path):
+    reqs = make_requests(3)
+    led = ledger_lib.Ledger(tmp_path / ledger_lib.LEDGER_FILE)
+    led.mark_failed(reqs[0].key, 0, 401, "HTTP 401: Incorrect API key provided", False)
+    led.close()
+    rep = Engine(tmp_path, config(server)).run_sync(reqs)
+    assert rep.complete and rep.by_status == {"ok": 3}
+
+
+def test_second_run_on_the_same_out_dir_is_refused_until_the_holder_dies(tmp_path, monkeypatch, capsys, clean_gin):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    out = tmp_path / "tb"
+    with FakeOpenAIServer(latency=(0.3, 0.3)) as server:
+        argv = textbook_argv(server.base_url, out, 40, "--gin_param=data_gen.EngineConfig.concurrency = 1")
+        holder = subprocess.Popen([sys.executable, "-m", "data_gen.textbook", *argv], cwd=REPO,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 60
+            while not (out / ledger_lib.RESPONSES_FILE).exists() and time.monotonic() < deadline:
+                assert holder.poll() is None, holder.stderr.read().decode()
+                time.sleep(0.05)
+            sent = server.stats()["total"]
+            assert textbook.main(argv) == 2
+            err = capsys.readouterr().err
+            assert f"pid {holder.pid}" in err and socket.gethostname() in err and "started" in err, err
+            assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+            assert server.stats()["total"] <= sent + 1  # the second run sent nothing
+            with pytest.raises(EngineError, match=f"pid {holder.pid}"):
+                Engine(out, EngineConfig(model="fake-textbook", base_url=server.base_url, progress=False)).run_sync(
+                    make_requests(2, model="fake-textbook"))
+        finally:
+            holder.send_signal(signal.SIGKILL)  # the lock of a dead process is released by the kernel
+            holder.wait()
+        assert textbook.main(argv) == 0
+    assert len(results(out)) == 40
+
+
+def test_unreachable_endpoint_fails_fast_and_records_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    for concurrency in (16, 1):
+        cfg = EngineConfig(model="m", base_url=url, concurrency=concurrency, max_attempts=8, backoff_base_s=0.05,
+                           backoff_max_s=0.2, progress=False)
+        t0 = time.monotonic()
+        with pytest.raises(EngineError, match="cannot reach") as err:
+            Engine(tmp_path, cfg).run_sync(make_requests(200))
+        assert time.monotonic() - t0 < 5
+        assert url in str(err.value) and "base_url" in str(err.value)
+        led = ledger_lib.Ledger(tmp_path / ledger_lib.LEDGER_FILE)
+        assert led.state_counts() == {}
+        led.close()
+
+
+def test_retries_are_logged_at_the_default_level_rate_limited(server, tmp_path, caplog):
+    server.configure(faults=[{"kind": "503", "first": 2}])
+    caplog.set_level(logging.WARNING)
+    rep = Engine(tmp_path, config(server, max_attempts=4)).run_sync(make_requests(40))
+    assert rep.complete and rep.retries_by_reason == {"5xx": 80}
+    lines = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert 1 <= len(lines) <= 3, lines  # at most one line per 10 s (the first at once)
+    assert "5xx" in lines[0] and "HTTP 503" in lines[0]
+
+
+def test_429s_do_not_spend_attempts_and_their_wait_is_capped(server, tmp_path):
+    server.configure(faults=[{"kind": "429", "match": "s0.", "first": 6, "retry_after": 0.02},
+                             {"kind": "429", "match": "s1.", "retry_after": 0.1}])
+    reqs = make_requests(3)
+    rep = Engine(tmp_path, config(server, max_attempts=2, rate_limit_max_wait_s=0.6)).run_sync(reqs)
+    res = results(tmp_path)
+    assert res[0]["status"] == "ok" and res[0]["attempts"] == 7 and res[2]["status"] == "ok"
+    assert 1 not in res and rep.n_failed == 1
+    assert 4 <= body_count(server, reqs[1]) <= 9  # about 0.6 s / 0.1 s of Retry-After
+    led = ledger_lib.Ledger(tmp_path / ledger_lib.LEDGER_FILE)
+    row = led.get(reqs[1].key)
+    assert row["state"] == "failed" and row["retryable"] == 1 and "rate limited" in row["error"]
+    led.close()
+
+
+def test_default_limits_use_the_promised_concurrency_and_say_what_binds(server, tmp_path, caplog, clean_gin):
+    gin_setup.parse(["gin/data/engine.gin"], [])
+    cfg = EngineConfig()
+    cfg.base_url, cfg.model, cfg.progress, cfg.prices = server.base_url, "m", False, PRICES
+    server.configure(latency=(0.5, 0.6))
+    caplog.set_level(logging.INFO)
+    n = cfg.concurrency
+    Engine(tmp_path, cfg).run_sync(make_requests(n, max_tokens=1500))  # textbook.gin's max_tokens
+    assert server.stats()["max_in_flight"] >= 0.75 * n
+    line = next(r.getMessage() for r in caplog.records if "in flight" in r.getMessage())
+    assert f"{n} requests in flight" in line and "concurrency" in line, line
+    # A limit that binds is named.
+    caplog.clear()
+    cfg.tpm = 30_000
+    Engine(tmp_path / "b", cfg).run_sync(make_requests(2, max_tokens=1500))
+    line = next(r.getMessage() for r in caplog.records if "in flight" in r.getMessage())
+    assert "tpm binds" in line, line
+
+
+@pytest.mark.parametrize("where", ["file", "under_file"])
+def test_out_dir_that_is_a_file_is_one_line_exit_2(server, tmp_path, capsys, clean_gin, where):
+    f = tmp_path / "f.txt"
+    f.write_text("x")
+    out = f if where == "file" else f / "sub" / "dir"
+    assert textbook.main(textbook_argv(server.base_url, out, 2)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error:") and "is a file" in err and str(f) in err, err
+    assert server.stats()["total"] == 0 and f.read_text() == "x"
+
+
+def test_finalize_only_on_a_missing_out_dir_exits_2_and_creates_nothing(server, tmp_path, capsys, clean_gin):
+    out = tmp_path / "typo"
+    assert textbook.main(textbook_argv(server.base_url, out, 2, "--finalize_only")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist" in err and not out.exists()
+
+
+def test_ctrl_c_says_how_to_resume_in_one_line(tmp_path, monkeypatch, clean_gin):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    out = tmp_path / "tb"
+    with FakeOpenAIServer(latency=(0.2, 0.3)) as server:
+        argv = textbook_argv(server.base_url, out, 30)
+        p = subprocess.Popen([sys.executable, "-m", "data_gen.textbook", *argv], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while len(results(out)) < 4 and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        stdout, stderr = p.communicate(timeout=60)
+        assert p.returncode == 130, stderr
+        assert "Traceback" not in stderr, stderr
+        lines = [ln for ln in stderr.strip().splitlines() if not ln[:4].isdigit()]  # not a log line
+        assert len(lines) == 1 and "interrupted" in lines[0] and "rerun" in lines[0] and str(out) in lines[0], stderr
+        assert textbook.main(argv) == 0
+        st = server.stats()
+        assert st["total"] <= 30 + 4 and max(st["by_body"].values()) <= 2  # answers are not asked for again
+    assert len(results(out)) == 30

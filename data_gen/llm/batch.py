@@ -7,8 +7,9 @@ the ledger first (preparing → uploaded → submitted), so a killed run finds i
 instead of paying for them twice: an uploaded-but-unrecorded batch is looked up on the server
 by its tag. Batches are polled until terminal, their output and error files downloaded, and
 each line reconciled by custom_id into responses.jsonl (cost × 0.5). Requests that failed
-retryably (429, 5xx) or are missing from the output (expired) are resubmitted in the next
-round, up to ``batch_max_rounds``; other failures are recorded.
+retryably (429, 5xx, a malformed 200 body: charged at its worst case) or are missing from the
+output (expired) are resubmitted in the next round, up to ``batch_max_rounds``; other failures
+are recorded. A 401 / 403 / 404 from the Files or Batch API stops the run (``EndpointError``).
 
 Budget: a batch reserves the worst case of all its requests before it is uploaded; requests
 that do not fit wait for a later run with a larger cap.
@@ -24,6 +25,7 @@ import uuid
 from typing import Any, Iterable
 
 from data_gen.llm import cost as cost_lib
+from data_gen.llm import ledger as ledger_lib
 from data_gen.llm import retry as retry_lib
 from data_gen.llm.engine import Engine, Outcome, Progress, RunReport, parse_completion
 from data_gen.llm.request import Request
@@ -44,6 +46,9 @@ async def _with_retries(engine: Engine, what: str, fn, *args, **kwargs):
         try:
             return await fn(*args, **kwargs)
         except openai.APIStatusError as e:
+            if e.status_code in ledger_lib.CONFIG_STATUS:
+                raise engine.endpoint_error(e.status_code, f"HTTP {e.status_code}: {e.message}",
+                                            engine.cfg.model) from None
             if not retry_lib.is_retryable_status(e.status_code) or attempt + 1 == engine.cfg.max_attempts:
                 raise
             ra = retry_lib.parse_retry_after(e.response.headers)
@@ -161,8 +166,17 @@ class _BatchRun:
             req = self.todo.get(key)
             resp = item.get("response") or {}
             code = resp.get("status_code")
-            if code == 200 and req is not None:
-                self.record(req, parse_completion(req.kind, resp.get("body")))
+            out = parse_completion(req.kind, resp.get("body")) if code == 200 and req is not None else None
+            if out is not None and out.status != "malformed":
+                self.record(req, out)
+            elif out is not None:  # served but unusable: charged at its worst case, resubmitted
+                usd = self.e.worst_case(req, batch=True)[1]
+                self.led.charge(key, usd, "malformed")
+                self.budget.spent += usd
+                self.report.spent_usd += usd
+                self.led.mark_failed(key, keys[key], 200, self.e.redact(f"batch {row['batch_id']}: {out.error}"), True,
+                                     "malformed")
+                self.report.retries_by_reason["batch_malformed"] += 1
             else:
                 err = item.get("error") or (resp.get("body") or {}).get("error") or {}
                 msg = self.e.redact(f"batch {row['batch_id']}: HTTP {code}: {err.get('message', err)}")

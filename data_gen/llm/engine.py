@@ -2,14 +2,18 @@
 
     cfg = EngineConfig(model=..., rpm=600, tpm=200_000, budget_usd=5.0, prices={...})
     report = Engine(out_dir, cfg).run_sync(requests)       # or: await Engine(...).run(requests)
-    for rec in iter_results(out_dir / RESPONSES_FILE): ...
+    for rec in iter_answers(out_dir / RESPONSES_FILE): ...
 
-Per request: reserve its worst-case cost in the budget (in request order; a reservation that
-does not fit stops the run cleanly), wait for the rate limiter (concurrency, requests/min,
-tokens/min), mark it in flight in the ledger, send it, and on HTTP 200 append the result to
-responses.jsonl (fsync'd) and then mark it done. Failures are retried per ``retry.py``; a 200
-whose body is not a usable completion is recorded as ``malformed``; finish_reason "length" or
-"content_filter" is recorded with that status, never passed off as complete.
+A run holds the output directory's lock (``lock.py``). Per request: reserve its worst-case cost
+in the budget (in request order; a reservation that does not fit stops the run cleanly), wait
+for the rate limiter (concurrency, requests/min, tokens/min), mark it in flight in the ledger,
+send it, and on a well-formed HTTP 200 append the result to responses.jsonl (fsync'd) and then
+mark it done. Failures are retried per ``retry.py``: a 200 whose body is not a usable completion
+(malformed) like a 5xx; 429s after their Retry-After without spending attempts (up to
+``rate_limit_max_wait_s`` of waiting per request). finish_reason "length" or "content_filter" is
+recorded with that status, never passed off as complete. 401 / 403 / 404 (key, permission,
+model) stop the run at once, as do ``unreachable_after`` connection failures before any answer
+(``EndpointError``), recording nothing against the samples.
 
 Connection settings come from gin or the standard environment: ``base_url`` (else
 OPENAI_BASE_URL, else api.openai.com), the key from ``$api_key_env`` (default OPENAI_API_KEY),
@@ -35,18 +39,17 @@ import gin
 
 from data_gen.llm import cost as cost_lib
 from data_gen.llm import ledger as ledger_lib
+from data_gen.llm import lock as lock_lib
 from data_gen.llm import ratelimit
 from data_gen.llm import retry as retry_lib
+from data_gen.llm.errors import EndpointError, EngineError, OutputDirError  # noqa: F401 (re-exported)
 from data_gen.llm.request import Request, TokenCounter, estimate_tokens, split_params
 
 log = logging.getLogger(__name__)
 
-RESULT_STATUSES = ("ok", "length", "content_filter", "malformed")
+RESULT_STATUSES = ("ok", "length", "content_filter")  # well-formed answers; else "malformed"
 TPM_COUNTS = ("usage", "reserved")
-
-
-class EngineError(ValueError):
-    """A configuration problem found before anything is sent; the message names it."""
+RETRY_LOG_INTERVAL_S = 10.0
 
 
 @gin.configurable(module="data_gen")
@@ -65,7 +68,9 @@ class EngineConfig:
     burst_s: float = 1.0                 # bucket size, in seconds of the limit
     tpm_counts: str = "usage"            # 'usage': correct by reported usage; 'reserved': don't
     timeout_s: float = 120.0             # per HTTP request
-    max_attempts: int = 8                # per request and run, all retryable failures together
+    max_attempts: int = 8                # per request and run: failed attempts (5xx, network, malformed)
+    rate_limit_max_wait_s: float = 1800.0  # per request and run: waiting after 429s (no attempts spent)
+    unreachable_after: int = 5           # connection failures before any answer that stop the run
     backoff_base_s: float = 1.0
     backoff_max_s: float = 60.0
     prices: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
@@ -90,8 +95,10 @@ class EngineConfig:
                 raise EngineError(f"{name} must be > 0 or None, got {v!r}")
         if self.tpm_counts not in TPM_COUNTS:
             raise EngineError(f"tpm_counts must be one of {TPM_COUNTS}, got {self.tpm_counts!r}")
-        if self.max_attempts < 1 or self.batch_max_rounds < 1:
-            raise EngineError("max_attempts and batch_max_rounds must be >= 1")
+        if self.max_attempts < 1 or self.batch_max_rounds < 1 or self.unreachable_after < 1:
+            raise EngineError("max_attempts, batch_max_rounds and unreachable_after must be >= 1")
+        if not self.rate_limit_max_wait_s >= 0:
+            raise EngineError(f"rate_limit_max_wait_s must be >= 0, got {self.rate_limit_max_wait_s!r}")
         if not self.prompt_margin >= 1.0:
             raise EngineError(f"prompt_margin must be >= 1, got {self.prompt_margin}")
         try:
@@ -170,7 +177,7 @@ class Estimate:
 class RunReport:
     n_requests: int = 0
     n_already_done: int = 0
-    n_skipped_failed: int = 0          # earlier permanent (4xx) failures, not resent
+    n_skipped_failed: int = 0          # earlier permanent (4xx) failures, not resent: still missing
     n_duplicate_requests: int = 0      # the same key twice in the input
     n_sent: int = 0                    # requests that got an HTTP response or were given up on
     by_status: collections.Counter = dataclasses.field(default_factory=collections.Counter)
@@ -195,7 +202,7 @@ class RunReport:
 
     @property
     def complete(self) -> bool:
-        return self.stopped is None and self.n_failed == 0 and self.n_not_sent == 0
+        return self.stopped is None and self.n_failed == 0 and self.n_not_sent == 0 and self.n_skipped_failed == 0
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -207,7 +214,8 @@ class RunReport:
         rate = self.n_sent / self.elapsed_s * 60 if self.elapsed_s else 0.0
         parts = [f"{self.n_requests} requests: {self.n_already_done} already done, {self.n_sent} sent"
                  f" ({dict(self.by_status)}), {self.n_failed} failed, {self.n_not_sent} not sent"
-                 + (f", {self.n_skipped_failed} skipped (failed before with a 4xx)" if self.n_skipped_failed else ""),
+                 + (f", {self.n_skipped_failed} skipped (failed before with a 4xx; retry_failed resends)"
+                    if self.n_skipped_failed else ""),
                  f"{self.prompt_tokens + self.completion_tokens:,} tokens, ${self.spent_usd:.4f} this run"
                  f" (${self.total_spent_usd:.4f} in total), {rate:.0f} req/min over {self.elapsed_s:.1f}s"]
         if self.retries_by_reason:
@@ -220,7 +228,7 @@ class RunReport:
 # --- responses ----------------------------------------------------------------------
 @dataclasses.dataclass
 class Outcome:
-    """One HTTP attempt: a served response (status in RESULT_STATUSES) or an error."""
+    """One HTTP attempt: a served response (status in RESULT_STATUSES, or "malformed") or an error."""
 
     status: str | None = None          # set when the server answered 200
     text: str | None = None
@@ -250,10 +258,10 @@ def parse_completion(kind: str, body: str | bytes | Mapping) -> Outcome:
         reported = isinstance(pt, int) and isinstance(ct, int)
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
         snippet = (body[:120] if isinstance(body, (str, bytes)) else repr(body)[:120])
-        return Outcome(status="malformed", error=f"{type(e).__name__}: {e}; body starts {snippet!r}",
-                       reason="malformed")
+        return Outcome(status="malformed", error=f"malformed answer: {type(e).__name__}: {e}; body starts {snippet!r}",
+                       status_code=200, retryable=True, reason="malformed")
     status = {"length": "length", "content_filter": "content_filter"}.get(finish, "ok")
-    return Outcome(status=status, text=text, finish_reason=finish,
+    return Outcome(status=status, text=text, finish_reason=finish, status_code=200,
                    prompt_tokens=pt if reported else None,
                    completion_tokens=ct if reported else None, usage_reported=reported,
                    response_id=data.get("id") if isinstance(data.get("id"), str) else None)
@@ -311,6 +319,47 @@ class Progress:
             self.bar.close()
 
 
+def limits_line(cfg: EngineConfig, tokens_per_request: int) -> str:
+    """How many requests can be in flight and which setting binds it (logged at the start).
+    rpm / tpm bound the request rate; a rate of r per second keeps r x latency in flight, so they
+    bind unless requests take long enough (tpm counted at the reservation, prompt + max_tokens)."""
+    n = cfg.concurrency
+    rates = {}  # requests per minute each limit admits
+    if cfg.rpm:
+        rates["rpm"] = (cfg.rpm, f"rpm {cfg.rpm:g}")
+    if cfg.tpm:
+        rates["tpm"] = (cfg.tpm / max(tokens_per_request, 1),
+                        f"tpm {cfg.tpm:g} at {tokens_per_request:,} tokens reserved per request")
+    if not rates:
+        return (f"at most {n} requests in flight: concurrency binds (no rpm / tpm set: the server's 429s and"
+                " Retry-After pace the run)")
+    name, (per_min, detail) = min(rates.items(), key=lambda kv: kv[1][0])
+    need_s = n / (per_min / 60.0)  # how long a request must take for n to be in flight at that rate
+    if need_s <= 1.0:
+        return f"at most {n} requests in flight: concurrency binds ({detail} admits {per_min:,.0f} requests/min)"
+    return (f"at most {n} requests in flight (concurrency), but {name} binds unless each request takes"
+            f" {need_s:,.0f}s or longer: {detail} admits {per_min:,.0f} requests/min")
+
+
+class RetryLog:
+    """Retries at WARNING, at most one line per ``interval_s`` (the first at once): how many by
+    reason since the last line, and the latest error."""
+
+    def __init__(self, interval_s: float = RETRY_LOG_INTERVAL_S):
+        self.interval_s = interval_s
+        self.counts: collections.Counter = collections.Counter()
+        self.last = -float("inf")
+
+    def note(self, reason: str, text: str) -> None:
+        self.counts[reason] += 1
+        now = time.monotonic()
+        if now - self.last >= self.interval_s:
+            log.warning("retrying (%s since the last such line); latest: %s",
+                        ", ".join(f"{r}: {c}" for r, c in self.counts.most_common()), text)
+            self.counts.clear()
+            self.last = now
+
+
 # --- the engine ---------------------------------------------------------------------
 class Engine:
     def __init__(self, out_dir: str | os.PathLike, config: EngineConfig, client=None):
@@ -343,6 +392,17 @@ class Engine:
             raise EngineError(f"budget_usd is set but there is no price for {missing}: add"
                               " data_gen.EngineConfig.prices = {'model': {'input': usd_per_1M, 'output': usd_per_1M}}")
 
+    def endpoint_error(self, code: int, error: str, model: str) -> EndpointError:
+        """The run-stopping error for a 401 / 403 / 404, saying what to fix (the key redacted)."""
+        key = "data_gen.EngineConfig.api_key" if self.cfg.api_key else f"${self.cfg.api_key_env}"
+        fix = {401: f"The API key was rejected: set {key} to a valid key for this endpoint",
+               403: f"Permission denied: the key in {key} may not use model {model!r} here (check the key's"
+                    " project / organization and its model access)",
+               404: f"Model {model!r} was not found: check data_gen.EngineConfig.model (and base_url:"
+                    " OpenAI-compatible servers answer under /v1)"}[code]
+        return EndpointError(self.redact(f"{str(self.client.base_url).rstrip('/')}: {error.rstrip('.')}. {fix};"
+                                         " the run stopped and nothing was recorded against the samples"))
+
     def worst_case(self, req: Request, batch: bool = False) -> tuple[int, float]:
         """(prompt + max tokens reserved for rate limits, worst-case USD)."""
         prompt = self.counter.prompt(req)
@@ -353,7 +413,7 @@ class Engine:
     def estimate(self, requests: Iterable[Request]) -> Estimate:
         """Tokens and worst-case cost of what ``run`` would send; reads the output dir (if
         any) to skip completed work, contacts nothing, writes nothing."""
-        done = {r["key"] for r in ledger_lib.iter_results(self.responses_path)}
+        done = {r["key"] for r in ledger_lib.iter_answers(self.responses_path)}
         spent = 0.0
         if (self.out_dir / ledger_lib.LEDGER_FILE).exists():
             led = ledger_lib.Ledger(self.out_dir / ledger_lib.LEDGER_FILE)
@@ -389,7 +449,7 @@ class Engine:
         done: set[str] = set()
 
         def stream():  # one pass, without holding every result's text in memory
-            for r in ledger_lib.iter_results(self.responses_path):
+            for r in ledger_lib.iter_answers(self.responses_path):
                 done.add(r["key"])
                 yield r
         report.repaired.update(led.reconcile(stream()))
@@ -413,8 +473,6 @@ class Engine:
 
     def settle_usage(self, req: Request, out: Outcome, reserved_usd: float, batch: bool) -> float:
         """Fills in usage the server did not report and returns the actual cost."""
-        if out.status == "malformed":
-            return reserved_usd  # unknown usage: assume the worst was billed
         if not out.usage_reported:
             out.prompt_tokens = self.counter.prompt(req)
             out.completion_tokens = estimate_tokens(out.text or "")
@@ -441,7 +499,10 @@ class Engine:
                            retryable=retry_lib.is_retryable_status(code),
                            retry_after=retry_lib.parse_retry_after(e.response.headers),
                            reason=str(code) if code in (408, 409, 429) else ("5xx" if code >= 500 else "4xx"))
-        except openai.APITimeoutError:
+        except openai.APITimeoutError as e:
+            if type(e.__cause__).__name__ == "ConnectTimeout":  # httpx's: nothing reached the server
+                return Outcome(error=f"connection error: connect timed out after {self.cfg.timeout_s}s",
+                               retryable=True, reason="connection")
             return Outcome(error=f"timed out after {self.cfg.timeout_s}s", retryable=True, reason="timeout")
         except openai.APIConnectionError as e:
             cause = e.__cause__ or e
@@ -452,63 +513,112 @@ class Engine:
     async def process(self, req: Request, ctx: "_RunContext", tokens: int, reserved_usd: float) -> None:
         """Sends one request (retrying) with its rate-limit tokens and budget already reserved."""
         rng = random.Random(req.key)
-        last: Outcome | None = None
+        worst_usd = reserved_usd
+        n_http = n_failed = n_429 = 0  # HTTP attempts; failures that spend attempts; 429s (which do not)
+        waited_429 = 0.0
         try:
-            for attempt in range(self.cfg.max_attempts):
+            while True:
                 permit = await ctx.limiter.acquire(tokens)
                 ctx.ledger.start_attempt(req.key, req.sample_index)
                 ctx.report.n_http_attempts += 1
+                n_http += 1
                 try:
                     out = await self.call(req)
                 except BaseException:
                     ctx.limiter.release(permit, None)
                     raise
-                if out.status is not None:
+                ctx.reachable |= out.status_code is not None
+                if out.status in RESULT_STATUSES:  # a well-formed answer: done
                     cost = self.settle_usage(req, out, reserved_usd, batch=False)
                     used = (out.prompt_tokens or 0) + (out.completion_tokens or 0)
-                    ctx.limiter.release(permit, used if self.cfg.tpm_counts == "usage" and out.status != "malformed"
-                                        else tokens)
-                    self.write_result(ctx.results, ctx.ledger, req, out, cost, "online", attempt + 1)
+                    ctx.limiter.release(permit, used if self.cfg.tpm_counts == "usage" else tokens)
+                    self.write_result(ctx.results, ctx.ledger, req, out, cost, "online", n_http)
                     ctx.budget.settle(reserved_usd, cost)
                     reserved_usd = 0.0
                     ctx.report.count_result(out, cost)
                     ctx.progress.update(used, ctx.budget.spent)
                     if out.status != "ok":
-                        log.warning("sample %d: %s%s", req.sample_index, out.status,
-                                    f" ({self.redact(out.error)})" if out.error else "")
+                        log.warning("sample %d: %s", req.sample_index, out.status)
                     return
-                ctx.limiter.release(permit, None)
-                last = out
+                # The run stops holding this permit, so that nothing more is sent.
+                if out.status_code in ledger_lib.CONFIG_STATUS:
+                    raise self.endpoint_error(out.status_code, out.error, req.model)
+                if out.reason == "connection" and not ctx.reachable:
+                    ctx.connect_failures += 1
+                    if ctx.connect_failures >= self.cfg.unreachable_after or n_failed + 1 >= self.cfg.max_attempts:
+                        raise EndpointError(self.redact(
+                            f"cannot reach {str(self.client.base_url).rstrip('/')}: {ctx.connect_failures}"
+                            f" connection failures and no answer yet (last: {out.error}); check base_url /"
+                            " $OPENAI_BASE_URL and that the server is running; nothing was recorded"))
+                if out.status == "malformed":  # served but unusable: charged at its worst case, asked again
+                    ctx.limiter.release(permit, tokens)
+                    ctx.ledger.charge(req.key, reserved_usd, "malformed")
+                    ctx.budget.settle(reserved_usd, reserved_usd)
+                    ctx.report.spent_usd += reserved_usd
+                    reserved_usd = 0.0
+                else:
+                    ctx.limiter.release(permit, None)
                 ctx.ledger.note_error(req.key, out.status_code, out.error)
                 if not out.retryable:
-                    break
-                ctx.report.retries_by_reason[out.reason] += 1
+                    self.give_up(req, ctx, out, out.error)
+                    return
                 if out.status_code == 429:
+                    n_429 += 1
+                    delay = self.backoff.delay(n_429 - 1, out.retry_after, rng)
                     ctx.limiter.cooldown(out.retry_after if out.retry_after is not None else self.cfg.backoff_base_s)
-                if attempt + 1 < self.cfg.max_attempts:
-                    delay = self.backoff.delay(attempt, out.retry_after, rng)
-                    log.debug("sample %d: %s; retry %d in %.2fs", req.sample_index, out.error, attempt + 1, delay)
-                    await asyncio.sleep(delay)
-            assert last is not None
-            err = last.error if not last.retryable else f"gave up after {self.cfg.max_attempts} attempts: {last.error}"
-            ctx.ledger.mark_failed(req.key, req.sample_index, last.status_code, err, last.retryable)
-            ctx.report.n_failed += 1
-            ctx.report.n_sent += 1
-            log.warning("sample %d failed%s: %s", req.sample_index, "" if last.retryable else " (not retried)", err)
+                    if waited_429 + delay > self.cfg.rate_limit_max_wait_s:
+                        self.give_up(req, ctx, out, f"rate limited for {waited_429:.1f}s in total"
+                                     f" (rate_limit_max_wait_s = {self.cfg.rate_limit_max_wait_s:g}): {out.error}")
+                        return
+                    waited_429 += delay
+                else:
+                    n_failed += 1
+                    delay = self.backoff.delay(n_failed - 1, out.retry_after, rng)
+                    if n_failed >= self.cfg.max_attempts:
+                        self.give_up(req, ctx, out, f"gave up after {n_failed} failed attempts: {out.error}")
+                        return
+                if out.status == "malformed":  # the retry needs its own reservation
+                    if not ctx.budget.try_reserve(worst_usd):
+                        ctx.ledger.release(req.key)
+                        ctx.report.n_not_sent += 1
+                        ctx.report.stopped = "budget"
+                        log.warning("sample %d: budget cap reached before asking again after a malformed answer",
+                                    req.sample_index)
+                        return
+                    reserved_usd = worst_usd
+                ctx.report.retries_by_reason[out.reason] += 1
+                ctx.retry_log.note(out.reason, f"sample {req.sample_index}: {out.error}; retry in {delay:.2f}s")
+                log.debug("sample %d: %s; retry in %.2fs", req.sample_index, out.error, delay)
+                await asyncio.sleep(delay)
+        except (EndpointError, asyncio.CancelledError):
+            ctx.ledger.release(req.key)  # stopped: nothing recorded against the sample
+            raise
         finally:
             if reserved_usd:
                 ctx.budget.settle(reserved_usd, 0.0)
             ctx.settled.set()
 
+    def give_up(self, req: Request, ctx: "_RunContext", out: Outcome, err: str) -> None:
+        """Records a request as failed: retryable failures are asked again by the next run."""
+        ctx.ledger.mark_failed(req.key, req.sample_index, out.status_code, err, out.retryable,
+                               out.reason if out.retryable or out.status_code is None else str(out.status_code))
+        ctx.report.n_failed += 1
+        ctx.report.n_sent += 1
+        log.warning("sample %d failed%s: %s", req.sample_index, "" if out.retryable else " (not retried)", err)
+
     async def run(self, requests: Iterable[Request], total: int | None = None) -> RunReport:
         """Sends every request not yet done; returns when all are done, failed, or the budget
-        stopped the run. Safe to call again on the same output dir (resumes)."""
-        if self.cfg.use_batch:
-            _ = self.client
-            from data_gen.llm import batch as batch_lib
-            return await batch_lib.run_batch(self, requests, total)
-        t0 = time.monotonic()
+        stopped the run. Safe to call again on the same output dir (resumes); holds its lock.
+        EndpointError when the endpoint refuses the key / model or cannot be reached."""
         _ = self.client  # configuration errors (no key) before anything is touched
+        with lock_lib.hold(self.out_dir):
+            if self.cfg.use_batch:
+                from data_gen.llm import batch as batch_lib
+                return await batch_lib.run_batch(self, requests, total)
+            return await self.run_online(requests, total)
+
+    async def run_online(self, requests: Iterable[Request], total: int | None) -> RunReport:
+        t0 = time.monotonic()
         report = RunReport()
         led, results, done = self.open_state(report)
         permanent = set() if self.cfg.retry_failed else led.permanent_failures()
@@ -520,6 +630,7 @@ class Engine:
         seen: set[str] = set()
         checked: set[str] = set()
         config_error: EngineError | None = None
+        announced = False
         try:
             async with asyncio.TaskGroup() as tg:
                 for req in requests:
@@ -546,6 +657,9 @@ class Engine:
                             break
                         checked.add(req.model)
                     tokens, usd = self.worst_case(req)
+                    if not announced:  # before the first request sent
+                        log.info("limits: %s", limits_line(self.cfg, tokens))
+                        announced = True
                     await outstanding.acquire()
                     # In-flight requests usually cost less than reserved: wait for them to settle
                     # before concluding that the next request cannot be afforded.
@@ -563,6 +677,13 @@ class Engine:
                         continue
                     task = tg.create_task(self.process(req, ctx, tokens, usd))
                     task.add_done_callback(lambda _t: outstanding.release())
+        except BaseExceptionGroup as eg:  # a request stopped the run (EndpointError): raise the first
+            stop = eg.subgroup(lambda e: isinstance(e, EndpointError))
+            if stop is None:
+                raise
+            while isinstance(stop, BaseExceptionGroup):
+                stop = stop.exceptions[0]
+            raise stop from None
         finally:
             ctx.progress.close()
             await self.finish(report, led, results)
@@ -593,3 +714,6 @@ class _RunContext:
     report: RunReport
     progress: Progress
     settled: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # a request finished
+    reachable: bool = False        # some request got an HTTP answer (any status) in this run
+    connect_failures: int = 0      # connection failures before that
+    retry_log: RetryLog = dataclasses.field(default_factory=RetryLog)

@@ -14,14 +14,16 @@ Faults are rules matched per request, in order (the first that applies wins)::
     {"kind": "reply", "text": "no idea", "match": "doc 3", "unless": "could not be parsed"}
 
 kinds: 429 (with Retry-After), 500, 502, 503, 400 (echoes the Authorization header, to test
-that keys are redacted), timeout (answers after ``delay`` s), drop (resets the connection),
-malformed (200 with a cut-off JSON body), length (finish_reason "length"), slow (``delay`` s
+that keys are redacted), 403 (permission denied), timeout (answers after ``delay`` s), drop
+(resets the connection), malformed (200 with a cut-off JSON body), no_choices (200 with a
+well-formed JSON body without choices), length (finish_reason "length"), slow (``delay`` s
 more latency), expire (batch only: the request is missing from the output), reply (a normal
 200 whose content is the rule's ``text``: scripted answers). ``unless``: not for bodies containing
 that text. ``first``: only the first N receipts of an identical body; ``prob``: a seeded coin per
 (body, receipt). It can also enforce its own rpm / tpm limits (token buckets, prompt +
 max_tokens charged up front, refunded to the completion's usage), answering 429 with
-Retry-After like the real API.
+Retry-After like the real API. With ``api_key`` set, any other key is answered 401 (the message
+echoes the key, as careless servers do); with ``models`` set, any other model is answered 404.
 
 Stats count requests per body hash (``by_body``) and the 200s served per body (``ok_by_body``);
 the hash is in every response id (chatcmpl-<hash>-<n>), so a test can tell whether completed
@@ -59,8 +61,8 @@ from typing import Any
 from data_gen.llm.ratelimit import TokenBucket
 from data_gen.llm.request import canonical_json, estimate_tokens
 
-FAULT_KINDS = ("429", "500", "502", "503", "400", "timeout", "drop", "malformed", "length", "slow", "expire",
-               "reply")
+FAULT_KINDS = ("429", "500", "502", "503", "400", "403", "timeout", "drop", "malformed", "no_choices", "length",
+               "slow", "expire", "reply")
 RESPONDERS = ("auto", "lorem", "textbook", "exercises", "annotate")
 
 DEFAULTS: dict[str, Any] = {
@@ -73,6 +75,8 @@ DEFAULTS: dict[str, Any] = {
     "exercises_mix": {"wrong": 0.08, "syntax": 0.05, "no_asserts": 0.05, "wrong_name": 0.05, "dup": 0.08},
     "annotate_mix": {"fenced": 0.15, "wrapped": 0.1, "prose": 0.05, "out_of_range": 0.03},
     "batch_delay_s": 0.0,            # a batch stays in_progress this long
+    "api_key": None,                 # the only key accepted (None: any)
+    "models": None,                  # the models served (None: any)
     "seed": 0,
 }
 
@@ -417,10 +421,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             with st.lock:
                 st.reset()
             return self._send(200, {"ok": True})
-        if not self.headers.get("Authorization", "").startswith("Bearer "):
+        auth = self.headers.get("Authorization", "")
+        if not auth.startswith("Bearer "):
             with st.lock:
                 st.auth_missing += 1
             return self._error(401, "missing API key", etype="invalid_api_key")
+        if st.config["api_key"] is not None and auth[len("Bearer "):] != st.config["api_key"]:
+            with st.lock:
+                st.requests["rejected:401"] += 1
+            return self._error(401, f"Incorrect API key provided: {auth[len('Bearer '):]}.", etype="invalid_api_key")
         if path in ("/v1/chat/completions", "/v1/completions"):
             return self._completion(path, raw)
         if path == "/v1/files":
@@ -441,6 +450,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 raise ValueError("need messages or prompt")
         except ValueError as e:
             return self._error(400, f"bad request body: {e}")
+        if st.config["models"] is not None and body.get("model") not in st.config["models"]:
+            with st.lock:
+                st.requests["rejected:404"] += 1
+            return self._error(404, f"The model `{body.get('model')}` does not exist or you do not have access to it.",
+                               etype="model_not_found")
         h = body_hash(body)
         with st.lock:
             receipt = st.by_body[h]
@@ -469,6 +483,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._error(int(kind), "The server had an error (injected)", etype="server_error")
         if kind == "400":  # what a careless proxy does: echo the credentials
             return self._error(400, f"Invalid request for key {self.headers.get('Authorization')}")
+        if kind == "403":
+            return self._error(403, "You are not allowed to sample from this model", etype="permission_denied")
         if kind == "drop":
             return self._drop()
         max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
@@ -488,6 +504,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._drop()
         if kind == "malformed":
             return self._send(200, None, raw=b'{"id": "chatcmpl-x", "object": "chat.completion", "choices": [{"ind')
+        if kind == "no_choices":
+            return self._send(200, {"id": "chatcmpl-x", "object": "chat.completion", "choices": []})
         resp, _ = st.complete(body, h, receipt, rule)
         used = resp["usage"]["total_tokens"]
         with st.lock:
@@ -559,11 +577,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             rid = f"batch_req_{uuid.uuid4().hex[:12]}"
             if kind == "expire":
                 continue
-            if kind in ("429", "500", "502", "503", "400", "timeout", "drop"):
+            if kind in ("429", "500", "502", "503", "400", "403", "timeout", "drop"):
                 code = {"timeout": 500, "drop": 500}.get(kind, int(kind) if kind.isdigit() else 500)
                 err_lines.append({"id": rid, "custom_id": item["custom_id"], "response": {
                     "status_code": code, "request_id": rid,
                     "body": {"error": {"message": f"injected {kind}", "type": "server_error"}}}, "error": None})
+                continue
+            if kind in ("malformed", "no_choices"):  # a 200 line without a usable completion
+                out_lines.append({"id": rid, "custom_id": item["custom_id"], "error": None, "response": {
+                    "status_code": 200, "request_id": rid, "body": {"id": "chatcmpl-x", "choices": []}}})
                 continue
             resp, _ = st.complete(body, h, receipt, rule)
             with st.lock:

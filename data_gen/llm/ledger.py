@@ -3,20 +3,23 @@ paying twice and without losing anything.
 
 Two files in the output directory:
 
-- ``responses.jsonl``: every served response (HTTP 200: ok, cut off at max tokens, content
-  filtered, or malformed), one JSON object per line. Each line is written with one ``write``
-  of the whole line (O_APPEND) and fsync'd before the ledger is told, so a kill leaves at most
-  one torn last line, which the next open truncates (``ResultLog.open``). This file is the
-  authority on what is done.
+- ``responses.jsonl``: every well-formed answer (HTTP 200 with a completion: ok, cut off at max
+  tokens, or content filtered), one JSON object per line. Each line is written with one
+  ``write`` of the whole line (O_APPEND) and fsync'd before the ledger is told, so a kill leaves
+  at most one torn last line, which the next open truncates (``ResultLog.open``). This file is
+  the authority on what is done. (Older runs also stored ``malformed`` lines; they are not
+  answers, and ``iter_answers`` skips them.)
 - ``ledger.sqlite``: per request key its state (in_flight / done / failed / batched), attempts,
-  last error, usage and cost; and the Batch API jobs. On open, ``reconcile`` marks every key
-  found in responses.jsonl done (a kill between the two writes), and puts in-flight requests
-  back to pending, so the ledger and the output agree again.
+  last error and its short reason, usage and cost; charges for served but unusable (malformed)
+  answers; and the Batch API jobs. On open, ``reconcile`` marks every answered key done (a kill
+  between the two writes), and puts in-flight requests back to pending, so the ledger and the
+  output agree again.
 
-The cost column sums to what was spent, so the budget cap holds across restarts.
+The cost column plus the charges sum to what was spent, so the budget cap holds across restarts.
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -34,12 +37,15 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
   key TEXT PRIMARY KEY, sample_index INTEGER, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
   status TEXT, status_code INTEGER, error TEXT, retryable INTEGER, prompt_tokens INTEGER,
-  completion_tokens INTEGER, cost REAL NOT NULL DEFAULT 0, via TEXT, batch_tag TEXT, updated REAL);
+  completion_tokens INTEGER, cost REAL NOT NULL DEFAULT 0, via TEXT, batch_tag TEXT, updated REAL, reason TEXT);
 CREATE INDEX IF NOT EXISTS requests_state ON requests(state);
 CREATE TABLE IF NOT EXISTS batches (
   tag TEXT PRIMARY KEY, batch_id TEXT, input_file_id TEXT, state TEXT NOT NULL, n INTEGER,
   round INTEGER, reserved REAL NOT NULL DEFAULT 0, created REAL, updated REAL);
+CREATE TABLE IF NOT EXISTS charges (key TEXT NOT NULL, cost REAL NOT NULL, reason TEXT, time REAL);
 """
+# Answers that reject every request alike: a configuration error, never a sample's failure.
+CONFIG_STATUS = (401, 403, 404)
 
 
 class LedgerError(RuntimeError):
@@ -108,6 +114,16 @@ def repair_tail(path: Path) -> int:
     return size - keep
 
 
+def is_answer(record: dict[str, Any]) -> bool:
+    """A well-formed answer (what makes a request done); malformed ones were stored by older runs."""
+    return record.get("status") != "malformed"
+
+
+def iter_answers(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    """The well-formed answers of a responses.jsonl."""
+    return (r for r in iter_results(path) if is_answer(r))
+
+
 def iter_results(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
     """The records of a responses.jsonl (a torn last line is skipped, not repaired)."""
     path = Path(path)
@@ -131,6 +147,8 @@ class Ledger:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives a process kill
         self.db.executescript(_SCHEMA)
+        if "reason" not in {row[1] for row in self.db.execute("PRAGMA table_info(requests)")}:
+            self.db.execute("ALTER TABLE requests ADD COLUMN reason TEXT")  # a ledger of an older run
 
     def close(self) -> None:
         self.db.close()
@@ -181,25 +199,58 @@ class Ledger:
             (key, sample_index, status, prompt_tokens, completion_tokens, cost, via, time.time()))
 
     def mark_failed(self, key: str, sample_index: int, status_code: int | None, error: str,
-                    retryable: bool) -> None:
-        """A request given up on. Retryable failures (429/5xx/network, exhausted attempts) are
-        tried again by the next run; the others (4xx) only with ``retry_failed``."""
+                    retryable: bool, reason: str | None = None) -> None:
+        """A request given up on. Retryable failures (429/5xx/network/malformed, exhausted
+        attempts) are tried again by the next run; the others (4xx) only with ``retry_failed``.
+        ``reason``: the short class ('5xx', 'connection', 'malformed', ...)."""
         self.db.execute(
-            "INSERT INTO requests(key, sample_index, state, status_code, error, retryable, updated)"
-            " VALUES (?,?,'failed',?,?,?,?) ON CONFLICT(key) DO UPDATE SET state='failed',"
+            "INSERT INTO requests(key, sample_index, state, status_code, error, retryable, reason, updated)"
+            " VALUES (?,?,'failed',?,?,?,?,?) ON CONFLICT(key) DO UPDATE SET state='failed',"
             " status_code=excluded.status_code, error=excluded.error, retryable=excluded.retryable,"
-            " updated=excluded.updated",
-            (key, sample_index, status_code, error, int(retryable), time.time()))
+            " reason=excluded.reason, updated=excluded.updated",
+            (key, sample_index, status_code, error, int(retryable), reason, time.time()))
+
+    def charge(self, key: str, cost: float, reason: str) -> None:
+        """Spend that produced no answer (a malformed one, charged at its worst case)."""
+        self.db.execute("INSERT INTO charges(key, cost, reason, time) VALUES (?,?,?,?)",
+                        (key, cost, reason, time.time()))
 
     def release(self, key: str) -> None:
         """Back to pending (e.g. not sent because the budget ran out)."""
         self.db.execute("DELETE FROM requests WHERE key=? AND state != 'done'", (key,))
 
     def permanent_failures(self) -> set[str]:
-        return {k for (k,) in self.db.execute("SELECT key FROM requests WHERE state='failed' AND retryable=0")}
+        """Not resent without ``retry_failed``; an auth / permission / model error recorded by an
+        older run is a configuration error, not the sample's, so it is not among them."""
+        return {k for (k,) in self.db.execute(
+            "SELECT key FROM requests WHERE state='failed' AND retryable=0 AND COALESCE(status_code, 0)"
+            f" NOT IN {CONFIG_STATUS}")}
 
     def spent(self) -> float:
-        return float(self.db.execute("SELECT COALESCE(SUM(cost), 0) FROM requests").fetchone()[0])
+        return float(self.db.execute("SELECT COALESCE(SUM(cost), 0) FROM requests").fetchone()[0]
+                     + self.db.execute("SELECT COALESCE(SUM(cost), 0) FROM charges").fetchone()[0])
+
+    def why_missing(self, keys: Iterable[str]) -> collections.Counter:
+        """Why each of ``keys`` (requests without an answer) has none, as counts of short reasons."""
+        why: collections.Counter = collections.Counter()
+        for key in keys:
+            row = self.get(key)
+            state = row["state"] if row else None
+            if state == "failed":
+                code, reason = row["status_code"], row["reason"]
+                what = ("malformed answers" if reason == "malformed" or code == 200 else f"HTTP {code}" if code
+                        else reason or "errors")
+                if row["retryable"]:
+                    why[f"{what} (retries used up; the next run asks again)"] += 1
+                else:
+                    why[f"{what} (not resent: data_gen.EngineConfig.retry_failed = True resends)"] += 1
+            elif state == "batched":
+                why["in a batch not collected yet"] += 1
+            elif state == "done":  # an older run stored a malformed answer as done
+                why["malformed answers (the next run asks again)"] += 1
+            else:
+                why["not sent yet (budget cap, or the run was stopped)"] += 1
+        return why
 
     def state_counts(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT state, COUNT(*) FROM requests GROUP BY state").fetchall())
