@@ -8,14 +8,17 @@ status dict to the status pipe. Neither ever runs untrusted code itself.
 Process tree, "namespaces" isolation (Linux user/mount/pid/net namespaces):
 
     harness --Popen--> fork server --fork, setsid--> S (outside the sandbox's pid namespace)
-        S: [non-root: new user ns] + new mount, pid, net, ipc, uts ns; "/" read-only except
-           the work dir; [root: the python prefix made reachable for the unprivileged uid]
-        S --fork--> C  pid 1 of the new pid ns: fresh /proc; [root: drops to uid 65534 and
-                       enters a new user ns, so RLIMIT_NPROC counts this sandbox only]
+        S: [non-root: new user ns] + new mount, pid, net, ipc, uts ns; stages the jail on the
+           harness's per-program directory: a tmpfs root with read-only binds of only what the
+           interpreter needs, and a size- and inode-capped tmpfs work dir holding program.py
+        S --fork--> C  pid 1 of the new pid ns: fresh /proc in the jail, pivot_root into it,
+                       the host's root detached; [root: drops to uid 65534 and enters a new
+                       user ns, so RLIMIT_NPROC counts this sandbox only]
             C --fork--> B  setsid, rlimits, no_new_privs, exec python: the program
     When C exits (after B, or killed by S), the kernel kills everything left in the pid
-    namespace, including daemons that called setsid. The net namespace has only a down
-    loopback device, so no socket can reach anything.
+    namespace, including daemons that called setsid, and the mount namespace with its tmpfs
+    goes with the last process in it. The net namespace has only a down loopback device and
+    the jail has no socket file, so no socket can reach anything.
 
 "basic" isolation (no namespaces available): S becomes a child subreaper, B runs in its own
 session, sockets are disabled inside the program by a preamble, and S kills every
@@ -37,7 +40,10 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_BIND, MS_MOVE, MS_REC, MS_PRIVATE = 4096, 8192, 16384, 1 << 18
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC = 1, 2, 4, 8
 AT_FDCWD, AT_RECURSIVE = -100, 0x8000
+MNT_DETACH = 2
 SYS_MOUNT_SETATTR = 442  # one number on every architecture (syscalls >= 424 are unified)
+_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "ppc64": 203, "s390x": 217,
+               "i686": 217, "i386": 217, "armv7l": 218, "armv8l": 218, "loongarch64": 41}
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 SANDBOX_UID = SANDBOX_GID = 65534  # nobody, when the harness runs as root
 
@@ -99,31 +105,86 @@ def _blocked_ancestor(path):
 
 
 def _setup_namespaces(cfg, root):
-    work, prefix = cfg["work"], cfg["python_prefix"]
+    """In S: the namespaces, and the jail's new root, staged on the harness's per-program
+    directory (still to be entered by C, see _enter_jail)."""
     if not root:  # an unprivileged user gets the capabilities for the rest from its own user ns
         uid, gid = os.getuid(), os.getgid()
         _unshare(CLONE_NEWUSER, "user")
         _write("/proc/self/setgroups", "deny")
         _write("/proc/self/uid_map", f"{uid} {uid} 1")
         _write("/proc/self/gid_map", f"{gid} {gid} 1")
+        # no user namespace below this one: the program (whose uid is mapped here) could otherwise
+        # make its own, and in it mount namespaces and tmpfs without the work dir's cap. (As root,
+        # the program's uid is unmapped in its user namespace, which refuses nested ones already.)
+        try:
+            _write("/proc/sys/user/max_user_namespaces", "0")
+        except OSError as e:
+            raise SetupError(f"cannot forbid nested user namespaces: {e}") from None
     _unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS, "mnt|pid|net|ipc|uts")
     _mount(None, "/", None, MS_REC | MS_PRIVATE, what="make-private")
-    if root:
-        # uid 65534 must reach the interpreter; a tmpfs over the first unreachable directory
-        # (e.g. /root) with only the prefix moved back in keeps the same paths (RUNPATH is
-        # absolute) and hides the rest of that directory.
-        blocked = _blocked_ancestor(prefix)
-        if blocked is not None:
-            staging = os.path.join(cfg["root_dir"], "python")
-            os.mkdir(staging)
-            _mount(prefix, staging, None, MS_BIND | MS_REC, what="bind python prefix")
-            _mount("tmpfs", blocked, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755,size=64k", what="tmpfs over")
-            os.makedirs(prefix, mode=0o755)
-            _mount(staging, prefix, None, MS_MOVE, what="move python prefix")
-    _mount(work, work, None, MS_BIND, what="bind work dir")
-    _mount_setattr("/", AT_RECURSIVE, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID)
+    _build_jail(cfg, root)
+
+
+def _build_jail(cfg, root):
+    """The new root: a small tmpfs holding only read-only binds of what the interpreter needs
+    (cfg["jail"]: its installation, the system libraries, a few /etc files and /dev nodes) and
+    the program's work dir, a tmpfs capped in bytes and inodes. Everything else of the host
+    (/tmp, /run, /var, /home, sockets in any of them) does not exist there."""
+    new = cfg["root_dir"]
+    with open("program.py", "rb") as f:  # cwd: the harness's directory, about to be covered
+        source = f.read()
+    _mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755,size=256k,nr_inodes=4096", what="tmpfs root")
+    for op in cfg["jail"]:
+        kind, path = op[0], op[1]
+        target = new + path
+        if kind == "dir":
+            os.makedirs(target, 0o755, exist_ok=True)
+        elif kind == "bind":  # a directory tree (recursive: a partial bind of locked mounts is refused)
+            os.makedirs(target, 0o755, exist_ok=True)
+            _mount(path, target, None, MS_BIND | MS_REC, what="bind")
+        elif kind == "file":  # a file or device node (binds keep the source mount's dev/suid flags)
+            os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT, 0o644))
+            _mount(path, target, None, MS_BIND, what="bind")
+        elif kind == "symlink":
+            os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
+            os.symlink(op[2], target)
+    work = new + cfg["work"]
+    os.makedirs(work, 0o755, exist_ok=True)
+    opts = f"mode=700,size={cfg['disk_bytes']},nr_inodes={cfg['disk_inodes']}"
+    if root:  # the program runs as SANDBOX_UID and owns its work dir only
+        opts += f",uid={SANDBOX_UID},gid={SANDBOX_GID}"
+    _mount("tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts, what="tmpfs work dir")
+    fd = os.open(work + "/program.py", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, source)  # a tmpfs write of the whole buffer: never short
+        if root:
+            os.fchown(fd, SANDBOX_UID, SANDBOX_GID)
+    finally:
+        os.close(fd)
+    _mount_setattr(new, AT_RECURSIVE, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID)
     _mount_setattr(work, 0, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC, MOUNT_ATTR_RDONLY)
-    os.chdir(work)  # the inherited cwd still points into the read-only mount under the bind
+
+
+def _enter_jail(cfg):
+    """In C (pid 1 of the new pid ns): its own /proc in the staged root, then pivot_root into it
+    and detach the host's root. /proc is mounted first: the kernel allows a new procfs in a
+    user namespace only while a full one is still visible in the mount namespace."""
+    new = cfg["root_dir"]
+    try:
+        _mount("proc", new + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, what="mount")
+        proc_note = "own /proc"
+    except SetupError as e:  # e.g. the host /proc has masked parts: an empty one rather than the host's
+        _mount("tmpfs", new + "/proc", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, "size=4k")
+        proc_note = f"empty /proc ({e})"
+    os.chdir(new)
+    nr = _PIVOT_ROOT.get(os.uname().machine)
+    if nr is None:
+        raise SetupError(f"pivot_root: unknown syscall number on {os.uname().machine}")
+    _check(_libc.syscall(ctypes.c_long(nr), b".", b"."), "pivot_root")  # the old root is now stacked on "/"
+    _check(_libc.umount2(b".", ctypes.c_int(MNT_DETACH)), "umount2 old root")
+    os.chdir(cfg["work"])
+    return proc_note
 
 
 def _set_limits(cfg, nproc):
@@ -163,13 +224,7 @@ def _init_process(cfg, root, done_w, report_w):
     """C: pid 1 of the sandbox's pid namespace; never returns."""
     try:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        try:
-            _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, what="mount")
-            proc_note = "own /proc"
-        except SetupError as e:  # e.g. the host /proc has masked parts: hide it rather than keep it,
-            # since a same-uid harness's /proc/<pid>/environ would be readable there
-            _mount("tmpfs", "/proc", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, "size=4k")
-            proc_note = f"empty /proc ({e})"
+        proc_note = _enter_jail(cfg)
         if root:
             os.setgroups([])
             os.setresgid(SANDBOX_GID, SANDBOX_GID, SANDBOX_GID)
@@ -278,9 +333,10 @@ def supervise(cfg, status_fd):
     def report():
         os.write(status_fd, marshal.dumps(result))
 
-    os.chdir(cfg["work"])
     root = os.geteuid() == 0
     mode = cfg["isolation"]
+    os.umask(0o022)  # the jail's directories must be traversable by the program; its files get 644
+    os.chdir(cfg["root_dir"] if mode == "namespaces" else cfg["work"])
     token = cfg["token"].encode()
     done_r, done_w = os.pipe()
     os.set_blocking(done_r, False)

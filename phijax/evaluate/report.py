@@ -40,7 +40,8 @@ def summary_table(summary: Mapping) -> str:
             ("problems solved (any sample)", summary.get("problems_solved")),
             ("outcomes", ", ".join(f"{k}: {v}" for k, v in sorted(summary.get("outcomes", {}).items()))),
             ("source", summary.get("source")), ("step", summary.get("step")),
-            ("sandbox", summary.get("isolation")), ("timeout per program (s)", summary.get("timeout_s"))]
+            ("sandbox", summary.get("isolation_detail") or summary.get("isolation")),
+            ("timeout per program (s)", summary.get("timeout_s"))]
     lines = ["| | |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows if v is not None]
     return "\n".join(lines)
 

@@ -102,6 +102,7 @@ def _score(probs, samples, *, ks, workers, timeout_s, sandbox_limits, meta, outp
         **meta, **pak.pass_at_k(results, ks),
         "problems_solved": sum(1 for _, c in pak.counts(results).values() if c > 0),
         "outcomes": report.outcomes(results), "isolation": sandbox.isolation_in_use()[0],
+        "isolation_detail": sandbox.describe_isolation(),
         "timeout_s": timeout_s, "execution_wall_s": round(wall, 2),
     }
     if output_dir:
@@ -229,6 +230,8 @@ def main(argv=None) -> int:
     print(f"{summary['benchmark']} (prompt format: {summary['prompt_format']}): {ks} over {summary['problems']} "
           f"problems, {summary['samples_per_problem']} sample(s) each; outcomes {summary['outcomes']}; "
           f"sandbox: {summary['isolation']}")
+    if summary["isolation"] != "namespaces":
+        print(f"warning: sandbox {summary['isolation_detail']}", file=sys.stderr)
     print(f"results: {summary['results_path']}")
     print(f"report: {summary['report_path']}")
     return 0

@@ -6,17 +6,21 @@
     results = sandbox.run_many([src1, src2, ...], workers=2, timeout_s=3)   # order preserved
 
 Each program runs under its own supervisor process (forked by a per-process fork server,
-`_supervisor.py`), in its own session and temporary directory (its cwd and HOME, removed
-afterwards), with a scrubbed environment, wall and CPU time limits, RLIMIT_AS / RLIMIT_FSIZE /
-RLIMIT_NPROC, bounded captured output, and everything it started killed at the end. Isolation,
-chosen once per process by "auto":
+`_supervisor.py`), in its own session and work directory (its cwd, HOME and TMPDIR), with a
+scrubbed environment, wall and CPU time limits, RLIMIT_AS / RLIMIT_FSIZE / RLIMIT_NPROC, bounded
+captured output, and everything it started killed at the end. Isolation, chosen once per process
+by "auto" (the threat model is in docs/evaluation.md):
 
-* "namespaces" (Linux with user namespaces): new mount, pid, net, ipc and uts namespaces; the
-  whole filesystem read-only except the work dir (no-exec there); no network at all; its own
-  /proc; when the harness is root the program runs as uid 65534 in its own user namespace (so
-  RLIMIT_NPROC counts this sandbox's processes only, and root's private files stay private).
-* "basic" (fallback): own session, a child-subreaper supervisor that kills every descendant,
-  sockets disabled by a preamble inside the program. Weaker: documented in docs/evaluation.md.
+* "namespaces" (Linux with user namespaces): new mount, pid, net, ipc and uts namespaces, and a
+  jail: pivot_root into a tmpfs holding read-only binds of only what the interpreter needs (its
+  installation, the system libraries, /etc/ld.so.cache, a few /dev nodes) and the work dir
+  /sandbox, a tmpfs capped at `max_disk_bytes` and `max_files` (no-exec); nothing else of the
+  host exists there (no /tmp, /run, /var, home, no socket file); no network at all; its own
+  /proc; no user namespaces of its own; when the harness is root the program runs as uid 65534
+  in its own user namespace (so RLIMIT_NPROC counts this sandbox's processes only).
+* "basic" (fallback, logged and reported): own session, a child-subreaper supervisor that kills
+  every descendant, sockets disabled by a preamble inside the program, a work dir in the host's
+  temp dir. Weaker: the program reads what its uid can read, only single files are capped.
 
 A program *passes* only if it runs to its last statement: the runner writes a per-run token
 to a private pipe after the program's code returns, so `os._exit(0)`, `sys.exit(0)` or a
@@ -103,14 +107,16 @@ class ExecResult:
         return self.status == PASSED
 
 
-def _validate(timeout_s, cpu_s, memory_bytes, max_output_bytes, max_processes, max_file_bytes, isolation):
+def _validate(timeout_s, cpu_s, memory_bytes, max_output_bytes, max_processes, max_file_bytes, isolation,
+              max_disk_bytes=64 << 20, max_files=4096):
     problems = []
     if not (isinstance(timeout_s, (int, float)) and timeout_s > 0 and math.isfinite(timeout_s)):
         problems.append(f"timeout_s={timeout_s!r} must be a positive number")
     if cpu_s is not None and not (isinstance(cpu_s, (int, float)) and cpu_s > 0):
         problems.append(f"cpu_s={cpu_s!r} must be a positive number or None")
     for name, v, lo in (("memory_bytes", memory_bytes, 64 << 20), ("max_output_bytes", max_output_bytes, 1),
-                        ("max_processes", max_processes, 1), ("max_file_bytes", max_file_bytes, 0)):
+                        ("max_processes", max_processes, 1), ("max_file_bytes", max_file_bytes, 0),
+                        ("max_disk_bytes", max_disk_bytes, 0), ("max_files", max_files, 1)):
         if not isinstance(v, int) or v < lo:
             problems.append(f"{name}={v!r} must be an int >= {lo}")
     if isolation not in ISOLATIONS:
@@ -120,24 +126,102 @@ def _validate(timeout_s, cpu_s, memory_bytes, max_output_bytes, max_processes, m
 
 
 _python_info_lock = threading.Lock()
-_python_info_cache: dict[str, tuple[str, str]] = {}
+_python_info_cache: dict[str, tuple[str, str, tuple[str, ...]]] = {}
+
+# Imported by the probe so that the libraries they load are found (and bound into the jail).
+_PROBE_MODULES = ("_ctypes", "_ssl", "_hashlib", "zlib", "_bz2", "_lzma", "_sqlite3", "_decimal", "_uuid",
+                  "pyexpat", "readline", "_curses", "_dbm", "_gdbm", "_multiprocessing", "_posixshmem")
+_PROBE = f"""
+import sys
+for m in {_PROBE_MODULES!r}:
+    try:
+        __import__(m)
+    except Exception:
+        pass
+print('--phijax-probe--')
+print(sys._base_executable)
+print(sys.base_prefix)
+try:
+    with open('/proc/self/maps') as f:
+        for line in f:
+            parts = line.split(None, 5)
+            if len(parts) == 6 and parts[5].startswith('/'):
+                print(parts[5].rstrip('\\n'))
+except OSError:
+    pass
+"""
 
 
-def _python_info(python: str) -> tuple[str, str]:
-    """(real interpreter path, its base prefix). The program runs the base interpreter with -S:
-    the standard library only, no site-packages (so nothing a venv holds can be imported or
-    written)."""
+def _python_info(python: str) -> tuple[str, str, tuple[str, ...]]:
+    """(real interpreter path, its base prefix, the shared objects it loads), from one run of the
+    base interpreter (per process and interpreter). The program runs that base interpreter
+    with -S: the standard library only, no site-packages (so nothing a venv holds can be
+    imported or written)."""
     with _python_info_lock:
         if python not in _python_info_cache:
-            if python == sys.executable:
-                exe, prefix = sys._base_executable, sys.base_prefix
-            else:
-                out = subprocess.run([python, "-I", "-S", "-c",
-                                      "import sys; print(sys._base_executable); print(sys.base_prefix)"],
-                                     capture_output=True, text=True, timeout=30, check=True).stdout.split("\n")
-                exe, prefix = out[0], out[1]
-            _python_info_cache[python] = (os.path.realpath(exe), os.path.realpath(prefix))
+            exe = sys._base_executable if python == sys.executable else python
+            out = subprocess.run([exe, "-I", "-S", "-c", _PROBE], capture_output=True, text=True, timeout=60,
+                                 check=True, stdin=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+            out = out.stdout.split("--phijax-probe--\n", 1)[1].split("\n")
+            libs = tuple(sorted({os.path.realpath(p) for p in out[2:] if p and os.path.isfile(p)}))
+            _python_info_cache[python] = (os.path.realpath(out[0]), os.path.realpath(out[1]), libs)
         return _python_info_cache[python]
+
+
+# The jail (namespaces isolation): what exists in the program's root, everything read-only but
+# its work dir. System directories are bound whole (a symlinked one, as /lib -> usr/lib on a
+# merged-/usr system, is the same symlink); the interpreter's installation, and the directory of
+# any library it loads from elsewhere, at their own paths.
+JAIL_WORK = "/sandbox"  # the program's cwd, HOME and TMPDIR (a tmpfs); there is no /tmp
+_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+_JAIL_FILES = ("/etc/ld.so.cache", "/etc/localtime", "/dev/null", "/dev/zero", "/dev/full", "/dev/random",
+               "/dev/urandom")
+_DEV_LINKS = (("/dev/fd", "/proc/self/fd"), ("/dev/stdin", "/proc/self/fd/0"), ("/dev/stdout", "/proc/self/fd/1"),
+              ("/dev/stderr", "/proc/self/fd/2"))
+_jail_cache: dict[str, list] = {}
+
+
+def _under(path: str, roots) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+def _jail_ops(python: str) -> list:
+    """The jail's contents for `python`, as (kind, path[, target]) steps for the supervisor:
+    "dir", "bind" (a directory tree), "file" (a file or device node), "symlink"."""
+    with _python_info_lock:
+        if python in _jail_cache:
+            return _jail_cache[python]
+    exe, prefix, libs = _python_info(python)
+    ops, bound = [("dir", "/proc"), ("dir", "/dev")], []
+    for d in _SYSTEM_DIRS:
+        if os.path.islink(d):
+            ops.append(("symlink", d, os.readlink(d)))
+        elif os.path.isdir(d):
+            ops.append(("bind", d))
+            bound.append(os.path.realpath(d))
+    # never bind these whole: a library found there is bound alone (a host temp or home dir
+    # holds sockets and private files)
+    private = {"/", os.path.realpath(tempfile.gettempdir()), "/tmp", "/run", "/var", "/var/run", "/home", "/root",
+               os.path.realpath(os.path.expanduser("~"))}
+    for path in sorted({prefix, os.path.dirname(exe)} | {os.path.dirname(p) for p in libs}, key=len):
+        if _under(path, bound):
+            continue
+        if path in private or _under(tempfile.gettempdir(), [path]):
+            continue
+        ops.append(("bind", path))
+        bound.append(path)
+    for lib in libs:
+        if not _under(lib, bound):
+            ops.append(("file", lib))
+    for f in _JAIL_FILES:
+        if os.path.islink(f) and f.startswith("/etc/"):
+            ops.append(("symlink", f, os.readlink(f)))
+        elif os.path.exists(f):
+            ops.append(("file", f))
+    ops.extend(("symlink", link, target) for link, target in _DEV_LINKS)
+    with _python_info_lock:
+        _jail_cache[python] = ops
+    return ops
 
 
 _auto_lock = threading.Lock()
@@ -161,27 +245,33 @@ def _env(work: str, hash_seed: int | None) -> dict[str, str]:
 
 def run_program(source: str, *, timeout_s: float = 10.0, cpu_s: float | None = None,
                 memory_bytes: int = 2 << 30, max_output_bytes: int = 1 << 20, max_processes: int = 16,
-                max_file_bytes: int = 16 << 20, python: str = sys.executable, isolation: str = "auto",
-                hash_seed: int | None = 0) -> ExecResult:
+                max_file_bytes: int = 16 << 20, max_disk_bytes: int = 64 << 20, max_files: int = 4096,
+                python: str = sys.executable, isolation: str = "auto", hash_seed: int | None = 0) -> ExecResult:
     """Run `source` as a Python program in the sandbox; never raises for anything the program
     does. Limits: `timeout_s` wall clock (the program is killed, status TIMEOUT); `cpu_s` CPU
     seconds (default: timeout_s); `memory_bytes` address space; `max_output_bytes` per stream
     (past it the program is killed, status OUTPUT_LIMIT); `max_processes` processes and threads
-    including itself; `max_file_bytes` per written file. `hash_seed` fixes PYTHONHASHSEED
-    (None: random, as a plain interpreter)."""
-    _validate(timeout_s, cpu_s, memory_bytes, max_output_bytes, max_processes, max_file_bytes, isolation)
+    including itself; `max_file_bytes` per written file; `max_disk_bytes` and `max_files` in all
+    (the work dir is a tmpfs of that size and inode count: past it writes fail with ENOSPC;
+    namespaces isolation only). `hash_seed` fixes PYTHONHASHSEED (None: random, as a plain
+    interpreter)."""
+    _validate(timeout_s, cpu_s, memory_bytes, max_output_bytes, max_processes, max_file_bytes, isolation,
+              max_disk_bytes, max_files)
+    args = (timeout_s, cpu_s, memory_bytes, max_output_bytes, max_processes, max_file_bytes, python, hash_seed,
+            max_disk_bytes, max_files)
     global _auto_isolation, _auto_reason
     if isolation == "auto":
         with _auto_lock:
             decided = _auto_isolation
         if decided is None:
-            r = _run_once(source, "namespaces", timeout_s, cpu_s, memory_bytes, max_output_bytes, max_processes,
-                          max_file_bytes, python, hash_seed)
+            r = _run_once(source, "namespaces", *args)
             if r.status == ERROR and r.reason.startswith(("namespaces isolation unavailable", "sandbox init")):
                 with _auto_lock:
                     _auto_isolation, _auto_reason = "basic", r.reason
                 logging.getLogger("phijax.sandbox").warning(
-                    "sandbox: %s; falling back to the weaker 'basic' isolation (docs/evaluation.md)", r.reason)
+                    "sandbox: %s; falling back to the weaker 'basic' isolation: the program can read what the "
+                    "harness's uid can read and connect to Unix sockets through ctypes, and only single files "
+                    "are size-capped (docs/evaluation.md)", r.reason)
                 decided = "basic"
             else:
                 if r.status != ERROR:  # another error (no fork server, ...) decides nothing
@@ -189,8 +279,20 @@ def run_program(source: str, *, timeout_s: float = 10.0, cpu_s: float | None = N
                         _auto_isolation = "namespaces"
                 return r
         isolation = decided
-    return _run_once(source, isolation, timeout_s, cpu_s, memory_bytes, max_output_bytes, max_processes,
-                     max_file_bytes, python, hash_seed)
+    return _run_once(source, isolation, *args)
+
+
+def describe_isolation(isolation: str | None = None) -> str:
+    """One line on what `isolation` (default: the one "auto" chose) protects, for reports."""
+    isolation = isolation or _auto_isolation
+    if isolation == "namespaces":
+        return ("namespaces: pivot_root jail (read-only interpreter and system libraries only, no host /tmp, /run, "
+                "/var or home), tmpfs work dir capped in bytes and files, no network, own pid/ipc/uts namespaces")
+    if isolation == "basic":
+        why = f" ({_auto_reason})" if _auto_reason and _auto_isolation == "basic" else ""
+        return (f"basic fallback{why}: own session, rlimits, scrubbed environment, sockets blocked in Python only; "
+                "the host filesystem is readable as the program's uid and only single files are size-capped")
+    return "not decided yet"
 
 
 def _rmtree(path):
@@ -208,16 +310,24 @@ def _rmtree(path):
 
 
 def _run_once(source, isolation, timeout_s, cpu_s, memory_bytes, max_output_bytes, max_processes,
-              max_file_bytes, python, hash_seed) -> ExecResult:
-    exe, prefix = _python_info(python)
+              max_file_bytes, python, hash_seed, max_disk_bytes, max_files) -> ExecResult:
+    exe, prefix, _ = _python_info(python)
+    # The harness's per-program directory: in the namespaces mode it holds program.py for the
+    # supervisor to copy into the jail, and is where the jail's root is mounted (in the
+    # sandbox's own mount namespace: on the host it stays as it is); in the basic mode its
+    # work/ subdirectory is the program's work dir.
     root_dir = tempfile.mkdtemp(prefix="phijax-sandbox-")
-    os.chmod(root_dir, 0o755)
-    work = os.path.join(root_dir, "work")
-    os.mkdir(work, 0o700)
-    program = os.path.join(work, "program.py")
+    if isolation == "namespaces":
+        work = JAIL_WORK
+        program = os.path.join(root_dir, "program.py")
+    else:
+        os.chmod(root_dir, 0o755)
+        work = os.path.join(root_dir, "work")
+        os.mkdir(work, 0o700)
+        program = os.path.join(work, "program.py")
     with open(program, "w", encoding="utf-8") as f:
         f.write(source)
-    if os.geteuid() == 0:  # the program runs as uid 65534 and owns only its work dir
+    if isolation == "basic" and os.geteuid() == 0:  # the program may run as uid 65534: its work dir only
         for p in (work, program):
             os.chown(p, 65534, 65534)
     token = secrets.token_hex(16)
@@ -228,6 +338,10 @@ def _run_once(source, isolation, timeout_s, cpu_s, memory_bytes, max_output_byte
            "isolation": isolation, "token": token, "timeout_s": float(timeout_s),
            "cpu_s": int(math.ceil(cpu_s if cpu_s is not None else timeout_s)), "memory_bytes": memory_bytes,
            "max_file_bytes": max_file_bytes, "max_processes": max_processes}
+    if isolation == "namespaces":
+        # program.py and the tmpfs's own bookkeeping come on top of what the program may write
+        cfg.update(jail=_jail_ops(python), disk_bytes=max_disk_bytes + len(source.encode()) + (64 << 10),
+                   disk_inodes=max_files + 2)
     pipes = [os.pipe() for _ in range(3)]  # stdout, stderr, status
     t0 = time.monotonic()
     try:
@@ -418,7 +532,8 @@ def run_many(sources: Sequence[str] | Iterable[str], *, workers: int | None = No
         raise ValueError(f"workers={workers!r} must be a positive int")
     _validate(limits.get("timeout_s", 10.0), limits.get("cpu_s"), limits.get("memory_bytes", 2 << 30),
               limits.get("max_output_bytes", 1 << 20), limits.get("max_processes", 16),
-              limits.get("max_file_bytes", 16 << 20), limits.get("isolation", "auto"))
+              limits.get("max_file_bytes", 16 << 20), limits.get("isolation", "auto"),
+              limits.get("max_disk_bytes", 64 << 20), limits.get("max_files", 4096))
     if not sources:
         return []
     first = []
