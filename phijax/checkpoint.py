@@ -20,10 +20,12 @@ the arrays as soon as `save` returns.  Writing, the commit (atomic rename on loc
 steps happen in a background thread.
 
 `restore_latest` walks the committed steps newest-first: a step whose files are
-truncated/missing is logged (WARNING) and skipped; a step whose *shapes* differ
-from the requested abstract state raises `ValueError` before any array is read
-(that is a different model, not corruption); if steps exist but none restores it
-raises `RuntimeError` rather than letting training start from scratch.
+truncated/missing (arrays, their metadata, or with `check_meta` its `meta/metadata`)
+is logged as one WARNING line naming the step and the reason, and skipped; a step
+whose *shapes* differ from the requested abstract state (or that `check_meta`
+rejects) raises `ValueError` before any array is read (that is a different model,
+not corruption); if steps exist but none restores it raises `RuntimeError` rather
+than letting training start from scratch.
 
 `export_params` / `load_params` write and read a standalone parameters-only
 checkpoint (optionally cast, e.g. to bfloat16) plus a small JSON description.
@@ -32,10 +34,13 @@ This module deliberately does not import tensorflow.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
 import logging
-from typing import Any, Mapping
+import sys
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -137,10 +142,52 @@ def _check_compatible(
         )
 
 
-def _short_error(e: BaseException, limit: int = 600) -> str:
-    """`Type: message`, cut to `limit` chars (tensorstore errors embed whole specs)."""
-    msg = f"{type(e).__name__}: {e}"
+def _reason(e: BaseException, limit: int = 400) -> str:
+    """One line for a log: the root cause's `Type: first line`. (orbax wraps a tensorstore read
+    error in a message that embeds the store's whole multi-line spec; the cause names the file.)"""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    lines = str(e).split(" See full TensorStore details")[0].strip().splitlines()
+    msg = f"{type(e).__name__}: {lines[0] if lines else ''}"
     return msg if len(msg) <= limit else msg[:limit] + " ...[truncated]"
+
+
+def _is_failed_read_echo(exc: BaseException | None) -> bool:
+    return (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed") or \
+        str(exc).startswith("Encountered error while reading array index")
+
+
+@contextlib.contextmanager
+def _failed_read_echoes_dropped():
+    """Drops the echoes of a failed array read while a restore runs.
+
+    When one read fails, orbax's restore raises and closes its event loop with the other
+    reads still in flight (orbax/checkpoint/_src/asyncio_utils.py:_run_sync_via_new_loop).
+    Each of those then reports `RuntimeError: Event loop is closed` from a tensorstore
+    thread, and each abandoned read coroutine re-raises its own 'Encountered error while
+    reading array index ... <the TensorStore spec>' when collected: dozens to thousands of
+    traceback lines through `sys.unraisablehook`. The failure itself is raised normally and
+    logged by `restore_latest`; any other unraisable exception passes through.
+    """
+    previous = sys.unraisablehook
+    dropped = 0
+
+    def hook(unraisable):
+        nonlocal dropped
+        if _is_failed_read_echo(unraisable.exc_value):
+            dropped += 1
+        else:
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        gc.collect()  # finalise abandoned read coroutines now, under this hook
+        if sys.unraisablehook is hook:
+            sys.unraisablehook = previous
+        if dropped:
+            logger.debug("Dropped %d echoes of failed checkpoint reads (Event loop is closed, ...).", dropped)
 
 
 def _json_copy(obj: Any, what: str) -> Any:
@@ -256,7 +303,7 @@ class Checkpointer:
         if step in self._mngr.all_steps():
             if step in self._unrestorable_steps:
                 logger.warning(
-                    "Checkpoint step %d in %s could not be restored earlier; deleting it "
+                    "Checkpoint step %d in %s was found damaged; deleting it "
                     "so that it can be re-saved.", step, self._directory,
                 )
                 self._mngr.wait_until_finished()
@@ -290,16 +337,22 @@ class Checkpointer:
             raise FileNotFoundError(f"no readable '{STATE_ITEM}' metadata in checkpoint step {step}")
         return getattr(tree, "tree", tree)
 
-    def restore_latest(self, abstract_state) -> tuple[int, Any, dict] | None:
+    def restore_latest(
+        self, abstract_state, *, check_meta: Callable[[int, dict], None] | None = None
+    ) -> tuple[int, Any, dict] | None:
         """Restores the newest restorable checkpoint onto `abstract_state`'s shardings.
 
         `abstract_state` is a pytree of `jax.ShapeDtypeStruct` (with `.sharding`)
-        matching the saved state.  Returns `(step, state, data_state)`, or None when
-        the directory holds no committed checkpoint.
+        matching the saved state.  With `check_meta`, each candidate step's 'meta'
+        JSON is read first and passed to `check_meta(step, meta)` (which raises to
+        refuse it); a step whose meta is missing or unreadable counts as damaged.
+        Returns `(step, state, data_state)`, or None when the directory holds no
+        committed checkpoint.
 
         Raises:
           ValueError: a checkpoint's stored shapes/dtypes/structure differ from
-            `abstract_state` (checked from metadata, before reading arrays).
+            `abstract_state` (checked from metadata, before reading arrays), or
+            `check_meta` refused it.
           RuntimeError: checkpoints exist but none of them can be restored.
         """
         self._mngr.wait_until_finished()
@@ -308,57 +361,75 @@ class Checkpointer:
         if not steps:
             return None
         failures: list[tuple[int, str]] = []
-        for step in steps:
-            try:
-                stored = self._stored_state_metadata(step)
-            except Exception as e:  # unreadable/missing metadata: treat as corrupt
-                failures.append((step, _short_error(e)))
-                logger.warning(
-                    "Checkpoint step %d in %s is unreadable (reading its metadata failed: %s); "
-                    "trying the previous checkpoint.", step, self._directory, _short_error(e),
+
+        def damaged(step, what, e):
+            failures.append((step, f"{what}: {_reason(e)}"))
+            logger.warning("Checkpoint step %d in %s is damaged (%s); trying the previous checkpoint.",
+                           step, self._directory, failures[-1][1])
+            logger.debug("Full error for checkpoint step %d", step, exc_info=e)
+
+        with _failed_read_echoes_dropped():
+            for step in steps:
+                try:
+                    meta = self._read_meta_item(step, required=True) if check_meta is not None else None
+                except Exception as e:  # missing file, bad JSON, not an object
+                    damaged(step, f"{META_ITEM}/metadata", e)
+                    continue
+                try:
+                    stored = self._stored_state_metadata(step)
+                except Exception as e:  # unreadable/missing array metadata
+                    damaged(step, f"{STATE_ITEM} metadata", e)
+                    continue
+                # A different model is not corruption: fail loudly, do not fall back.
+                if check_meta is not None:
+                    check_meta(int(step), meta)
+                _check_compatible(
+                    stored, abstract_state,
+                    where=f"checkpoint step {step} in {self._directory}",
                 )
-                logger.debug("Full error for checkpoint step %d", step, exc_info=True)
-                continue
-            # A different model is not corruption: fail loudly, do not fall back.
-            _check_compatible(
-                stored, abstract_state,
-                where=f"checkpoint step {step} in {self._directory}",
-            )
-            try:
-                restored = self._mngr.restore(
-                    step,
-                    args=ocp.args.Composite(**{
-                        STATE_ITEM: ocp.args.StandardRestore(abstract_state),
-                        DATA_STATE_ITEM: ocp.args.JsonRestore(),
-                    }),
-                )
-                state = restored[STATE_ITEM]
-                data_state = restored[DATA_STATE_ITEM]
-                if not isinstance(data_state, dict):
-                    raise ValueError(f"'{DATA_STATE_ITEM}' is {type(data_state).__name__}, not a dict")
-            except Exception as e:  # truncated/missing files, bad JSON, ...
-                failures.append((step, _short_error(e)))
-                logger.warning(
-                    "Checkpoint step %d in %s could not be restored (%s); "
-                    "trying the previous checkpoint.", step, self._directory, _short_error(e),
-                )
-                logger.debug("Full error for checkpoint step %d", step, exc_info=True)
-                continue
-            self._unrestorable_steps = {s for s, _ in failures}
-            if failures:
-                logger.warning(
-                    "Restored checkpoint step %d from %s after skipping unrestorable newer "
-                    "step(s) %s.", step, self._directory, [s for s, _ in failures],
-                )
-            else:
-                logger.info("Restored checkpoint step %d from %s.", step, self._directory)
-            return int(step), state, data_state
+                try:
+                    restored = self._mngr.restore(
+                        step,
+                        args=ocp.args.Composite(**{
+                            STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+                            DATA_STATE_ITEM: ocp.args.JsonRestore(),
+                        }),
+                    )
+                    state = restored[STATE_ITEM]
+                    data_state = restored[DATA_STATE_ITEM]
+                    if not isinstance(data_state, dict):
+                        raise ValueError(f"'{DATA_STATE_ITEM}' is {type(data_state).__name__}, not a dict")
+                except Exception as e:  # truncated/missing files, bad JSON, ...
+                    damaged(step, "arrays or data_state", e)
+                    continue
+                self._unrestorable_steps = {s for s, _ in failures}
+                if failures:
+                    logger.warning(
+                        "Restored checkpoint step %d from %s after skipping damaged newer "
+                        "step(s) %s.", step, self._directory, [s for s, _ in failures],
+                    )
+                else:
+                    logger.info("Restored checkpoint step %d from %s.", step, self._directory)
+                return int(step), state, data_state
         detail = "; ".join(f"step {s}: {msg}" for s, msg in failures)
         raise RuntimeError(
             f"None of the checkpoints in {self._directory} could be restored "
             f"(steps {sorted(steps)}): {detail}. Refusing to start from scratch; fix or "
             f"remove the directory."
         )
+
+    def _read_meta_item(self, step: int, *, required: bool = False) -> dict | None:
+        """The 'meta' JSON of committed `step`; None when the step has no meta item (unless `required`)."""
+        try:
+            meta = self._mngr.restore(step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))[META_ITEM]
+        except KeyError:  # item not present in this step
+            meta = None
+        if meta is None and not required:
+            return None
+        if not isinstance(meta, dict):
+            raise ValueError(f"'{META_ITEM}' is {'missing' if meta is None else type(meta).__name__}, "
+                             f"not a JSON object")
+        return meta
 
     def read_meta(self, step: int | None = None) -> dict | None:
         """The 'meta' JSON saved with `step` (default: latest), or None if it has none
@@ -374,13 +445,7 @@ class Checkpointer:
             self._mngr.reload()
             if step not in self._mngr.all_steps():
                 raise FileNotFoundError(f"No checkpoint for step {step} in {self._directory}")
-        try:
-            restored = self._mngr.restore(
-                step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()})
-            )
-        except KeyError:  # item not present in this step
-            return None
-        return restored[META_ITEM]
+        return self._read_meta_item(step)
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -6,6 +6,7 @@ sharding rules), gin/experiments/*.gin (compose the two and set the required mac
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import re
@@ -82,6 +83,20 @@ def _parse(files, gin_params):
         gin.finalize()
     except ValueError as e:
         raise GinError(explain(e)) from None
+
+
+def check_macros_used() -> None:
+    """Raises GinError naming a macro that is set but that no binding references: a typo such as
+    `TRAIN_STEP = 2` would otherwise be accepted and change nothing. (For CLIs whose gin files
+    use every macro they set; call after `parse`.)"""
+    config = gin.config._CONFIG  # scoped selector -> bindings; macros are ('NAME', 'gin.macro')
+    defined = {scope for scope, selector in config if selector == "gin.macro"}
+    used = {ref.scoped_selector.rsplit("/", 1)[0] for ref in gin.config.iterate_references(config)
+            if ref.selector == "gin.macro"}
+    for name in sorted(defined - used):
+        close = difflib.get_close_matches(name, sorted(used), n=1)
+        raise GinError(f"gin macro {name} is set but nothing uses it"
+                       + (f" (did you mean {close[0]}?)" if close else ""))
 
 
 _REQUIRED_MACRO = re.compile(r"^(\w+)/macro\.value set to `%gin\.REQUIRED`")

@@ -1,11 +1,13 @@
 """Training entry point: `python -m phijax.train --gin_file=... [--gin_file=...] [--gin_param=...]`.
 
-Reads top to bottom: parse gin -> validate -> mesh -> state (fresh or resumed) -> loop of one
-jitted step -> checkpoints, metrics -> final save and export.
+Reads top to bottom: parse gin -> check the settings -> mesh -> state (fresh or resumed) -> loop of
+one jitted step -> checkpoints, metrics -> final save and export.
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 import logging
 import os
 import sys
@@ -51,6 +53,75 @@ def data_source(kind: str = "stdlib", *, seq_len: int = gin.REQUIRED, global_bat
                                  tokenizer_path=tokenizer_path, loss_on=loss_on, overlong=overlong)
 
 
+# train()'s integer settings and their lower bounds.
+_INT_SETTINGS = {"train_steps": 1, "batch_size": 1, "seq_len": 1, "microbatches": 1, "log_every": 1,
+                 "checkpoint_every": 1, "seed": None}
+
+
+def _setting(name: str):
+    """(label, value) of train()'s argument `name` as gin will pass it: the macro's name and value when
+    it is bound through one (e.g. TRAIN_STEPS), else `train.<name>` and its binding or default."""
+    value = gin.get_bindings(train, resolve_references=False).get(
+        name, inspect.signature(train).parameters[name].default)
+    label = f"train.{name}"
+    while isinstance(value, gin.config.ConfigurableReference) and value.selector == "gin.macro":
+        label = value.scoped_selector.rsplit("/", 1)[0]
+        value = gin.query_parameter(f"%{label}")
+    return label, value
+
+
+def _plain(value) -> bool:
+    """A value gin passes as it is (not a configurable to call, not an unset REQUIRED)."""
+    return not isinstance(value, gin.config.ConfigurableReference) and value is not gin.REQUIRED
+
+
+def check_settings() -> None:
+    """Checks train()'s gin settings before anything runs (gin evaluates train's arguments, the
+    learning-rate schedule among them, when train is called), then creates MODEL_DIR.
+
+    Raises ValueError naming each bad setting: an integer that is not one (e.g. a quoted
+    `TRAIN_STEPS = '4'`) or is out of range, an unknown export dtype, an `init_params_from`
+    that is neither a phijax export nor a Hugging Face directory, a MODEL_DIR that cannot be
+    created or written. Nothing is created unless every setting is good.
+    """
+    problems = []
+    for name, low in _INT_SETTINGS.items():
+        label, value = _setting(name)
+        if not _plain(value):
+            continue
+        hint = " (drop the quotes)" if isinstance(value, str) and value.strip().lstrip("-").isdigit() else ""
+        if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
+            problems.append(f"{label} = {value!r} must be an integer{'' if low is None else f' >= {low}'}{hint}")
+    label, keep = _setting("keep_checkpoints")
+    if _plain(keep) and keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
+        problems.append(f"{label} = {keep!r} must be an integer >= 1 or None (keep all)")
+    label, dtype = _setting("export_dtype")
+    if _plain(dtype) and dtype is not None:
+        try:
+            jnp.dtype(dtype)
+        except TypeError:
+            problems.append(f"{label} = {dtype!r} is not a dtype (e.g. 'bfloat16', 'float32', or None: no export)")
+    label, init = _setting("init_params_from")
+    if _plain(init) and init is not None and not (epath.Path(init, ckpt_lib.EXPORT_INFO_FILE).exists()
+                                                 or epath.Path(init, "config.json").exists()):
+        what = "is neither a phijax export (export_info.json) nor a Hugging Face directory (config.json)" \
+            if epath.Path(init).exists() else "does not exist"
+        problems.append(f"{label} = {init!r} {what}")
+    label, model_dir = _setting("model_dir")
+    if _plain(model_dir) and not (isinstance(model_dir, str) and model_dir):
+        problems.append(f"{label} = {model_dir!r} must be a directory path")
+    if problems:
+        raise ValueError("; ".join(problems))
+    if isinstance(model_dir, str) and "://" not in model_dir:  # gs:// model dirs: orbax/etils create them
+        try:
+            os.makedirs(model_dir, exist_ok=True)
+        except OSError as e:
+            where = f" ({e.filename})" if e.filename and e.filename != model_dir else ""
+            raise ValueError(f"{label} = {model_dir!r} cannot be created: {e.strerror}{where}") from None
+        if not os.access(model_dir, os.W_OK | os.X_OK):
+            raise ValueError(f"{label} = {model_dir!r} is not writable")
+
+
 def validate(cfg: PhiConfig, mesh, *, batch_size: int, microbatches: int, seq_len: int, train_steps: int):
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     problems = []
@@ -86,21 +157,22 @@ def train(*, model_dir: str = gin.REQUIRED, model_config: PhiConfig = gin.REQUIR
         model_dir = os.path.abspath(model_dir)
         os.makedirs(model_dir, exist_ok=True)
 
-    # State: restore the latest good checkpoint, or initialise in place on the mesh.
+    # State: the latest good checkpoint, restored before the (possibly slow) data preparation so
+    # that a checkpoint of another model is refused at once; or, after it, a fresh initialisation.
     graphdef, abstract_state, shardings = train_step.state_shardings(cfg, tx, mesh, sharding_rules)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(model_dir, "checkpoints"), save_interval_steps=checkpoint_every,
                                          max_to_keep=keep_checkpoints, async_save=async_checkpoint)
     meta = {"model": cfg.to_dict(), "seq_len": seq_len, "batch_size": batch_size}
-    _check_same_model(checkpointer, cfg)  # before the (possibly slow) data preparation
     evaluator = train_eval.PeriodicEval()  # gin: PeriodicEval.every_steps etc. (0: off)
     evaluator.check(model_dir=model_dir, mesh=mesh)
+    restored = checkpointer.restore_latest(abstract_state,
+                                           check_meta=functools.partial(_check_same_model, cfg, model_dir))
     data = data_source(seq_len=seq_len, global_batch_size=batch_size, seed=seed,
                        model_vocab_size=cfg.vocab_size)
     if getattr(data, "vocab_size", 0) > cfg.vocab_size:
         raise ValueError(f"the data's vocabulary ({data.vocab_size}) is larger than the model's "
                          f"vocab_size ({cfg.vocab_size})")
     evaluator.setup(model_dir=model_dir, graphdef=graphdef, cfg=cfg, mesh=mesh, rules=sharding_rules, data=data)
-    restored = checkpointer.restore_latest(abstract_state)
     if restored is None:
         state = train_step.init_state(cfg, tx, seed, shardings)
         if init_params_from:  # e.g. fine-tuning from a pretraining export or an HF directory
@@ -112,6 +184,8 @@ def train(*, model_dir: str = gin.REQUIRED, model_config: PhiConfig = gin.REQUIR
         start, state, data_state = restored
         data.check_state(data_state)
         log.info("resumed from step %d (%s)", start, checkpointer.directory)
+        if init_params_from:
+            log.info("train.init_params_from is ignored: it initialises a new run, and this one resumes")
     batch_sharding = train_step.batch_shardings(tuple(data.local_batch(start)), mesh, sharding_rules)
     step_fn = train_step.make_train_step(graphdef, cfg, tx, schedule, mesh=mesh, rules=sharding_rules,
                                          microbatches=microbatches, shardings=shardings, batch_sharding=batch_sharding)
@@ -164,7 +238,7 @@ def train(*, model_dir: str = gin.REQUIRED, model_config: PhiConfig = gin.REQUIR
         _check_finite(*pending)
     checkpointer.wait_until_finished()
     export_dir = None
-    if export_dtype and start < train_steps:
+    if export_dtype:  # also when nothing was left to train: a kill may have come before the export
         export_dir = os.path.join(model_dir, "export")
         ckpt_lib.export_params(state["params"], export_dir, dtype=jnp.dtype(export_dtype), config=cfg.to_dict(),
                                tokenizer_path=getattr(data, "tokenizer_path", None))  # decodes on its own
@@ -192,11 +266,8 @@ def _check_finite(step, m):
             f"the last good checkpoint is untouched (lower the learning rate, check the data, or resume).")
 
 
-def _check_same_model(checkpointer, cfg: PhiConfig):
-    step = checkpointer.latest_step()
-    if step is None:
-        return
-    meta = checkpointer.read_meta(step) or {}
+def _check_same_model(cfg: PhiConfig, model_dir: str, step: int, meta: dict):
+    """Checkpointer.restore_latest's check_meta: refuses a checkpoint of another model shape."""
     saved = meta.get("model")
     if saved is None:
         return
@@ -204,7 +275,7 @@ def _check_same_model(checkpointer, cfg: PhiConfig):
     diff = {k: (saved_shape[k], v) for k, v in cfg.shape_dict().items() if saved_shape[k] != v}
     if diff:
         detail = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
-        raise ValueError(f"MODEL_DIR {os.path.dirname(checkpointer.directory)} holds a checkpoint (step {step}) "
+        raise ValueError(f"MODEL_DIR {model_dir} holds a checkpoint (step {step}) "
                          f"of a different model shape ({detail}); use a new MODEL_DIR or the matching model gin")
 
 
@@ -250,11 +321,13 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if jax.process_index() != 0:  # one progress log per job
-        log.setLevel(logging.WARNING)
+    if jax.process_index() != 0:  # one progress log per job (training, checkpoints, evaluation)
+        logging.getLogger("phijax").setLevel(logging.WARNING)
     try:
         gin_setup.parse(args.gin_file, args.gin_param, args.gin_search_path)
-    except gin_setup.GinError as e:
+        gin_setup.check_macros_used()
+        check_settings()  # before any data or device work; creates MODEL_DIR
+    except ValueError as e:  # GinError included
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
@@ -272,7 +345,12 @@ def main(argv=None) -> int:
     if jax.process_index() == 0:
         operative = gin.operative_config_str()
         _write_text(os.path.join(summary["model_dir"], "operative_config.gin"), operative)
-        print(f"done: step {summary['final_step']}, loss {summary['first_loss']} -> {summary['last_loss']}")
+        if summary["start_step"] < summary["final_step"]:
+            print(f"done: step {summary['final_step']}, loss {summary['first_loss']} -> {summary['last_loss']}")
+        else:  # e.g. killed after the final checkpoint, before the export
+            print(f"done: nothing left to train: the latest checkpoint is step {summary['start_step']} "
+                  f"(TRAIN_STEPS = {summary['final_step']})"
+                  + ("; the export was written from it" if summary["export_dir"] else ""))
         print(f"checkpoints: {summary['checkpoint_dir']}")
         if summary["export_dir"]:
             print(f"inference params: {summary['export_dir']}")

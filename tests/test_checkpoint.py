@@ -431,6 +431,80 @@ def test_corrupt_latest_warns_and_falls_back(tmp_path, mesh222, caplog, how):
     assert_trees_equal(restored, host_copy(states[20]))
 
 
+@pytest.mark.parametrize("how", ["delete", "bad_json", "not_an_object", "no_meta_item"])
+def test_damaged_meta_falls_back_to_the_previous_checkpoint(tmp_path, mesh222, caplog, how):
+    states = {}
+    with Checkpointer(str(tmp_path), save_interval_steps=1) as ck:
+        for s in (10, 20):
+            states[s] = make_state(mesh222, seed=s, n_updates=1)
+            assert ck.save(s, states[s], data_state={"step": s}, meta={"model": {"d_model": s}})
+        ck.wait_until_finished()
+    meta_dir = tmp_path / "20" / "meta"
+    if how == "delete":
+        (meta_dir / "metadata").unlink()
+    elif how == "bad_json":
+        (meta_dir / "metadata").write_text('{"model": {')
+    elif how == "not_an_object":
+        (meta_dir / "metadata").write_text("[1]")
+    else:
+        import shutil
+        shutil.rmtree(meta_dir)
+    seen = []
+    with Checkpointer(str(tmp_path), save_interval_steps=1) as ck:
+        with caplog.at_level(logging.WARNING, logger="phijax.checkpoint"):
+            step, restored, ds = ck.restore_latest(abstract_of(states[10]),
+                                                   check_meta=lambda s, meta: seen.append((s, meta)))
+        assert (step, ds, seen) == (10, {"step": 10}, [(10, {"model": {"d_model": 10}})])
+        assert_trees_equal(restored, host_copy(states[10]))
+        warns = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("step 20" in w and "meta/metadata" in w and "\n" not in w for w in warns), warns
+        # A check that refuses the checkpoint (another model) is not damage: it raises, no fallback.
+        def refuse(s, meta):
+            raise ValueError(f"other model at step {s}")
+        with pytest.raises(ValueError, match="other model at step 10"):
+            ck.restore_latest(abstract_of(states[10]), check_meta=refuse)
+        # Without check_meta the meta is not read: step 20's arrays restore.
+        assert ck.restore_latest(abstract_of(states[20]))[0] == 20
+
+
+_NOISE_CHILD = r"""
+import logging, pathlib, sys
+import jax, numpy as np
+from phijax.checkpoint import Checkpointer
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
+logging.getLogger("phijax").setLevel(logging.INFO)
+d = pathlib.Path(sys.argv[1])
+rng = np.random.default_rng(0)
+state = {f"w{i}": jax.device_put(rng.standard_normal((512, 512), dtype=np.float32)) for i in range(32)}
+with Checkpointer(str(d), save_interval_steps=1) as ck:
+    for s in (1, 2):
+        ck.save(s, state, data_state={"step": s})
+    ck.wait_until_finished()
+# Remove one data file of step 2 but not the largest: its reads fail while others are in flight.
+files = sorted((d / "2" / "state").glob("ocdbt.process_*/d/*"), key=lambda f: f.stat().st_size)
+files[-2].unlink()
+abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+logging.getLogger("phijax.checkpoint").info("RESTORING")
+with Checkpointer(str(d), save_interval_steps=1) as ck:
+    print("restored step", ck.restore_latest(abstract)[0], flush=True)
+"""
+
+
+def test_damaged_checkpoint_is_reported_in_one_warning_line(tmp_path):
+    # When one array read fails, orbax abandons the reads still in flight; those used to print
+    # dozens of `RuntimeError: Event loop is closed` tracebacks and TensorStore specs.
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", _NOISE_CHILD, str(tmp_path / "ck")], env=env, cwd=REPO_ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "restored step 1" in r.stdout, r.stderr[-3000:]
+    after = r.stderr.split("RESTORING", 1)[1].splitlines()[1:]
+    assert len(after) == 2, f"{len(after)} lines:\n" + "\n".join(after[:40])
+    assert after[0].startswith("WARNING phijax.checkpoint: Checkpoint step 2 ") and "damaged" in after[0]
+    assert "Error reading" in after[0] and "TensorStore" not in after[0]
+    assert after[1].startswith("WARNING phijax.checkpoint: Restored checkpoint step 1 ")
+
+
 def test_all_corrupt_raises(tmp_path, mesh222):
     states = _save_steps(tmp_path, mesh222, [1, 2])
     _corrupt(tmp_path / "1", "truncate")

@@ -149,6 +149,8 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(refere
     # Only jax.process_index() == 0 logs progress and prints the summary: the two really were
     # processes 0 and 1 of one job.
     assert f"step {SPLIT_STEP}/{SPLIT_STEP}" in err0 and f"step {SPLIT_STEP}/{SPLIT_STEP}" not in err1
+    # ... checkpoint progress included (process 1 logs warnings and errors only once it knows its index).
+    assert f"Checkpoint save for step {SPLIT_STEP}" in err0 and "INFO phijax.checkpoint" not in err1, err1[-2000:]
     assert "done: step" in out0 and "done: step" not in out1, (out0, out1)
     two = _metrics(split_dir)  # written by process 0 only
     assert sorted(two) == list(range(1, SPLIT_STEP + 1))

@@ -2,6 +2,7 @@
 bad input fails fast with a message that names the problem."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -224,3 +225,100 @@ def test_periodic_eval_fails_fast_on_bad_settings(capsys, tmp_path):
     assert train.main([*base, "--gin_param=PeriodicEval.tokenizer_path = '/nonexistent/tok.json'"]) == 2
     assert "/nonexistent/tok.json" in capsys.readouterr().err
     assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")
+
+
+def _unwritable_parent(tmp_path):
+    """A directory in which MODEL_DIR cannot be created (root ignores permission bits: sysfs then)."""
+    ro = tmp_path / "read_only"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if not os.access(ro, os.W_OK):
+        return str(ro)
+    if os.path.isdir("/sys/kernel"):
+        return "/sys"
+    pytest.skip("running as root without a read-only directory to test with")
+
+
+@pytest.mark.parametrize("case, params, named", [
+    ("quoted_train_steps", ["TRAIN_STEPS = '4'"], "TRAIN_STEPS = '4' must be an integer"),
+    ("zero_train_steps", ["TRAIN_STEPS = 0"], "TRAIN_STEPS = 0 must be an integer >= 1"),
+    ("macro_typo", ["TRAIN_STEP = 2"], "gin macro TRAIN_STEP is set but nothing uses it (did you mean TRAIN_STEPS?)"),
+    ("log_every_zero", ["TRAIN_STEPS = 2", "train.log_every = 0"], "train.log_every = 0 must be an integer >= 1"),
+    ("missing_init_params", ["TRAIN_STEPS = 2", "train.init_params_from = '/nonexistent/export'"],
+     "train.init_params_from = '/nonexistent/export' does not exist"),
+    ("model_dir_under_a_file", ["TRAIN_STEPS = 2"], "cannot be created: Not a directory"),
+    ("model_dir_read_only", ["TRAIN_STEPS = 2"], "cannot be created"),
+])
+def test_bad_settings_fail_fast_with_one_line_naming_the_setting(capsys, tmp_path, monkeypatch, case, params, named):
+    from phijax import sharding
+
+    def no_compute(*a, **k):
+        raise AssertionError("training started despite a bad setting")
+
+    monkeypatch.setattr(sharding, "make_mesh", no_compute)  # the first thing train() does
+    model_dir = tmp_path / "run"
+    model_dir.mkdir()
+    (model_dir / "checkpoints").mkdir()
+    (model_dir / "config.gin").write_text("# an earlier run\n")
+    before = sorted(os.walk(model_dir))
+    if case == "model_dir_under_a_file":
+        (tmp_path / "a_file").write_text("")
+        model_dir = tmp_path / "a_file" / "run"
+    elif case == "model_dir_read_only":
+        model_dir = os.path.join(_unwritable_parent(tmp_path), "phijax-run")
+    t0 = time.time()
+    rc = train.main([*SMALL, f"--gin_param=MODEL_DIR = '{model_dir}'", *[f"--gin_param={p}" for p in params]])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.count("\n") == 1 and err.startswith("error: ") and named in err, err
+    if case.startswith("model_dir"):
+        assert "MODEL_DIR = " in err and not os.path.exists(model_dir)
+    else:
+        assert sorted(os.walk(model_dir)) == before  # an existing MODEL_DIR is left as it was
+    assert time.time() - t0 < 30
+
+
+def test_only_process_0_logs_progress(monkeypatch, capsys):
+    # Checkpoint progress (phijax.checkpoint) included, not only the step lines (phijax.train).
+    import logging
+    import jax
+    names = ["phijax", "phijax.train", "phijax.checkpoint"]
+    try:
+        for index, enabled in ((1, False), (0, True)):
+            monkeypatch.setattr(jax, "process_index", lambda: index)
+            assert train.main(["--gin_file=no/such.gin"]) == 2  # logging is set up before the gin files
+            for name in names:
+                assert logging.getLogger(name).isEnabledFor(logging.INFO) is enabled, (index, name)
+            for name in names:
+                logging.getLogger(name).setLevel(logging.NOTSET)
+    finally:
+        for name in names:
+            logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+@pytest.mark.slow
+def test_rerun_after_a_kill_before_the_export_and_damaged_meta(tmp_path):
+    fast = ["--gin_param=DATA_SOURCE = 'synthetic'", "--gin_param=train.checkpoint_every = 1",
+            "--gin_param=train.export_dtype = 'bfloat16'"]
+    run = tmp_path / "run"
+    _run(run, *fast, "--gin_param=TRAIN_STEPS = 2")
+    # Killed after the final checkpoint committed, before the export: the rerun writes it.
+    shutil.rmtree(run / "export")
+    p = _run(run, *fast, "--gin_param=TRAIN_STEPS = 2")
+    assert "None" not in p.stdout and "done: nothing left to train: the latest checkpoint is step 2" in p.stdout
+    assert (run / "export" / "export_info.json").is_file() and "inference params:" in p.stdout
+
+    # A missing meta/metadata is damage like a missing array file: resume from the previous step.
+    # init_params_from only initialises a new run: a resumed run says it ignores it.
+    (run / "checkpoints" / "2" / "meta" / "metadata").unlink()
+    p = _run(run, *fast, "--gin_param=TRAIN_STEPS = 3", f"--gin_param=train.init_params_from = '{run / 'export'}'")
+    warns = [line for line in p.stderr.splitlines() if "WARNING" in line]
+    assert "resumed from step 1" in p.stderr and "init_params_from is ignored" in p.stderr
+    assert "Checkpoint step 2" in warns[0] and "meta/metadata" in warns[0] and "Traceback" not in p.stderr
+    assert sorted(_losses(run)) == [1, 2, 3]
+
+    # The model-shape check reads the meta of the checkpoint that would be restored.
+    (run / "checkpoints" / "3" / "meta" / "metadata").write_text('{"model": {')
+    p = _run(run, *fast, "--gin_param=TRAIN_STEPS = 4", "--gin_param=phijax.PhiConfig.d_mlp = 256", check=False)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "holds a checkpoint (step 2) of a different model shape (d_mlp: checkpoint 128 vs config 256)" in p.stderr
