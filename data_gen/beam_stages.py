@@ -200,8 +200,8 @@ class Reader:
     """A stage's own reader of one input file -> (line, record), so the Beam stage keeps and
     skips exactly what the in-process one does:
 
-    * ``records``: ``phijax.data.records.iter_jsonl`` with the required text fields (dedup:
-      bad lines counted and skipped; ``strict``: a bad line is an error, as decontaminate's
+    * ``records``: ``phijax.data.records.iter_jsonl`` with the required text fields (bad lines
+      counted and skipped; ``strict``: a bad line is an error, as decontaminate's ``--strict``
       up-front validation makes it);
     * ``classifier``: ``data_gen.classifier``'s reader (non-blank lines; a record without a
       string text field is an error, as ``classifier.validate_inputs`` makes it)."""
@@ -655,9 +655,9 @@ class _Decontam(beam.DoFn):
     def process(self, batch):
         dec = self.dec
         counts = D.ReportCounts(dec.taus)
-        for ((fi, line), _), pairs in zip(batch, dec.score_batch([t for _, t in batch])):
+        for ((fi, line), _), (pairs, why) in zip(batch, dec.score_docs([t for _, t in batch])):
             rm = dec.removes(pairs)
-            counts.add(self.files[fi], pairs, rm, dec.items)
+            counts.add(self.files[fi], pairs, rm, dec.items, why)
             for k, ps in enumerate(pairs):
                 row = D.flagged_row(self.files[fi], line, dec.items[ps.item], ps, rm)
                 yield beam.pvalue.TaggedOutput("flagged", ((fi, line, k), json.dumps(row)))
@@ -693,7 +693,10 @@ def _write_flagged(_, path: str, rows: list) -> None:
             f.write((row + "\n").encode("utf-8"))
 
 
-def _counts_summary(_, path: str, counts: D.ReportCounts, files: Sequence[str], written: list) -> None:
+def _counts_summary(_, path: str, counts: D.ReportCounts, files: Sequence[str], written: list,
+                    reports: list) -> None:
+    for fi, rep in reports:
+        counts.add_read(files[fi], rep["skipped"])
     _write_summary(None, path, fields=counts.fields(list(files)), written=written)
 
 
@@ -702,17 +705,18 @@ def run_decontaminate(inputs: Sequence[str], text_field: str, out_dir: str | os.
                       remove_min_ngrams: int = 1, mbpp_split: str | None = "all", humaneval: bool = True,
                       extra_bench: Sequence[str] = (), min_ast_nodes: int = 1, embed: str | dict = D.DEFAULT_EMBED,
                       batch: tuple[int, int] = DEFAULT_BATCH, pipeline_args: Sequence[str] = (),
-                      force: bool = False) -> dict:
+                      force: bool = False, strict: bool = False) -> dict:
     """``decontaminate.run`` as a Beam pipeline: the same clean shards, flagged.jsonl and
     report.json/.md fields, plus ``_COMPLETE``. ``embed``: ``hashed_bow``, ``model:PATH`` or
-    ``decontaminate.embed_settings``' dict (it must be picklable: workers build their own)."""
+    ``decontaminate.embed_settings``' dict (it must be picklable: workers build their own).
+    Unreadable lines are skipped and counted; ``strict``: an error (local inputs: before any work)."""
     fields = D.text_fields(text_field)
     settings = D.embed_settings(embed) if isinstance(embed, str) else dict(embed)
     taus = D.check_options(taus, remove_tau, remove_min_ngrams, ngram)
     if not 1 <= batch[0] <= batch[1]:
         raise D.DecontamError(f"batch sizes must satisfy 1 <= min <= max, got {batch}")
     remote = any(is_remote(s) for s in inputs)
-    files = match_remote(inputs) if remote else [str(p) for p in D.validate_inputs(inputs, fields)]
+    files = match_remote(inputs) if remote else [str(p) for p in D.validate_inputs(inputs, fields, strict)]
     names = [D._shard_name(Path(_basename(f))) for f in files]
     if len(set(names)) != len(names):
         raise D.DecontamError(f"inputs would write the same clean shard names: {names}")
@@ -726,16 +730,16 @@ def run_decontaminate(inputs: Sequence[str], text_field: str, out_dir: str | os.
         if settings.get("kind") == "model" else []
     out = str(out_dir)
     fp = fingerprint("decontaminate", [*files, *map(str, extra_bench), *model_files],
-                     {"text_field": text_field, **kwargs})
+                     {"text_field": text_field, "strict": strict, **kwargs})
     if not force and is_complete(out, fp):
         return dict(json.loads(_read_text(_join(out, "report.json"))), resumed=True)
     start_run(out)
     tmp = _tmp_dir(out)
-    reader = Reader("records", fields, strict=True)
+    reader = Reader("records", fields, strict=strict)
     t0 = time.time()
 
     def build(p, tmp):
-        files_pc, docs, _ = _read(p, files, reader)
+        files_pc, docs, reports = _read(p, files, reader)
         res = (docs | "Texts" >> beam.Map(lambda kv: (kv[0], D.join_fields(kv[1], fields)))
                | "Batch" >> beam.BatchElements(min_batch_size=batch[0], max_batch_size=batch[1])
                | "Decontaminate" >> beam.ParDo(_Decontam(kwargs, files)).with_outputs(
@@ -747,7 +751,7 @@ def run_decontaminate(inputs: Sequence[str], text_field: str, out_dir: str | os.
         counts = res.counts | "Counts" >> beam.CombineGlobally(_MergeCounts(taus))
         _ = (p | "SummarySeed" >> beam.Create([None])
              | "Summary" >> beam.Map(_counts_summary, _join(tmp, SUMMARY_FILE), beam.pvalue.AsSingleton(counts),
-                                     files, beam.pvalue.AsList(written)))
+                                     files, beam.pvalue.AsList(written), beam.pvalue.AsList(reports)))
 
     s, runner = _run_pipeline(build, pipeline_args, tmp)
     for name in names:
@@ -757,7 +761,7 @@ def run_decontaminate(inputs: Sequence[str], text_field: str, out_dir: str | os.
     report = D.build_report(files, text_field, dict(Counter(it.benchmark for it in items)), mbpp_split,
                             ngram=ngram, taus=taus, remove_tau=remove_tau, remove_min_ngrams=remove_min_ngrams,
                             min_ast_nodes=min_ast_nodes, embedding=D.embed_label(settings),
-                            counts_fields=s["fields"], seconds=time.time() - t0)
+                            counts_fields=s["fields"], seconds=time.time() - t0, strict=strict)
     report.update(fingerprint=fp, runner=runner, resumed=False)
     _write_bytes(_join(out, "report.md"), D.render_markdown(report).encode())
     finish_run(out, "report.json", report, fp)

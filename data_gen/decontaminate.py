@@ -31,8 +31,10 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import sys
 import tempfile
+import textwrap
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -41,7 +43,6 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from data_gen.minhash import tokens
-from data_gen.textbook import python_blocks
 from phijax.data import benchmarks
 from phijax.data.records import ReadReport, check_text_fields, iter_jsonl
 from phijax.data.vocab import atomic_write_bytes
@@ -146,6 +147,9 @@ class NormTree:
 
 
 _SKIP_FIELDS = {"ctx", "type_comment", "type_ignores", "kind"}
+_STMT_LISTS = {"body", "orelse", "finalbody"}
+_IMPURE = (ast.Call, ast.Await, ast.Yield, ast.YieldFrom, ast.NamedExpr)
+_FN = (ast.FunctionDef, ast.AsyncFunctionDef)
 
 
 def _strip_docstring(body: list) -> list:
@@ -155,102 +159,228 @@ def _strip_docstring(body: list) -> list:
     return body
 
 
-def _to_tree(fn: ast.AST) -> tuple:
-    """(label, children) with identifiers -> v0, v1, ... by first occurrence within ``fn``
-    (builtins and attribute names kept: they are API, not naming choices), literals -> their
-    type, docstrings dropped, expression contexts dropped."""
-    names: dict[str, str] = {}
+def _imports(mod: ast.Module) -> dict[str, str]:
+    """Name bound by an import anywhere in ``mod`` -> what it imports (``np`` -> ``numpy``,
+    ``sqrt`` -> ``math.sqrt``): the API a name stands for, whatever the alias."""
+    out = {}
+    for n in ast.walk(mod):
+        if isinstance(n, ast.Import):
+            for a in n.names:
+                out[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+        elif isinstance(n, ast.ImportFrom):
+            for a in n.names:
+                out[a.asname or a.name] = f"{'.' * n.level}{n.module or ''}.{a.name}"
+    return out
 
-    def ident(s: str) -> str:
-        if s in _BUILTINS:
-            return s
-        if s not in names:
-            names[s] = f"v{len(names)}"
-        return names[s]
 
-    def conv(node) -> tuple:
-        kind = type(node).__name__
-        if isinstance(node, ast.Constant):
-            return (f"Const:{type(node.value).__name__}", ())
-        label = kind
-        if isinstance(node, ast.Name):
-            label = f"Name:{ident(node.id)}"
-        elif isinstance(node, ast.arg):
-            label = f"arg:{ident(node.arg)}"
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            label = f"{kind}:{ident(node.name)}"
-        elif isinstance(node, ast.Attribute):
-            label = f"Attribute:{node.attr}"
-        elif isinstance(node, ast.keyword):
-            label = f"keyword:{node.arg}"
-        elif isinstance(node, (ast.Global, ast.Nonlocal)):
-            label = f"{kind}:" + ",".join(ident(n) for n in node.names)
-        elif isinstance(node, ast.alias):
-            label = f"alias:{node.name}"
-        children = []
-        for field, value in ast.iter_fields(node):
-            if field in _SKIP_FIELDS:
-                continue
-            if field == "body" and isinstance(value, list):
-                value = _strip_docstring(value)
-            for v in (value if isinstance(value, list) else [value]):
-                if isinstance(v, ast.AST):
-                    children.append(conv(v))
-        return (label, tuple(children))
+class _Scope:
+    """What every identifier of one function is: a parameter ("p"), a local ("l": assigned
+    or defined in it), what an import binds it to, a builtin, or else free ("g": globals,
+    helpers, the function itself when recursive); plus the names it reads and those it
+    declares global/nonlocal."""
 
-    return conv(fn)
+    def __init__(self, fn: ast.AST, imports: dict[str, str], method: bool = False):
+        self.imports = imports
+        # A method's receiver (self, cls) comes with the class, not with what the code does.
+        params = [*fn.args.posonlyargs, *fn.args.args]
+        self.receiver = params[0] if method and params else None
+        self.params, self.bound, self.loaded, self.declared = set(), set(), set(), set()
+        for n in ast.walk(fn):
+            if isinstance(n, ast.arg):
+                self.params.add(n.arg)
+            elif isinstance(n, ast.Name):
+                (self.loaded if isinstance(n.ctx, ast.Load) else self.bound).add(n.id)
+            elif isinstance(n, (*_FN, ast.ClassDef)) and n is not fn:
+                self.bound.add(n.name)
+            elif isinstance(n, ast.ExceptHandler) and n.name:
+                self.bound.add(n.name)
+            elif isinstance(n, (ast.Global, ast.Nonlocal)):
+                self.declared.update(n.names)
+
+    def name(self, s: str) -> str:
+        if s in self.params:
+            return "Name:p"
+        if s in self.bound:
+            return "Name:l"
+        if s in self.imports:
+            return f"Name:{self.imports[s]}"
+        return f"Name:{s}" if s in _BUILTINS else "Name:g"
+
+    def dead_store(self, stmt: ast.AST) -> bool:
+        """An assignment to names nothing reads, of a value without calls: removing it changes
+        nothing the function computes (an inserted unused local)."""
+        if isinstance(stmt, ast.Assign):
+            targets, value = stmt.targets, stmt.value
+        elif isinstance(stmt, (ast.AnnAssign, ast.AugAssign)):
+            targets, value = [stmt.target], stmt.value
+        else:
+            return False
+        return (all(isinstance(t, ast.Name) and t.id not in self.loaded and t.id not in self.declared
+                    for t in targets)
+                and (value is None or not any(isinstance(n, _IMPURE) for n in ast.walk(value))))
+
+
+def _label(node: ast.AST, scope: _Scope) -> str:
+    """A node's label: its class, plus what survives renaming -- an identifier's role
+    (parameter / local / free), a builtin's name, attribute, keyword and imported-module names,
+    a literal's type. Names of variables, arguments, functions and classes are dropped."""
+    kind = type(node).__name__
+    if isinstance(node, ast.Constant):
+        return f"Const:{type(node.value).__name__}"
+    if isinstance(node, ast.Name):
+        return scope.name(node.id)
+    if isinstance(node, ast.Attribute):
+        return f"Attribute:{node.attr}"
+    if isinstance(node, ast.keyword):
+        return f"keyword:{node.arg}"
+    if isinstance(node, ast.alias):
+        return f"alias:{node.name}"
+    return kind
+
+
+def _children(node: ast.AST, scope: _Scope) -> list:
+    out = []
+    for field, value in ast.iter_fields(node):
+        if field in _SKIP_FIELDS:
+            continue
+        if field in ("posonlyargs", "args") and isinstance(node, ast.arguments):
+            # Parameter order is a naming choice too: parameters sorted by their annotations.
+            value = sorted((a for a in value if a is not scope.receiver),
+                           key=lambda a: [_label(n, scope) for n in ast.walk(a)])
+        if field in _STMT_LISTS and isinstance(value, list):
+            value = [s for s in (_strip_docstring(value) if field == "body" else value)
+                     if not scope.dead_store(s)]
+        for v in (value if isinstance(value, list) else [value]):
+            if isinstance(v, ast.AST):
+                out.append(v)
+    return out
+
+
+def _to_tree(fn: ast.AST, imports: dict[str, str] | None = None, method: bool = False) -> tuple:
+    """(label, children) of a function, normalised (``_label``; docstrings, expression contexts,
+    dead stores and a method's receiver parameter dropped, parameters in a canonical order);
+    ``imports``: ``_imports`` of its module. Iterative: any nesting depth the parser accepts."""
+    scope = _Scope(fn, imports or {}, method)
+    stack = [(fn, _children(fn, scope), [])]
+    while True:
+        node, todo, done = stack[-1]
+        if len(done) < len(todo):
+            child = todo[len(done)]
+            stack.append((child, _children(child, scope), []))
+            continue
+        stack.pop()
+        tree = (_label(node, scope), tuple(done))
+        if not stack:
+            return tree
+        stack[-1][2].append(tree)
 
 
 def flatten_tree(tree: tuple) -> NormTree:
+    """A (label, children) tree in postorder (iterative)."""
     labels: list[str] = []
     lml: list[int] = []
-
-    def walk(node) -> int:  # returns the node's leftmost leaf index
-        label, children = node
-        first = None
-        for ch in children:
-            leaf = walk(ch)
-            if first is None:
-                first = leaf
+    stack = [[tree, 0, None]]  # node, next child, leftmost leaf found so far
+    while stack:
+        top = stack[-1]
+        children = top[0][1]
+        if top[1] < len(children):
+            top[1] += 1
+            stack.append([children[top[1] - 1], 0, None])
+            continue
+        stack.pop()
         idx = len(labels)
-        labels.append(label)
-        lml.append(idx if first is None else first)
-        return lml[-1]
-
-    walk(tree)
+        labels.append(top[0][0])
+        leaf = idx if top[2] is None else top[2]
+        lml.append(leaf)
+        if stack and stack[-1][2] is None:
+            stack[-1][2] = leaf
     # keyroots: the highest node for each distinct leftmost leaf
     seen: dict[int, int] = {}
     for i, l in enumerate(lml):
         seen[l] = i
     keyroots = sorted(seen.values())
-    key = hashlib.blake2b(repr(tree).encode("utf-8"), digest_size=16).hexdigest()
+    # postorder labels + leftmost leaves determine the tree: node i spans [lml[i], i]
+    key = hashlib.blake2b(json.dumps([labels, lml]).encode("utf-8"), digest_size=16).hexdigest()
     return NormTree(labels, lml, keyroots, key, Counter(labels))
 
 
-def python_sources(text: str) -> list[str]:
-    """The Python in a document: the whole text if it parses, else its ```python blocks."""
+_FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})(.*)$")
+
+
+def _indented(line: str) -> bool:
+    return line.startswith(("    ", "\t")) and bool(line.strip())
+
+
+def code_blocks(text: str) -> list[str]:
+    """Every code block of a Markdown-style document, dedented, whatever its language tag:
+    fenced with backticks or tildes (tagged or not; an unclosed fence runs to the end), and
+    indented (4+ spaces or a tab, after a blank line or at the start)."""
+    lines = text.splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        m = _FENCE.match(lines[i])
+        if m and not (m.group(1)[0] == "`" and "`" in m.group(2)):
+            close = re.compile(rf"^[ \t]*{re.escape(m.group(1)[0])}{{{len(m.group(1))},}}[ \t]*$")
+            j = i + 1
+            while j < len(lines) and not close.match(lines[j]):
+                j += 1
+            blocks.append(textwrap.dedent("\n".join(lines[i + 1:j])))
+            i = j + 1
+        elif _indented(lines[i]) and (i == 0 or not lines[i - 1].strip()):
+            j = i
+            while j < len(lines) and (_indented(lines[j]) or not lines[j].strip()) \
+                    and not _FENCE.match(lines[j]):
+                j += 1
+            blocks.append(textwrap.dedent("\n".join(lines[i:j])))
+            i = j
+        else:
+            i += 1
+    return blocks
+
+
+def parse_python(src: str) -> tuple[ast.Module | None, str | None]:
+    """(module, None); (None, None) for text that is not Python; (None, reason) when the
+    parser's own limits stop it on nesting (RecursionError, MemoryError, "too many nested
+    parentheses"): the code cannot be analysed, which the report counts."""
     try:
-        ast.parse(text)
-        return [text]
-    except (SyntaxError, ValueError):
-        return python_blocks(text)
+        return ast.parse(src), None
+    except RecursionError:
+        return None, "parser_recursion_limit"
+    except MemoryError:
+        return None, "parser_memory_limit"
+    except SyntaxError as e:
+        return None, "parser_nesting_limit" if "too many nested" in str(e.msg) else None
+    except ValueError:  # e.g. null bytes
+        return None, None
+
+
+def analyse(text: str, min_nodes: int = 1) -> tuple[list[NormTree], str | None]:
+    """Normalised trees of every function definition (nested ones too) in ``text``'s Python --
+    the whole text if it parses, else every code block of it (``code_blocks``) -- and the
+    reason, if any, some of that Python could not be analysed. Code that does not parse
+    contributes nothing."""
+    mod, why = parse_python(text)
+    parsed = [(mod, why)] if mod is not None else [parse_python(b) for b in code_blocks(text)]
+    why = why or next((w for _, w in parsed if w), None)
+    out = []
+    for m, _ in parsed:
+        if m is None:
+            continue
+        imports = _imports(m)
+        methods = {id(f) for c in ast.walk(m) if isinstance(c, ast.ClassDef) for f in c.body
+                   if isinstance(f, _FN) and not any(isinstance(d, ast.Name) and d.id == "staticmethod"
+                                                     for d in f.decorator_list)}
+        for node in ast.walk(m):
+            if isinstance(node, _FN):
+                t = flatten_tree(_to_tree(node, imports, id(node) in methods))
+                if t.size >= min_nodes:
+                    out.append(t)
+    return out, why
 
 
 def normalize_functions(text: str, min_nodes: int = 1) -> list[NormTree]:
-    """Normalised trees of every function definition (nested ones too) in ``text``'s Python;
-    code that does not parse contributes nothing."""
-    out = []
-    for src in python_sources(text):
-        try:
-            mod = ast.parse(src)
-        except (SyntaxError, ValueError):
-            continue
-        for node in ast.walk(mod):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                t = flatten_tree(_to_tree(node))
-                if t.size >= min_nodes:
-                    out.append(t)
-    return out
+    """``analyse``'s trees."""
+    return analyse(text, min_nodes)[0]
 
 
 def tree_edit_distance(a: NormTree, b: NormTree) -> int:
@@ -475,12 +605,18 @@ class Decontaminator:
         return self.score_batch([text])[0]
 
     def score_batch(self, texts: Sequence[str]) -> list[list[PairScore]]:
-        """``score`` of each text; the embedding runs once for the batch (only on texts with
-        some pair), so a model embedding sees full batches."""
-        found = []
+        """``score`` of each text."""
+        return [pairs for pairs, _ in self.score_docs(texts)]
+
+    def score_docs(self, texts: Sequence[str]) -> list[tuple[list[PairScore], str | None]]:
+        """(``score``, why its code could not be analysed or None) of each text: such a text still
+        gets its n-gram and embedding checks. The embedding runs once for the batch (only on texts
+        with some pair), so a model embedding sees full batches."""
+        found, why = [], []
         for text in texts:
             ov = self.ngram_index.overlaps(text)
-            trees = normalize_functions(text, self.min_ast_nodes)
+            trees, reason = analyse(text, self.min_ast_nodes)
+            why.append(reason)
             ast_s: dict[int, float | None] = dict(self.ast_scores(trees))
             for i in ov:  # n-gram-only pairs get their exact AST score too (reported, not a flag)
                 if i not in ast_s:
@@ -493,7 +629,7 @@ class Decontaminator:
             ov, ast_s, ids = found[k]
             d = _unit_distances(emb[row:row + 1], self.item_emb[ids])[0]
             out[k] = [PairScore(i, ov.get(i, 0), ast_s.get(i), float(dist)) for i, dist in zip(ids, d)]
-        return out
+        return list(zip(out, why))
 
     def removes(self, pairs: Iterable[PairScore]) -> bool:
         return any((p.ast_match is not None and p.ast_match >= self.remove_tau)
@@ -513,9 +649,10 @@ def _shard_name(p: Path) -> str:
     return name if name.endswith(".jsonl") else name + ".jsonl"
 
 
-def validate_inputs(paths: Sequence[str], fields: Sequence[str]) -> list[Path]:
-    """Every file exists, no two share an output name, every line is a JSON object whose
-    ``fields`` are non-empty strings; the first problem raises DecontamError."""
+def validate_inputs(paths: Sequence[str], fields: Sequence[str], strict: bool = False) -> list[Path]:
+    """Every file exists and no two share an output name; with ``strict``, also every line is a
+    JSON object whose ``fields`` are non-empty strings (otherwise such lines are skipped and
+    counted when read). The first problem raises DecontamError."""
     out, names = [], {}
     for s in paths:
         p = Path(s)
@@ -525,13 +662,15 @@ def validate_inputs(paths: Sequence[str], fields: Sequence[str]) -> list[Path]:
         if n in names:
             raise DecontamError(f"inputs {names[n]!r} and {s!r} would both write {n}")
         names[n] = s
-        rep = ReadReport()
-        for _ in iter_jsonl(p, rep, required=fields):
-            pass
-        if rep.n_skipped:
-            where, why, detail = rep.samples[0]
-            raise DecontamError(f"{s}: line {where}: {why} {detail}".rstrip()
-                                + f" (--text_field {'+'.join(fields)}; {rep.n_skipped} bad lines)")
+        if strict:
+            rep = ReadReport()
+            for _ in iter_jsonl(p, rep, required=fields):
+                pass
+            if rep.n_skipped:
+                where, why, detail = rep.samples[0]
+                raise DecontamError(f"{s}: line {where}: {why} {detail}".rstrip()
+                                    + f" (--text_field {'+'.join(fields)}; {rep.n_skipped} bad lines; "
+                                    "without --strict they are skipped and counted)")
         out.append(p)
     return out
 
@@ -601,12 +740,20 @@ class ReportCounts:
         self.ast_pairs = {t: Counter() for t in self.taus}  # tau -> benchmark -> pairs
         self.ast_docs = {t: 0 for t in self.taus}
         self.ast_items: dict[float, set[int]] = {t: set() for t in self.taus}
+        self.unanalysed: Counter = Counter()  # reason -> documents whose code could not be analysed
+        self.skipped: dict[str, Counter] = {}  # shard -> reason -> unreadable lines skipped
+
+    def add_read(self, shard: str, skipped: dict) -> None:
+        """A shard's unreadable lines, by reason (``ReadReport.skipped``)."""
+        self.skipped.setdefault(shard, Counter()).update(skipped)
 
     def add(self, shard: str, pairs: Sequence[PairScore], removed: bool,
-            items: Sequence[BenchItem]) -> None:
+            items: Sequence[BenchItem], unanalysed: str | None = None) -> None:
         c = self.shards.setdefault(shard, [0, 0])
         c[0] += 1
         c[1] += bool(removed)
+        if unanalysed:
+            self.unanalysed[unanalysed] += 1
         ng, hit = False, set()
         for ps in pairs:
             bench = items[ps.item].benchmark
@@ -635,18 +782,26 @@ class ReportCounts:
             self.ast_pairs[t].update(other.ast_pairs[t])
             self.ast_docs[t] += other.ast_docs[t]
             self.ast_items[t] |= other.ast_items[t]
+        self.unanalysed.update(other.unanalysed)
+        for shard, c in other.skipped.items():
+            self.add_read(shard, c)
         return self
 
     def fields(self, shards: Sequence[str]) -> dict:
-        """docs / removed / kept, per shard (in ``shards`` order), n-gram and per-τ AST counts."""
+        """docs / removed / kept and skipped lines, per shard (in ``shards`` order) and in all;
+        n-gram and per-τ AST counts; documents whose code could not be analysed, by reason."""
         per_shard = {}
         for s in shards:
             d, r = self.shards.get(s, (0, 0))
-            per_shard[s] = {"docs": d, "kept": d - r, "removed": r}
+            per_shard[s] = {"docs": d, "kept": d - r, "removed": r,
+                            "skipped_lines": dict(sorted(self.skipped.get(s, Counter()).items()))}
+        skipped = sum((Counter(v["skipped_lines"]) for v in per_shard.values()), Counter())
         n_docs = sum(v["docs"] for v in per_shard.values())
         n_removed = sum(v["removed"] for v in per_shard.values())
         return {
             "docs": n_docs, "removed": n_removed, "kept": n_docs - n_removed, "shards": per_shard,
+            "skipped_lines": dict(sorted(skipped.items())),
+            "ast_unanalysed": dict(sorted(self.unanalysed.items())),
             "ngram_overlap": {"pairs": dict(sorted(self.ng_pairs.items())), "docs": self.ng_docs,
                               "items": len(self.ng_items)},
             "ast": {str(t): {"pairs": dict(sorted(self.ast_pairs[t].items())),
@@ -658,13 +813,13 @@ class ReportCounts:
 def build_report(inputs: Sequence[str], text_field: str, benchmarks: dict, mbpp_split: str | None, *,
                  ngram: int, taus: Sequence[float], remove_tau: float, remove_min_ngrams: int,
                  min_ast_nodes: int, embedding: tuple[str, dict | None], counts_fields: dict,
-                 seconds: float) -> dict:
+                 seconds: float, strict: bool = False) -> dict:
     """report.json's content (``counts_fields``: ``ReportCounts.fields``; ``embedding``:
     ``embed_label``)."""
     return {
         "inputs": list(inputs), "text_field": text_field, "benchmarks": benchmarks,
         "mbpp_split": mbpp_split, "ngram": ngram, "taus": list(taus), "remove_tau": remove_tau,
-        "remove_min_ngrams": remove_min_ngrams, "min_ast_nodes": min_ast_nodes,
+        "remove_min_ngrams": remove_min_ngrams, "min_ast_nodes": min_ast_nodes, "strict": strict,
         "embedding": embedding[0], "embedding_settings": embedding[1],
         "rule": f"removed iff AST match >= {remove_tau} or >= {remove_min_ngrams} shared "
                 f"{ngram}-grams with some benchmark item",
@@ -690,15 +845,17 @@ def run(inputs: Sequence[str], text_field: str, out_dir: str | os.PathLike,
         remove_min_ngrams: int = 1, mbpp_split: str | None = "all", humaneval: bool = True,
         extra_bench: Sequence[str] = (), min_ast_nodes: int = 1,
         embed: Callable[[list[str]], np.ndarray] | str | dict = hashed_bow_embed,
-        batch_size: int = 64) -> dict:
+        batch_size: int = 64, strict: bool = False) -> dict:
     """Decontaminates ``inputs``; writes <out_dir>/clean/<shard>.jsonl, flagged.jsonl,
     report.json, report.md. Returns the report dict. ``embed``: a function, or
     ``hashed_bow`` / ``model:PATH`` (see ``embed_settings``); documents are scored
-    ``batch_size`` at a time (one embedding call per batch)."""
+    ``batch_size`` at a time (one embedding call per batch). Unreadable lines (blank, not
+    UTF-8, over 1 MiB, not a JSON object with the text fields) are skipped and counted by
+    reason; ``strict``: any of them is an error before any work."""
     fields = text_fields(text_field)
     if batch_size < 1:
         raise DecontamError(f"batch_size must be >= 1, got {batch_size}")
-    paths = validate_inputs(inputs, fields)
+    paths = validate_inputs(inputs, fields, strict)
     t0 = time.time()
     dec = build_decontaminator(taus, ngram, remove_tau, remove_min_ngrams, mbpp_split, humaneval,
                                extra_bench, min_ast_nodes, _as_embed(embed))
@@ -709,18 +866,20 @@ def run(inputs: Sequence[str], text_field: str, out_dir: str | os.PathLike,
         for p in paths:
             clean = _AtomicText(out / "clean" / _shard_name(p))
             try:
-                recs = iter_jsonl(p, required=fields)
+                rep = ReadReport()
+                recs = iter_jsonl(p, rep, required=fields)
                 while batch := list(itertools.islice(recs, batch_size)):
-                    scored = dec.score_batch([join_fields(r, fields) for r in batch])
-                    for rec, pairs in zip(batch, scored):
+                    scored = dec.score_docs([join_fields(r, fields) for r in batch])
+                    for rec, (pairs, why) in zip(batch, scored):
                         line = rec.pop("_line")
                         rm = dec.removes(pairs)
-                        counts.add(str(p), pairs, rm, dec.items)
+                        counts.add(str(p), pairs, rm, dec.items, why)
                         for ps in pairs:
                             flagged.write(json.dumps(flagged_row(str(p), line, dec.items[ps.item], ps, rm))
                                           + "\n")
                         if not rm:
                             clean.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                counts.add_read(str(p), rep.skipped)
             except BaseException:
                 clean.abort()
                 raise
@@ -734,7 +893,7 @@ def run(inputs: Sequence[str], text_field: str, out_dir: str | os.PathLike,
                           ngram=ngram, taus=dec.taus, remove_tau=remove_tau,
                           remove_min_ngrams=remove_min_ngrams, min_ast_nodes=min_ast_nodes,
                           embedding=embed_label(dec.embed), counts_fields=counts.fields(inputs),
-                          seconds=time.time() - t0)
+                          seconds=time.time() - t0, strict=strict)
     write_report(out, report)
     return report
 
@@ -745,6 +904,9 @@ def render_markdown(r: dict) -> str:
              f"Rule: {r['rule']}.", "",
              f"Benchmarks: {r['benchmarks']} (MBPP split: {r['mbpp_split']}). "
              f"Embedding: `{r['embedding']}`.", "",
+             f"Unreadable input lines skipped: {r['skipped_lines'] or 'none'}"
+             f"{' (strict: none allowed)' if r.get('strict') else ''}. Documents whose code could not "
+             f"be analysed (still checked by n-grams and embedding): {r['ast_unanalysed'] or 'none'}.", "",
              "## AST match rate (Table 3 style)", "",
              "| τ | docs | benchmark items | pairs by benchmark |", "|---|---|---|---|"]
     for t, v in r["ast"].items():
@@ -781,6 +943,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                          "dir: mean-pooled hidden states)")
     ap.add_argument("--embed_max_len", type=int, default=None, help="model embedding: tokens per document")
     ap.add_argument("--embed_batch_size", type=int, default=None, help="model embedding: rows per batch")
+    ap.add_argument("--strict", action="store_true",
+                    help="an unreadable input line (blank, not UTF-8, over 1 MiB, bad JSON or fields) is an "
+                         "error (exit 2 before any work) instead of being skipped and counted")
 
 
 def run_kwargs(args: argparse.Namespace) -> dict:
@@ -792,7 +957,7 @@ def run_kwargs(args: argparse.Namespace) -> dict:
     return dict(taus=_parse_taus(args.tau), ngram=args.ngram, remove_tau=args.remove_tau,
                 remove_min_ngrams=args.remove_min_ngrams, mbpp_split=split,
                 humaneval=not args.no_humaneval, extra_bench=args.extra_bench,
-                min_ast_nodes=args.min_ast_nodes,
+                min_ast_nodes=args.min_ast_nodes, strict=args.strict,
                 embed=embed_settings(args.embed, args.embed_max_len, args.embed_batch_size))
 
 

@@ -110,6 +110,7 @@ class DecontamStage:
     extra_bench: tuple[str, ...] = ()
     min_ast_nodes: int = 1
     embed: str = "hashed_bow"  # embedding-distance features: 'hashed_bow' (fallback) or 'model:PATH'
+    strict: bool = False  # an unreadable line in an input is an error (default: skipped and counted)
     options: dict = dataclasses.field(default_factory=dict)  # more keyword arguments of decontaminate.run
 
     def __post_init__(self):
@@ -140,7 +141,7 @@ class DecontamStage:
         return dict(taus=self.taus, ngram=self.ngram, remove_tau=self.remove_tau,
                     remove_min_ngrams=self.remove_min_ngrams, mbpp_split=self.mbpp_split,
                     humaneval=self.humaneval, extra_bench=self.extra_bench, min_ast_nodes=self.min_ast_nodes,
-                    embed=self.embed, **self.options)
+                    embed=self.embed, strict=self.strict, **self.options)
 
 
 ChainConfig = ingest.gin_register(ChainConfig, __name__)
@@ -429,6 +430,11 @@ def _taus(r: dict) -> dict:
     return {t: {"docs": v["docs"], "items": v["items"], "pairs": v["pairs"]} for t, v in r.get("ast", {}).items()}
 
 
+def _read_counts(r: dict) -> dict:
+    """Unreadable lines skipped and documents whose code could not be analysed, by reason."""
+    return {"skipped_lines": r.get("skipped_lines", {}), "ast_unanalysed": r.get("ast_unanalysed", {})}
+
+
 def _report(c: _Chain, ing, dd, ann, clf, flt, dec, seconds: float) -> dict:
     m = clf["metrics"]
     final = c.dir("decontaminate") / "clean"
@@ -449,10 +455,12 @@ def _report(c: _Chain, ing, dd, ann, clf, flt, dec, seconds: float) -> dict:
                    "tokenizer": flt["tokenizer"]},
         "decontaminate": {
             "filtered_code": {"docs": dec["docs"], "removed": dec["removed"], "kept": dec["kept"],
-                              "ngram_overlap": dec.get("ngram_overlap"), "ast": _taus(dec)},
+                              "ngram_overlap": dec.get("ngram_overlap"), "ast": _taus(dec),
+                              **_read_counts(dec)},
             "extra": {n: {"spec": e["spec"], "text_field": e["text_field"], **dec_row.get("extra", {}).get(n, {}),
                           "removed": dec["extra"][n]["removed"], "ngram_overlap": dec["extra"][n]["ngram_overlap"],
-                          "ast": _taus(dec["extra"][n])} for n, e in ((e["name"], e) for e in c.extra)},
+                          "ast": _taus(dec["extra"][n]), **_read_counts(dec["extra"][n])}
+                      for n, e in ((e["name"], e) for e in c.extra)},
             "rule": dec.get("rule")},
         "dataset": {"path": str(final.resolve()), "docs": dec_row["docs_out"], "tokens": dec_row["tokens_out"],
                     "eos_per_doc": True,

@@ -182,7 +182,12 @@ def test_decontaminate_equals_run(fixtures, tmp_path):
     # Stack-style: the small documents only (AST matching of whole stdlib files is the slow part).
     stack = _jsonl(tmp_path / "in" / "stack.jsonl", [r for r in map(json.loads, fixtures["stack"].open())
                                                       if len(r["text"]) < 3000][:6])
-    inputs = [str(ex), str(stack), str(fixtures["so"]), str(fixtures["empty"])]
+    # Deep nesting (analysed; beyond the parser: counted, still n-gram checked) and bad lines (skipped, counted).
+    deep = _jsonl(tmp_path / "in" / "deep.jsonl", [{"text": t} for t in [
+        *planted.DEEP.values(), planted.TOO_DEEP["parentheses"] + planted.HE0]])
+    with open(deep, "a") as f:
+        f.write("\nnot json\n")
+    inputs = [str(ex), str(stack), str(fixtures["so"]), str(fixtures["empty"]), str(deep)]
     kw = dict(mbpp_split="prompt", taus=[0.95, 0.9, 0.85, 0.8])
     seq = D.run(inputs, "text", tmp_path / "seq", **kw)
     beam = bs.run_decontaminate(inputs, "text", tmp_path / "beam", **kw, batch=(2, 5), pipeline_args=BEAM)
@@ -190,7 +195,11 @@ def test_decontaminate_equals_run(fixtures, tmp_path):
     assert beam.pop("runner") == "DirectRunner" and beam.pop("resumed") is False and beam.pop("fingerprint")
     assert beam == seq  # per-τ counts, n-gram counts, per-shard counts, options, embedding
     n_stack = len(stack.read_text().splitlines())
-    assert n_stack == 6 and seq["docs"] == len(docs) + n_stack + 2 and seq["shards"][str(ex)] == {"docs": 5, "kept": 2, "removed": 3}
+    assert n_stack == 6 and seq["docs"] == len(docs) + n_stack + 2 + 3
+    assert seq["shards"][str(ex)] == {"docs": 5, "kept": 2, "removed": 3, "skipped_lines": {}}
+    assert seq["shards"][str(deep)] == {"docs": 3, "kept": 2, "removed": 1,
+                                        "skipped_lines": {"blank_line": 1, "invalid_json": 1}}
+    assert seq["ast_unanalysed"] == {"parser_nesting_limit": 1}
     assert [json.loads(l)["id"] for l in (tmp_path / "beam" / "clean" / "exercises.jsonl").open()] == [1, 3]
     want, got = _files(tmp_path / "seq"), _files(tmp_path / "beam")
     for f in ("report.json", "_COMPLETE"):
@@ -267,7 +276,7 @@ def test_bad_input_exits_2_before_work(fixtures, tmp_path, capsys):
         (["dedup", "--inputs", str(fixtures["so"]), "--out_dir", str(o), "--threshold", "1.5"], "threshold"),
         (["score", "--model", str(tmp_path), "--inputs", str(fixtures["so"]), "--out_dir", str(o)],
          "not a trained classifier"),
-        (["decontaminate", "--inputs", str(fixtures["chains"]), "--out_dir", str(o)], "invalid_json"),
+        (["decontaminate", "--inputs", str(fixtures["chains"]), "--out_dir", str(o), "--strict"], "invalid_json"),
         (["decontaminate", "--inputs", str(fixtures["so"]), "--out_dir", str(o), "--embed", "bert"], "--embed"),
         (["decontaminate", "--inputs", str(fixtures["so"]), "--out_dir", str(o), "--embed",
           f"model:{tmp_path / 'nomodel'}"], "not a model directory"),

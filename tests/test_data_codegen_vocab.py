@@ -96,6 +96,29 @@ def test_seqio_vocab_eager_and_graph(codegen):
     assert v.decode([0, 0] + [tok.eos_id] + [5]) == "!!"
 
 
+def test_every_decode_path_cuts_each_row_at_its_first_eos(codegen):
+    # seqio's decode_tf replaces what follows EOS with pad_id 0, which in a pad-less GPT-2/codegen
+    # file is the real token "!": the row must end at the EOS, not turn its tail into "!!".
+    path, tok, _ = codegen
+    v, eos = HFBPEVocabulary(path), tok.eos_id
+    x, y = tok.encode("x = 1"), tok.encode("y = '!'")
+    assert v.decode(x + [eos, 0, 0]) == "x = 1"
+    width = len(y) + 4
+    rows = [x + [eos] + [0] * (width - len(x) - 1),
+            y + [eos, 5, eos, 0],       # after the first EOS, even another EOS is ignored
+            x + [0] * (width - len(x))]  # no EOS: id 0 is text
+    want = ["x = 1", "y = '!'", "x = 1" + "!" * (width - len(x))]
+    assert [v.decode(r) for r in rows] == want
+    assert [o.decode() for o in v.decode_tf(tf.constant(rows)).numpy().tolist()] == want
+    assert [[o.decode() for o in r] for r in v.decode_tf(tf.constant([rows, rows])).numpy().tolist()] == [want] * 2
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32)])
+    def graph(ids):
+        return v.decode_tf(ids)
+
+    assert [o.decode() for o in graph(tf.constant(rows, tf.int32)).numpy().tolist()] == want
+
+
 def test_packing_marks_padding_without_id_zero(codegen):
     _, tok, _ = codegen
     ex = [(tok.encode("def f():\n"), tok.encode("    return '!'\n")), (tok.encode("x = 1"), tok.encode(" + 2"))]

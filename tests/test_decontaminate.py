@@ -118,6 +118,105 @@ def test_ast_normalisation_and_partial_match(dec):
     assert p.ast_match == pytest.approx(1 - 4 / t_near.size)
 
 
+# The renamed solution without its docstring: no 13-gram survives, only the AST match can catch it.
+BARE = RENAMED[:RENAMED.index('    """')] + RENAMED[RENAMED.index("    for i, a"):]
+EDITED = {
+    "unused local": BARE.replace("    for i, a", "    unused = 0\n    for i, a", 1),
+    "method": "class Checker:\n" + "".join("    " + l if l.strip() else l for l in
+                                           BARE.replace("any_near(vals", "any_near(self, vals").splitlines(True)),
+    "reordered arguments": BARE.replace("vals: List[float], eps: float", "eps: float, vals: List[float]"),
+}
+
+
+@pytest.mark.parametrize("edit", list(EDITED))
+def test_structural_match_survives_renaming_edits(dec, edit):
+    # Numbering identifiers by first occurrence relabelled every later name after one such edit
+    # (match 0.3-0.8); labels by role (parameter / local / free / import), dead stores dropped,
+    # parameters in canonical order and a method's receiver dropped make these exact matches.
+    text = EDITED[edit]
+    assert "has_close_elements" not in text and "threshold" not in text and '"""' not in text
+    p, _ = _best(dec, text)
+    assert p is not None and p.ngram_overlap == 0, p
+    assert p.ast_match == 1.0 and dec.removes([p]), p
+    # A real change still costs: returning the distance instead of a bool.
+    changed = text.replace("return True", "return gap")
+    q, _ = _best(dec, changed)
+    assert q is not None and 0.9 <= q.ast_match < 1.0
+
+
+def test_identifier_roles_and_imports_in_labels():
+    [t] = D.normalize_functions("import numpy as np\ndef f(a, b):\n    c = np.sqrt(a)\n"
+                                "    return len(c) + g(b)\n")
+    assert [l for l in t.labels if l.startswith("Name:")] == ["Name:l", "Name:numpy", "Name:p", "Name:len",
+                                                                 "Name:l", "Name:g", "Name:p"]
+    [u] = D.normalize_functions("from numpy import sqrt\ndef f(b, a):\n    d = sqrt(a)\n    return len(d)\n")
+    assert "Name:numpy.sqrt" in u.labels
+    # A dead store of a call is kept (the call may matter); of a pure value, dropped.
+    [v] = D.normalize_functions("def f(x):\n    y = x + 1\n    z = log(x)\n    return x\n")
+    assert v.labels.count("Assign") == 1 and "BinOp" not in v.labels
+
+
+DEEP = {  # the issue's documents: 3.6 KB, a few hundred chained method calls / + terms
+    "method chain": "def clean(s):\n    return s" + ".strip()" * 450 + "\n",
+    "plus chain": "def total(x):\n    return " + " + ".join(["x"] * 900) + "\n",
+}
+TOO_DEEP = {  # beyond the parser's own limits
+    "parentheses": "x = " + "(" * 300 + "1" + ")" * 300 + "\n",
+    "plus chain": "x = " + " + ".join(["x"] * 5000) + "\n",
+    "unary minus": "x = " + "-" * 20000 + "1\n",
+}
+
+
+def test_deep_nesting_is_analysed_or_counted_never_a_crash(dec, tmp_path):
+    for name, doc in DEEP.items():
+        assert 3000 < len(doc) < 4000, name
+        trees, why = D.analyse(doc)
+        assert why is None and len(trees) == 1 and trees[0].size > 900, name  # iterative walks
+        p, _ = _best(dec, doc + "\n\n" + BARE)  # the deep function does not hide its neighbour
+        assert p.ast_match == 1.0, name
+    reasons = set()
+    for name, code in TOO_DEEP.items():
+        (pairs, why), = dec.score_docs([code + HE0])
+        assert why in ("parser_nesting_limit", "parser_recursion_limit", "parser_memory_limit"), (name, why)
+        reasons.add(why)
+        he0 = [p for p in pairs if dec.items[p.item].task_id == "HumanEval/0"]
+        assert he0 and he0[0].ngram_overlap > 0 and dec.removes(pairs), name  # n-grams still check it
+    shard = tmp_path / "deep.jsonl"
+    shard.write_text("".join(json.dumps({"text": t}) + "\n"
+                             for t in [*DEEP.values(), TOO_DEEP["parentheses"] + HE0, IDIOMS]))
+    rep = D.run([str(shard)], "text", tmp_path / "out", mbpp_split="test")
+    assert (rep["docs"], rep["removed"]) == (4, 1)
+    assert rep["ast_unanalysed"] == {"parser_nesting_limit": 1}
+    assert "could not be analysed (still checked by n-grams and embedding): {'parser_nesting_limit': 1}" \
+        in (tmp_path / "out" / "report.md").read_text()
+
+
+BLOCK_DOCS = {  # textbook prose holding the renamed solution in each kind of code block
+    "untagged fence": f"Here is how:\n\n```\n{BARE}```\n\nDone.\n",
+    "tilde fence": f"Here is how:\n\n~~~python\n{BARE}~~~\n\nDone.\n",
+    "other tag": f"Here is how:\n\n```text\n{BARE}```\n\nDone.\n",
+    "indented": "Here is how:\n\n" + "".join("    " + l if l.strip() else l for l in BARE.splitlines(True))
+                + "\nDone.\n",
+    "unclosed fence": f"Here is how:\n\n````py\n{BARE}",
+    "indented fence": "1. Step one:\n\n   ```python\n" + "".join("   " + l if l.strip() else l
+                                                            for l in BARE.splitlines(True)) + "   ```\n",
+}
+
+
+@pytest.mark.parametrize("kind", list(BLOCK_DOCS))
+def test_every_code_block_is_examined(dec, kind):
+    text = BLOCK_DOCS[kind]
+    assert D.parse_python(text)[0] is None  # prose: the whole text does not parse
+    p, _ = _best(dec, text)
+    assert p is not None and p.ast_match == 1.0 and dec.removes([p]), (kind, p)
+
+
+def test_code_blocks():
+    doc = ("Intro.\n\n```\na = 1\n```\n\n~~~~\nb = 2\n~~~\nc = 3\n~~~~\n\n    d = 4\n\n    e = 5\n"
+           "text\n    not code: no blank line before\n\n```bash\n    ls\n```\n")
+    assert D.code_blocks(doc) == ["a = 1", "b = 2\n~~~\nc = 3", "d = 4\n\ne = 5", "ls"]
+
+
 def test_zhang_shasha_known_distance():
     # The Zhang & Shasha (1989) example: f(d(a c(b)) e) -> f(c(d(a b)) e) costs 2.
     a = D.flatten_tree(("f", (("d", (("a", ()), ("c", (("b", ()),)))), ("e", ()))))
@@ -191,7 +290,7 @@ def test_cli_bad_input_exit_2(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "def f():\n", "solution": "  pass\n"}) + "\n"
                    + json.dumps({"prompt": "def g():\n"}) + "\n")
-    assert D.main(["--inputs", str(bad), "--text_field", "prompt+solution",
+    assert D.main(["--inputs", str(bad), "--text_field", "prompt+solution", "--strict",
                    "--out_dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "line 2" in err and "missing_solution" in err and str(bad) in err
@@ -199,6 +298,29 @@ def test_cli_bad_input_exit_2(tmp_path, capsys):
                    "--out_dir", str(tmp_path / "o")]) == 2
     assert "--tau" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_bad_lines_are_skipped_and_counted_unless_strict(tmp_path, capsys):
+    # A blank line, a non-UTF-8 line and an oversized line used to reject the whole file.
+    shard = tmp_path / "ex.jsonl"
+    with open(shard, "wb") as f:
+        f.write((json.dumps({"text": IDIOMS, "id": 0}) + "\n\n").encode())
+        f.write(b'{"text": "caf\xe9 = 1", "id": 1}\n')
+        f.write((json.dumps({"text": "x" * (1 << 20), "id": 2}) + "\n").encode())
+        f.write((json.dumps({"text": HE0, "id": 3}) + "\n" + json.dumps({"text": IDIOMS2, "id": 4}) + "\n").encode())
+    out = tmp_path / "out"
+    assert D.main(["--inputs", str(shard), "--out_dir", str(out), "--mbpp_split", "none"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    skipped = {"blank_line": 1, "non_utf8": 1, "too_large": 1}
+    assert rep["skipped_lines"] == rep["shards"][str(shard)]["skipped_lines"] == skipped
+    assert (rep["docs"], rep["removed"], rep["strict"]) == (3, 1, False)
+    assert [json.loads(l)["id"] for l in (out / "clean" / "ex.jsonl").read_text().splitlines()] == [0, 4]
+    assert "Unreadable input lines skipped: {'blank_line': 1, 'non_utf8': 1, 'too_large': 1}" in \
+        (out / "report.md").read_text()
+    capsys.readouterr()
+    assert D.main(["--inputs", str(shard), "--out_dir", str(tmp_path / "strict"), "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert "line 2: blank_line" in err and "3 bad lines" in err and not (tmp_path / "strict").exists()
 
 
 def test_extra_bench_file_and_min_ast_nodes(tmp_path):

@@ -116,9 +116,13 @@ def env(tmp_path_factory):
         + json.dumps({"prompt": "def add(a, b):\n    \"\"\"Add two numbers.\"\"\"\n", "solution": "    return a + b\n"})
         + "\n")
     (d / "book").mkdir()
+    # Five lessons, then (decontamination must neither crash nor reject the file): a lesson whose function
+    # chains 900 `+` terms, one whose code nests past the parser's limit, and a blank line.
+    deep = [" + ".join(["x"] * 900), "(" * 300 + "x" + ")" * 300]
     (d / "book" / "textbook-00000.jsonl").write_text("".join(
         json.dumps({"text": f"# Lesson {i}\n\nA loop visits each item of a list in turn ({WORDS[i]}).\n"}) + "\n"
-        for i in range(5)))
+        for i in range(5)) + "".join(json.dumps({"text": f"# Deep\n\n```python\ndef f(x):\n    return {e}\n```\n"})
+                                     + "\n" for e in deep) + "\n")
     ingest.run(f"dir:{src}", d / "ingest")
     dedup.run([str(d / "ingest" / "shards")], d / "dedup")
     recs = _read_shards(d / "dedup" / "shards")
@@ -250,7 +254,9 @@ def test_chain_report_and_resume_skip(env, chain_ref, capsys):
     assert list(ex) == ["0-book", "1-exercises"]
     assert ex["1-exercises"]["text_field"] == "prompt+solution"
     assert (ex["1-exercises"]["docs_in"], ex["1-exercises"]["removed"], ex["1-exercises"]["docs_out"]) == (2, 1, 1)
-    assert (ex["0-book"]["docs_in"], ex["0-book"]["removed"]) == (5, 0)
+    assert (ex["0-book"]["docs_in"], ex["0-book"]["removed"]) == (7, 0)
+    assert ex["0-book"]["skipped_lines"] == {"blank_line": 1}
+    assert ex["0-book"]["ast_unanalysed"] == {"parser_nesting_limit": 1}
     assert ex["1-exercises"]["ast"]["0.95"]["docs"] == 1
     tok = vocab_lib.BPETokenizer(env["tok"])
     ex_docs = [json.loads(x) for x in (env["dir"] / "exercises.jsonl").read_text().splitlines()]

@@ -76,10 +76,18 @@ class HFBPEVocabulary(seqio.Vocabulary):
             s = s.decode("utf-8")
         return self.tokenizer.encode(s)
 
-    def _decode(self, ids) -> str:
-        # seqio.Vocabulary.decode has already cut after the first EOS; drop the
-        # EOS/PAD ids themselves, as SentencePiece vocabularies do.
+    def _decode_row(self, ids) -> str:
+        """One row's text: cut at its first EOS -- what follows is padding, and with
+        GPT-2/codegen files (no pad token) seqio's pad id 0 is the real token "!" --
+        with special tokens dropped, as SentencePiece vocabularies do. Every decode
+        path (``decode``, ``decode_tf``) goes through here."""
+        ids = [int(i) for i in ids]
+        if self.eos_id in ids:
+            ids = ids[:ids.index(self.eos_id)]
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _decode(self, ids) -> str:
+        return self._decode_row(ids)
 
     def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
         s = tf.convert_to_tensor(s, dtype=tf.string)
@@ -116,8 +124,7 @@ class HFBPEVocabulary(seqio.Vocabulary):
         return flat, np.asarray([len(r) for r in rows], dtype=np.int64)
 
     def _np_decode_rows(self, rows: np.ndarray) -> np.ndarray:
-        out = [self.tokenizer.decode(r.tolist(), skip_special_tokens=True).encode("utf-8")
-               for r in rows]
+        out = [self._decode_row(r.tolist()).encode("utf-8") for r in rows]
         return np.asarray(out, dtype=object)
 
     # seqio compares vocabularies (e.g. across a Mixture's tasks).

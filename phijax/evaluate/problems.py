@@ -22,25 +22,46 @@ Prompt formats (results are only comparable under the same one; every report nam
 
   repeated per shot, then the task itself ending at "[BEGIN]\\n". The completion is the whole
   solution (cut at "[DONE]"); program = completion + setup code + the three asserts.
-* ``docstring``: the code-harness style — the canonical solution's imports, the tested
-  function's signature and a docstring holding the description and the first test; the model
-  writes the body (cut at the HumanEval stop sequences); program = prompt + completion + setup
-  code + the three asserts.
+* ``docstring``: a signature and a docstring built from what a solver is given -- the problem
+  text and the first test, as the standard harnesses do: the tested function's name and arity
+  from the first test's call, parameters named ``arg0, arg1, ...`` (the reference solution's
+  names and imports would leak part of the answer), the description and the first test in the
+  docstring. The model writes the body (cut at the HumanEval stop sequences); program = prompt
+  + completion + setup code + the three asserts.
+* ``bigcode``: the bigcode-evaluation-harness MBPP prompt (InCoder style): a module docstring
+  holding the description and the first test, each on its own line, no signature; the
+  model writes the whole solution, cut at bigcode's stop sequences; program = prompt +
+  completion + "\\n" + the three asserts, exactly as bigcode builds it (without the test setup
+  code, so MBPP/367 -- the one test problem with setup code -- cannot pass there either).
 """
 from __future__ import annotations
 
 import ast
+import builtins
 import dataclasses
-import re
 
 from phijax.data.benchmarks import load_humaneval, load_mbpp
 
 # The Codex paper's HumanEval stop sequences (a completion is cut before the first of them).
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+# bigcode-evaluation-harness's MBPP stop sequences (bigcode_eval/tasks/mbpp.py).
+BIGCODE_MBPP_STOP = ("\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n<|/", "\n```")
 MBPP_SHOT_IDS = (2, 3, 4)
-BENCHMARKS = {"humaneval": ("humaneval",), "mbpp": ("mbpp_3shot", "docstring")}
+BENCHMARKS = {"humaneval": ("humaneval",), "mbpp": ("mbpp_3shot", "docstring", "bigcode")}
 DEFAULT_FORMAT = {"humaneval": "humaneval", "mbpp": "mbpp_3shot"}
-STOP = {"humaneval": HUMANEVAL_STOP, "docstring": HUMANEVAL_STOP, "mbpp_3shot": ("[DONE]",)}
+STOP = {"humaneval": HUMANEVAL_STOP, "docstring": HUMANEVAL_STOP, "mbpp_3shot": ("[DONE]",),
+        "bigcode": BIGCODE_MBPP_STOP}
+# What each format is, for reports (results are only comparable under the same format).
+FORMAT_DESCRIPTION = {
+    "humaneval": "the HumanEval prompt as shipped (signature + docstring)",
+    "mbpp_3shot": "the MBPP paper's 3-shot prompt (Austin et al. 2021; shots = prompt-split tasks 2, 3, 4)",
+    "docstring": "signature (name and arity from the first test, parameters arg0, arg1, ...) + docstring with "
+                 "the description and the first test; nothing from the reference solution",
+    "bigcode": "the bigcode-evaluation-harness MBPP prompt: a docstring with the description and the first "
+               "test, no signature; bigcode's stop sequences; no test setup code",
+}
+# phi-1's published greedy pass@1 (Gunasekar et al. 2023, Table 1).
+PHI1_PASS_AT_1 = {"humaneval": 0.506, "mbpp": 0.555}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,33 +132,62 @@ def _mbpp_tests(rec: dict) -> str:
     return (setup + "\n" if setup.strip() else "") + "\n".join(rec["test_list"]) + "\n"
 
 
-def _entry_function(tree: ast.Module, first_test: str) -> ast.FunctionDef:
-    fns = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
-    called = [f for f in fns if re.search(rf"\b{re.escape(f.name)}\s*\(", first_test)]
-    if len(called) != 1:
-        raise ValueError(f"cannot tell the tested function among {[f.name for f in fns]} from {first_test!r}")
-    return called[0]
+def tested_call(first_test: str) -> ast.Call:
+    """The call of the tested function in an MBPP test: the one function it calls that is not a
+    builtin (or, when it calls only builtins, the first of them: MBPP/126 defines its own ``sum``)."""
+    calls = [n for n in ast.walk(ast.parse(first_test)) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+    own = [c for c in calls if c.func.id not in vars(builtins)]
+    names = {c.func.id for c in own}
+    if len(names) > 1 or not calls:
+        raise ValueError(f"cannot tell the tested function from {first_test!r}")
+    return (own or calls)[0]
+
+
+def signature_prompt(rec: dict) -> tuple[str, str, list[str]]:
+    """The ``docstring`` format's prompt, the tested function's name and its parameter names --
+    from the problem text and the first test only."""
+    call = tested_call(rec["test_list"][0])
+    if call.keywords or any(isinstance(a, ast.Starred) for a in call.args):
+        raise ValueError(f"the first test of MBPP/{rec['task_id']} calls {call.func.id} with keywords or *args")
+    params = [f"arg{i}" for i in range(len(call.args))]
+    doc = f'    """ {rec["text"].strip()}\n    >>> {rec["test_list"][0]}\n    """\n'
+    return f"def {call.func.id}({', '.join(params)}):\n" + doc, call.func.id, params
 
 
 def _mbpp(rec: dict, fmt: str, shots: str) -> Problem:
     task_id = f"MBPP/{rec['task_id']}"
     code = _code(rec)
-    tree = ast.parse(code)
-    entry = _entry_function(tree, rec["test_list"][0])
     tests = _mbpp_tests(rec)
+    entry_point = tested_call(rec["test_list"][0]).func.id
     if fmt == "mbpp_3shot":
         return Problem(task_id=task_id, benchmark="mbpp", prompt_format=fmt, prompt=shots + _mbpp_task(rec),
-                       entry_point=entry.name, test=tests, canonical_solution=code, completion_prefix="",
+                       entry_point=entry_point, test=tests, canonical_solution=code, completion_prefix="",
                        stop=STOP[fmt])
-    # docstring: imports + signature + docstring(description, first test); the body is the completion
-    imports = [ast.unparse(n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
-    header = f"def {entry.name}({ast.unparse(entry.args)}):\n"
-    doc = f'    """ {rec["text"].strip()}\n    >>> {rec["test_list"][0]}\n    """\n'
-    prompt = ("\n".join(imports) + "\n\n\n" if imports else "") + header + doc
-    # reference completion: the canonical body, then the solution's other top-level code
-    # (helpers), which the body may call
+    if fmt == "bigcode":
+        prompt = f'"""\n{rec["text"]}\n{rec["test_list"][0]}\n"""\n'
+        return Problem(task_id=task_id, benchmark="mbpp", prompt_format=fmt, prompt=prompt, entry_point=entry_point,
+                       test="\n".join(rec["test_list"]), canonical_solution=code, completion_prefix=prompt,
+                       stop=STOP[fmt])
+    # docstring: the model writes the body of the signature built from the first test. The reference
+    # completion binds the reference's parameter names to the prompt's, runs the reference body, and
+    # defines the solution's imports and other top-level code (helpers) after it.
+    prompt, entry_point, params = signature_prompt(rec)
+    tree = ast.parse(code)
+    [entry] = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+               and n.name == entry_point]
+    names = [a.arg for a in entry.args.args]
     body = "\n".join("    " + line for stmt in entry.body for line in ast.unparse(stmt).split("\n"))
-    rest = [ast.unparse(n) for n in tree.body if n is not entry and not isinstance(n, (ast.Import, ast.ImportFrom))]
-    canonical = body + "\n" + ("\n\n" + "\n\n".join(rest) + "\n" if rest else "")
-    return Problem(task_id=task_id, benchmark="mbpp", prompt_format=fmt, prompt=prompt, entry_point=entry.name,
+    rest = [ast.unparse(n) for n in tree.body if n is not entry]
+    canonical = (f"    {', '.join(names)} = {', '.join(params)}\n" if names else "") + body + "\n" + \
+        ("\n\n" + "\n\n".join(rest) + "\n" if rest else "")
+    return Problem(task_id=task_id, benchmark="mbpp", prompt_format=fmt, prompt=prompt, entry_point=entry_point,
                    test=tests, canonical_solution=canonical, completion_prefix=prompt, stop=STOP[fmt])
+
+
+def comparison_note(benchmark: str, prompt_format: str) -> str:
+    """How a score under this format compares with phi-1's published figure."""
+    ref = f"phi-1 reports {100 * PHI1_PASS_AT_1[benchmark]:.1f}% greedy pass@1 on {benchmark}"
+    if benchmark == "humaneval":
+        return ref + " with this prompt: directly comparable at temperature 0, 1 sample, all 164 problems."
+    return (ref + " (500-problem test split) without saying which prompt it used, so this figure is an indication, "
+            "not a like-for-like comparison: MBPP pass@1 moves by several points between prompt formats.")

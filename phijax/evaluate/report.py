@@ -3,8 +3,9 @@
     report.write(output_dir, summary, results)   # summary.json, report.md (+ evals.jsonl, pass_at_1.png)
 
 Every evaluation written to the same directory is appended to `evals.jsonl`; `report.md` shows
-this evaluation (its benchmark and prompt format named in the title) and the history table, the
-best pass@1 in bold, and `pass_at_1.png` plots pass@1 against training step when steps are known.
+this evaluation (its benchmark and prompt format named in the title, the format described and
+the score set beside phi-1's published figure) and the history table, the best pass@1 in bold,
+and `pass_at_1.png` plots pass@1 against training step when steps are known.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from collections import Counter
 from typing import Mapping, Sequence
 
 from phijax.evaluate import pass_at_k as pak
+from phijax.evaluate import problems
 
 HISTORY = "evals.jsonl"
 PLOT = "pass_at_1.png"
@@ -44,6 +46,21 @@ def summary_table(summary: Mapping) -> str:
             ("timeout per program (s)", summary.get("timeout_s"))]
     lines = ["| | |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows if v is not None]
     return "\n".join(lines)
+
+
+def comparison(summary: Mapping) -> str:
+    """Which prompt format this was, and this score beside phi-1's published one."""
+    bench, fmt = summary["benchmark"], summary["prompt_format"]
+    text = (f"Prompt format `{fmt}`: {problems.FORMAT_DESCRIPTION.get(fmt, fmt)}. "
+            f"{problems.comparison_note(bench, fmt)}")
+    if "pass@1" in summary:
+        text += f" This evaluation: pass@1 {_fmt(summary['pass@1'])} over {summary['problems']} problems"
+        caveats = [c for c, bad in (
+            (f"temperature {summary.get('temperature')}", summary.get("temperature") not in (0, None)),
+            (f"{summary['samples_per_problem']} samples per problem", summary["samples_per_problem"] != 1),
+            ("a subset of the problems", summary["problems"] != {"humaneval": 164, "mbpp": 500}.get(bench))) if bad]
+        text += f" ({'; '.join(caveats)}: not phi-1's setting)." if caveats else "."
+    return text
 
 
 def history_table(history: Sequence[Mapping]) -> str:
@@ -130,7 +147,8 @@ def write(output_dir: str, summary: Mapping, results: Sequence[Mapping]) -> dict
     history = read_history(output_dir)
     png = plot_history(history, os.path.join(output_dir, PLOT))
     title = f"# {summary['benchmark']} evaluation (prompt format: {summary['prompt_format']})"
-    parts = [title, summary_table(summary), "## All evaluations in this directory", history_table(history)]
+    parts = [title, comparison(summary), summary_table(summary), "## All evaluations in this directory",
+             history_table(history)]
     if png:
         parts.append(f"![pass@1 against training step]({PLOT})")
         paths["plot"] = png

