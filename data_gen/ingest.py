@@ -495,10 +495,11 @@ def add_gin_flags(p: argparse.ArgumentParser) -> None:
 
 
 def parse_gin(args: argparse.Namespace, default_file: str = "ingest.gin") -> None:
-    """--gin_file / --gin_param; with only params, on top of gin/data/<default_file>."""
+    """--gin_file / --gin_param; with only params, on top of gin/data/<default_file>. A gin file
+    that binds another stage's configurable imports that stage (gin/data/ingest.gin: `import
+    data_gen.dedup`), so no stage imports a later one."""
     if not (args.gin_file or args.gin_param):
         return
-    from data_gen import dedup  # noqa: F401  registers data_gen.DedupConfig: gin/data/ingest.gin binds both
     from phijax import gin_setup  # imports jax via phijax.optim: only when gin is used
 
     try:

@@ -11,6 +11,9 @@ retryably (429, 5xx, a malformed 200 body: charged at its worst case) or are mis
 output (expired) are resubmitted in the next round, up to ``batch_max_rounds``; other failures
 are recorded. A 401 / 403 / 404 from the Files or Batch API stops the run (``EndpointError``).
 
+`engine` below is the running `data_gen.llm.engine.Engine` (its config, ledger state, backoff and
+error mapping); engine.py dispatches here, so this module does not import it.
+
 Budget: a batch reserves the worst case of all its requests before it is uploaded; requests
 that do not fit wait for a later run with a larger cap.
 """
@@ -27,7 +30,7 @@ from typing import Any, Iterable
 from data_gen.llm import cost as cost_lib
 from data_gen.llm import ledger as ledger_lib
 from data_gen.llm import retry as retry_lib
-from data_gen.llm.engine import Engine, Outcome, Progress, RunReport, parse_completion
+from data_gen.llm.outcome import Outcome, Progress, RunReport, parse_completion
 from data_gen.llm.request import Request
 from phijax.data.vocab import atomic_write_bytes
 
@@ -37,7 +40,7 @@ TERMINAL = ("completed", "failed", "expired", "cancelled")
 BATCH_DIR = "batches"
 
 
-async def _with_retries(engine: Engine, what: str, fn, *args, **kwargs):
+async def _with_retries(engine, what: str, fn, *args, **kwargs):
     """Batch API calls retried on 429/5xx/network like online requests."""
     import openai
 
@@ -60,7 +63,7 @@ async def _with_retries(engine: Engine, what: str, fn, *args, **kwargs):
 
 
 class _BatchRun:
-    def __init__(self, engine: Engine, requests: Iterable[Request], total: int | None):
+    def __init__(self, engine, requests: Iterable[Request], total: int | None):
         self.e = engine
         self.cfg = engine.cfg
         self.report = RunReport()
@@ -195,8 +198,7 @@ class _BatchRun:
                  len(seen) - sum(1 for i in lines if (i.get("response") or {}).get("status_code") == 200), len(missing))
 
     def record(self, req: Request, out: Outcome) -> None:
-        reserved = self.e.worst_case(req, batch=True)[1]
-        usd = self.e.settle_usage(req, out, reserved, batch=True)
+        usd = self.e.settle_usage(req, out, batch=True)
         self.e.write_result(self.results, self.led, req, out, usd, "batch", 1)
         self.done.add(req.key)
         self.budget.spent += usd
@@ -241,5 +243,5 @@ class _BatchRun:
         return self.report
 
 
-async def run_batch(engine: Engine, requests: Iterable[Request], total: int | None = None) -> RunReport:
+async def run_batch(engine, requests: Iterable[Request], total: int | None = None) -> RunReport:
     return await _BatchRun(engine, requests, total).run()
