@@ -695,6 +695,7 @@ def _write_flagged(_, path: str, rows: list) -> None:
 
 def _counts_summary(_, path: str, counts: D.ReportCounts, files: Sequence[str], written: list,
                     reports: list) -> None:
+    counts = D.ReportCounts(counts.taus).merge(counts)  # a copy: a side input may be reused on a retry
     for fi, rep in reports:
         counts.add_read(files[fi], rep["skipped"])
     _write_summary(None, path, fields=counts.fields(list(files)), written=written)

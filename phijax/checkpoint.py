@@ -179,11 +179,13 @@ def _failed_read_echoes_dropped():
         else:
             previous(unraisable)
 
+    failed: list = []  # the caller appends when a read failed: only then are there echoes to collect
     sys.unraisablehook = hook
     try:
-        yield
+        yield failed
     finally:
-        gc.collect()  # finalise abandoned read coroutines now, under this hook
+        if failed:
+            gc.collect()  # finalise abandoned read coroutines now, under this hook
         if sys.unraisablehook is hook:
             sys.unraisablehook = previous
         if dropped:
@@ -360,15 +362,13 @@ class Checkpointer:
         steps = sorted(self._mngr.all_steps(), reverse=True)
         if not steps:
             return None
-        failures: list[tuple[int, str]] = []
-
         def damaged(step, what, e):
             failures.append((step, f"{what}: {_reason(e)}"))
             logger.warning("Checkpoint step %d in %s is damaged (%s); trying the previous checkpoint.",
                            step, self._directory, failures[-1][1])
             logger.debug("Full error for checkpoint step %d", step, exc_info=e)
 
-        with _failed_read_echoes_dropped():
+        with _failed_read_echoes_dropped() as failures:
             for step in steps:
                 try:
                     meta = self._read_meta_item(step, required=True) if check_meta is not None else None

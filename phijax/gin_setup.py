@@ -93,9 +93,10 @@ def check_macros_used() -> None:
     defined = {scope for scope, selector in config if selector == "gin.macro"}
     used = {ref.scoped_selector.rsplit("/", 1)[0] for ref in gin.config.iterate_references(config)
             if ref.selector == "gin.macro"}
-    for name in sorted(defined - used):
-        close = difflib.get_close_matches(name, sorted(used), n=1)
-        raise GinError(f"gin macro {name} is set but nothing uses it"
+    unused = sorted(defined - used)
+    if unused:
+        close = difflib.get_close_matches(unused[0], sorted(used), n=1)
+        raise GinError(f"gin macro {unused[0]} is set but nothing uses it"
                        + (f" (did you mean {close[0]}?)" if close else ""))
 
 

@@ -112,7 +112,7 @@ def check_settings() -> None:
         problems.append(f"{label} = {model_dir!r} must be a directory path")
     if problems:
         raise ValueError("; ".join(problems))
-    if isinstance(model_dir, str) and "://" not in model_dir:  # gs:// model dirs: orbax/etils create them
+    if isinstance(model_dir, str) and not metrics_lib.is_url(model_dir):  # gs://: orbax/etils create them
         try:
             os.makedirs(model_dir, exist_ok=True)
         except OSError as e:
@@ -153,7 +153,7 @@ def train(*, model_dir: str = gin.REQUIRED, model_config: PhiConfig = gin.REQUIR
     mesh = sharding.make_mesh(mesh_shape)
     validate(cfg, mesh, batch_size=batch_size, microbatches=microbatches, seq_len=seq_len, train_steps=train_steps)
     tx = optimizer(schedule)
-    if "://" not in model_dir:  # remote (gs://) model dirs are handled by orbax/etils
+    if not metrics_lib.is_url(model_dir):  # remote (gs://) model dirs are handled by orbax/etils
         model_dir = os.path.abspath(model_dir)
         os.makedirs(model_dir, exist_ok=True)
 

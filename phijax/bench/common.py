@@ -1,23 +1,12 @@
 """What the benchmarks share: a compiled train step on synthetic tokens (no tensorflow, no gin)."""
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import jax
 import numpy as np
 
 from phijax import optim, sharding, train_step
-
-
-def save_json(path: str | None, obj, indent: int = 2) -> None:
-    """A benchmark's figures as JSON at `path` (if given), written atomically: a run stopped while
-    writing keeps the previous file."""
-    if path:
-        with open(path + ".tmp", "w") as f:
-            json.dump(obj, f, indent=indent)
-        os.replace(path + ".tmp", path)
 
 
 def synthetic_tokens(vocab_size: int, batch: int, seq: int, seed: int = 0) -> np.ndarray:

@@ -18,7 +18,7 @@ import time
 import jax
 
 from phijax import config as config_lib, decode, model as model_lib
-from phijax.bench import common
+from phijax.bench import save_json
 
 
 def measure(cfg, batch: int, prompt_bucket: int, new_bucket: int, greedy: bool = True) -> dict:
@@ -62,7 +62,7 @@ def main(argv=None):
           f"{args.new_bucket}, {'greedy' if row['greedy'] else 'sampling'}, {cfg.n_layers} layers "
           f"(scanned): trace+lower {row['lower_s']:.1f}s | compile prefill {row['prefill_compile_s']:.1f}s, "
           f"decode loop {row['decode_compile_s']:.1f}s | total {row['total_s']:.1f}s", flush=True)
-    common.save_json(args.json, row)
+    save_json(args.json, row)
     return row
 
 

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from phijax import config as config_lib, convert, decode, model as model_lib
-from phijax.bench import common
+from phijax.bench import save_json
 
 CONFIGS = {
     # The CPU demo model (7.4M params, 8k vocabulary): what a CPU user decodes with.
@@ -145,7 +145,7 @@ def main(argv=None):
           f"({torch.get_num_threads()} threads), transformers {transformers.__version__}", flush=True)
     print(f"jax devices: {jax.devices()}", flush=True)
     results = [run(name, args.repeats, args.dtype, args.torch_device) for name in args.configs.split(",")]
-    common.save_json(args.json, results)
+    save_json(args.json, results)
     return results
 
 

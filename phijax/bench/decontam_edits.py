@@ -29,8 +29,11 @@ import builtins
 import json
 import sys
 import time
+from pathlib import Path
 
 from data_gen import decontaminate as D
+from phijax.data.benchmarks import MBPP_SPLITS
+from phijax.data.vocab import atomic_write_bytes  # not bench.save_json: older checkouts lack it
 
 VARIANTS = ("renamed", "unused_local", "method", "reordered", "all")
 _FN = (ast.FunctionDef, ast.AsyncFunctionDef)
@@ -147,15 +150,14 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     dec = D.Decontaminator(D.load_bench_items(True, "all"))
-    res = {}
+    res, (lo, hi) = {}, MBPP_SPLITS["test"]
     for bench in ("humaneval", "mbpp"):
         idx = [i for i, it in enumerate(dec.items) if it.benchmark == bench
-               and (bench == "humaneval" or 11 <= int(it.task_id.split("/")[1]) <= 510)][:args.limit]
+               and (bench == "humaneval" or lo <= int(it.task_id.split("/")[1]) <= hi)][:args.limit]
         print(f"== {bench}: {len(idx)} items", flush=True)
         res[bench] = measure(dec, idx)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+        atomic_write_bytes(Path(args.json), json.dumps(res, indent=2).encode())
     return 0
 
 

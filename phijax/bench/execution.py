@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import importlib
 import io
-import json
 import os
 import re
 import shutil
@@ -28,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from phijax.bench import save_json
 from phijax.evaluate import execution, pass_at_k as pak, problems, sandbox
 
 _EXEC_LINE = re.compile(r"^(\s*)#\s*(exec\(check_program, exec_globals\))", re.M)
@@ -96,9 +96,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     print(f"HumanEval canonical solutions, {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
     rows = run([int(w) for w in args.workers.split(",")], args.repeats, args.timeout_s)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    save_json(args.json, rows)
     return 0
 
 

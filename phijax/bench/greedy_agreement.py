@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from phijax import config as config_lib, convert, decode, model as model_lib
-from phijax.bench import common
+from phijax.bench import save_json
 from phijax.bench.decode_throughput import hf_model, prompts_for
 
 
@@ -193,7 +193,7 @@ def main(argv=None) -> dict:
         res = compare(base.replace(dtype=dtype, param_dtype=dtype), master, model, prompts, args.new_tokens)
         report(res)
         results["by_dtype"][dtype] = res
-    common.save_json(args.json, results)
+    save_json(args.json, results)
     return results
 
 

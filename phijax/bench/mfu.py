@@ -37,7 +37,7 @@ import os
 import jax
 
 from phijax import config as config_lib, convert, metrics
-from phijax.bench import common
+from phijax.bench import common, save_json
 
 
 def peak_flops_per_device(device):
@@ -112,7 +112,7 @@ def phijax_sweep(args, weights):
 
 def write_json(path, rows, summary=None):
     """The figures so far (rewritten after every row: a sweep stopped at a time limit keeps them)."""
-    common.save_json(path, {"rows": rows, "summary": summary or {}})
+    save_json(path, {"rows": rows, "summary": summary or {}})
 
 
 def release_jax():

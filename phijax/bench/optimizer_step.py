@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from phijax.bench import common
+from phijax.bench import save_json
 from phijax import config as config_lib, model as model_lib, optim
 
 
@@ -59,7 +59,7 @@ def main(argv=None):
            "gb_per_s": floor_bytes / dt / 1e9}
     print(f"{args.config} ({n / 1e6:,.0f}M params) AdamW: {dt * 1e3:8.2f} ms per step, "
           f"{row['gb_per_s']:7.1f} GB/s of the {floor_bytes / 1e9:.1f} GB floor", flush=True)
-    common.save_json(args.json, row)
+    save_json(args.json, row)
     return row
 
 

@@ -24,7 +24,7 @@ import time
 import jax
 
 from phijax import config as config_lib
-from phijax.bench import common
+from phijax.bench import common, save_json
 
 KINDS = (  # first match wins; names as XLA:GPU (cuBLAS/cuDNN/Triton) and XLA:CPU report them
     ("attention kernel", re.compile(r"cudnn|flash|fmha|dot_product_attention|splash|pallas", re.I)),
@@ -122,7 +122,7 @@ def main(argv=None):
         print(f"  top {args.top} ops (ms per step, calls per step, kind):")
         for name, kind, ms, calls in s["ops"][:args.top]:
             print(f"    {ms:9.2f} ms {100 * ms / s['busy_ms']:5.1f}% x{calls:<5g} {kind:16s} {name[:90]}")
-    common.save_json(args.json, {d: {**s, "ops": s["ops"][:200]} for d, s in summary.items()}, indent=1)
+    save_json(args.json, {d: {**s, "ops": s["ops"][:200]} for d, s in summary.items()}, indent=1)
     return summary
 
 

@@ -22,7 +22,7 @@ import time
 import jax
 
 from phijax import config as config_lib, metrics
-from phijax.bench import common
+from phijax.bench import common, save_json
 
 CONFIGS = {
     # The reference point: 7.4M params, batch 8 x 512 (compute-bound on 2 cores).
@@ -114,7 +114,7 @@ def main(argv=None):
               f"phijax {j_tps:,.0f} tok/s (MFU {100 * row['phijax_mfu']:.0f}%) | "
               f"pytorch {t_tps:,.0f} tok/s (MFU {100 * row['torch_mfu']:.0f}%) | ratio {row['ratio']:.2f}x "
               f"(phijax with PhiConfig defaults: {d_tps:,.0f} tok/s, {row['ratio_defaults']:.2f}x)")
-    common.save_json(args.json, results)
+    save_json(args.json, results)
     return results
 
 

@@ -76,7 +76,7 @@ class HFBPEVocabulary(seqio.Vocabulary):
             s = s.decode("utf-8")
         return self.tokenizer.encode(s)
 
-    def _decode_row(self, ids) -> str:
+    def _decode(self, ids) -> str:
         """One row's text: cut at its first EOS -- what follows is padding, and with
         GPT-2/codegen files (no pad token) seqio's pad id 0 is the real token "!" --
         with special tokens dropped, as SentencePiece vocabularies do. Every decode
@@ -85,9 +85,6 @@ class HFBPEVocabulary(seqio.Vocabulary):
         if self.eos_id in ids:
             ids = ids[:ids.index(self.eos_id)]
         return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def _decode(self, ids) -> str:
-        return self._decode_row(ids)
 
     def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
         s = tf.convert_to_tensor(s, dtype=tf.string)
@@ -124,7 +121,7 @@ class HFBPEVocabulary(seqio.Vocabulary):
         return flat, np.asarray([len(r) for r in rows], dtype=np.int64)
 
     def _np_decode_rows(self, rows: np.ndarray) -> np.ndarray:
-        out = [self._decode_row(r.tolist()).encode("utf-8") for r in rows]
+        out = [self._decode(r.tolist()).encode("utf-8") for r in rows]
         return np.asarray(out, dtype=object)
 
     # seqio compares vocabularies (e.g. across a Mixture's tasks).

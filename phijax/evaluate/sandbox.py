@@ -32,6 +32,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import inspect
 import marshal
 import math
 import os
@@ -108,7 +109,7 @@ class ExecResult:
 
 
 def _validate(timeout_s, cpu_s, memory_bytes, max_output_bytes, max_processes, max_file_bytes, isolation,
-              max_disk_bytes=64 << 20, max_files=4096):
+              max_disk_bytes, max_files):
     problems = []
     if not (isinstance(timeout_s, (int, float)) and timeout_s > 0 and math.isfinite(timeout_s)):
         problems.append(f"timeout_s={timeout_s!r} must be a positive number")
@@ -530,10 +531,10 @@ def run_many(sources: Sequence[str] | Iterable[str], *, workers: int | None = No
     workers = (os.cpu_count() or 1) if workers is None else workers
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers={workers!r} must be a positive int")
-    _validate(limits.get("timeout_s", 10.0), limits.get("cpu_s"), limits.get("memory_bytes", 2 << 30),
-              limits.get("max_output_bytes", 1 << 20), limits.get("max_processes", 16),
-              limits.get("max_file_bytes", 16 << 20), limits.get("isolation", "auto"),
-              limits.get("max_disk_bytes", 64 << 20), limits.get("max_files", 4096))
+    # run_program's own defaults, so that the limits are written once (its signature)
+    given = {**{k: p.default for k, p in inspect.signature(run_program).parameters.items()
+                if p.kind is p.KEYWORD_ONLY}, **limits}
+    _validate(**{k: given[k] for k in inspect.signature(_validate).parameters})
     if not sources:
         return []
     first = []
