@@ -60,26 +60,26 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from data_gen import common, dedup, heuristic_annotator, ingest
+from data_gen import generator, dedup, heuristic_annotator, ingest
 from data_gen.llm import engine as engine_lib
 from data_gen.llm import ledger as ledger_lib
 from data_gen.llm import lock as lock_lib
 from data_gen.llm.request import Request, canonical_json, messages_from, seed_from_key
 from phijax.data import records
-from phijax.data.vocab import atomic_write_bytes
+from phijax.util.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "annotate_report.json"
 SAMPLE_FILE = "sample.jsonl"
-REJECTS_FILE = common.REJECTS_FILE
+REJECTS_FILE = generator.REJECTS_FILE
 ANNOTATORS = ("llm", "heuristic", "auto")
 TEMPLATE_FIELDS = ("code", "note")
 MAX_SCORE = 10
 MAX_PARSE_RETRIES = 20  # the attempt is the last two digits of a request's sample_index
 
 
-class AnnotateError(common.GeneratorError):
+class AnnotateError(generator.GeneratorError):
     """Bad input or setting, found before any request is sent (exit code 2)."""
 
 
@@ -226,8 +226,8 @@ class Prompter:
 
     def __init__(self, cfg: AnnotateConfig, model: str):
         self.cfg, self.model = cfg, model
-        self.user_t = common.read_template(cfg.prompt_template_file, TEMPLATE_FIELDS)
-        self.sys_t = common.read_template(cfg.system_template_file, ()) if cfg.system_template_file else None
+        self.user_t = generator.read_template(cfg.prompt_template_file, TEMPLATE_FIELDS)
+        self.sys_t = generator.read_template(cfg.system_template_file, ()) if cfg.system_template_file else None
         if "{code}" not in self.user_t:
             raise AnnotateError(f"{cfg.prompt_template_file}: the prompt must contain {{code}}")
 
@@ -349,7 +349,7 @@ def _template_digest(cfg: AnnotateConfig) -> str:
     h = hashlib.sha256()
     for f in (cfg.system_template_file, cfg.prompt_template_file):
         if f:
-            h.update(common.resolve_path(f).read_bytes())
+            h.update(generator.resolve_path(f).read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -435,7 +435,7 @@ def run(inputs: Sequence[str], out_dir: str | os.PathLike, *, n_samples: int, se
             total += res["educational_value"]
             writer.write(res)
         shards = writer.commit()
-        common.write_jsonl(out / REJECTS_FILE, rejects)
+        generator.write_jsonl(out / REJECTS_FILE, rejects)
         n_annotated = writer.n
         pending = n - n_annotated - len(rejects)
         pending_reasons: dict[str, int] = {}
@@ -474,10 +474,10 @@ def run(inputs: Sequence[str], out_dir: str | os.PathLike, *, n_samples: int, se
 
 # --- CLI -------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
-    from phijax import gin_setup
+    from phijax.util import gin_config
 
     p = argparse.ArgumentParser(description="Annotate a sample of JSONL shards with an educational-value score.")
-    gin_setup.add_gin_flags(p)
+    gin_config.add_gin_flags(p)
     p.add_argument("--inputs", nargs="+", required=True, help="JSONL files, globs or directories (dedup's shards)")
     p.add_argument("--out_dir", required=True, help="output directory; rerun the same command to resume")
     # Flags left unset keep the gin binding (data_gen.AnnotateConfig.*), else the default.
@@ -494,10 +494,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--log_level", default="INFO")
     args = p.parse_args(argv)
     if not args.gin_file:
-        args.gin_file = [os.path.join(gin_setup.REPO_GIN_DIR, "data", "annotate.gin")]
+        args.gin_file = [os.path.join(gin_config.REPO_GIN_DIR, "data", "annotate.gin")]
     try:
-        common.setup(args)  # logging + gin (a bad binding: GeneratorError)
-        ecfg = common.engine_config(args.batch)  # installs key redaction on the log handlers
+        generator.setup(args)  # logging + gin (a bad binding: GeneratorError)
+        ecfg = generator.engine_config(args.batch)  # installs key redaction on the log handlers
         overrides = ingest.flag_overrides(args, ("max_parse_retries", "max_doc_chars", "text_field", "shard_size"))
         cfg = dataclasses.replace(AnnotateConfig(), **overrides)
         res = run(args.inputs, args.out_dir, n_samples=cfg.n_samples if args.n_samples is None else args.n_samples,
@@ -505,19 +505,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                   annotator=cfg.annotator if args.annotator is None else args.annotator,
                   config=cfg, engine_config=ecfg, force=args.force,
                   dry_run=args.dry_run)
-    except (common.GeneratorError, ingest.IngestError, engine_lib.EngineError) as e:
+    except (generator.GeneratorError, ingest.IngestError, engine_lib.EngineError) as e:
         print(f"annotate: error: {e}", file=sys.stderr)
         return ingest.EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"annotate: interrupted: what was annotated is kept in {args.out_dir}; rerun the same command to"
               " resume", file=sys.stderr)
-        return common.EXIT_INTERRUPTED
+        return generator.EXIT_INTERRUPTED
     if args.dry_run:
         print("\n".join([f"sampled {res['sampled']} documents ({res['note']})", *res["lines"]]))
         return 0
     print(json.dumps({k: res[k] for k in ("annotator", "sampled", "annotated", "rejected", "pending",
                                           "parse_retries", "resumed")}))
-    return 0 if res.get("complete", True) else common.EXIT_INCOMPLETE
+    return 0 if res.get("complete", True) else generator.EXIT_INCOMPLETE
 
 
 if __name__ == "__main__":

@@ -52,8 +52,8 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from data_gen import classifier, dedup, ingest, minhash
 from data_gen import decontaminate as D
 from phijax.data import records
-from phijax.data.cache import replace_dir
-from phijax.data.vocab import atomic_write_bytes
+from phijax.util.files import replace_dir
+from phijax.util.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

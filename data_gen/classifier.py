@@ -35,7 +35,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from data_gen import heuristic_annotator
-from phijax.data.vocab import atomic_write_bytes
+from phijax.util.files import atomic_write_bytes
 
 __all__ = ["DEFAULT_TEXT_SETTINGS", "make_featurizer", "parse_features", "TextFeaturizer", "ModelFeaturizer",
            "train", "QualityClassifier", "read_records", "labels_from_records", "iter_scored", "histogram_counts",

@@ -45,7 +45,7 @@ import numpy as np
 from data_gen.minhash import tokens
 from phijax.data import benchmarks
 from phijax.data.records import ReadReport, check_text_fields, iter_jsonl
-from phijax.data.vocab import atomic_write_bytes
+from phijax.util.files import atomic_write_bytes
 
 DEFAULT_TAUS = (0.95, 0.9, 0.85, 0.8)
 DEFAULT_NGRAM = 13

@@ -35,7 +35,7 @@ from typing import Any
 
 import gin
 
-from data_gen import common
+from data_gen import generator
 from data_gen.llm.request import Request
 from data_gen.textbook import code_blocks, PYTHON_TAGS
 # The evaluation sandbox that runs each solution against its own asserts.
@@ -46,7 +46,7 @@ TEMPLATE_FIELDS = ("function_name", "topic", "difficulty")
 
 @gin.configurable(module="data_gen")
 @dataclasses.dataclass
-class ExercisesConfig(common.SamplingConfig):
+class ExercisesConfig(generator.SamplingConfig):
     lists_file: str = "gin/data/exercises_topics.json"
     system_template_file: str | None = "gin/data/exercises_system.txt"
     prompt_template_file: str = "gin/data/exercises_prompt.txt"
@@ -60,23 +60,23 @@ class ExercisesConfig(common.SamplingConfig):
     def validate(self) -> None:
         super().validate()
         if self.min_asserts < 1 or not self.sandbox_timeout_s > 0:
-            raise common.GeneratorError("min_asserts must be >= 1 and sandbox_timeout_s > 0")
+            raise generator.GeneratorError("min_asserts must be >= 1 and sandbox_timeout_s > 0")
 
 
 def choose(cfg: ExercisesConfig, lists: dict[str, Any], index: int) -> dict[str, str]:
-    rng = common.sample_rng(cfg.seed, index, "exercises")
+    rng = generator.sample_rng(cfg.seed, index, "exercises")
     return {"function_name": f"{rng.choice(lists['name_verbs'])}_{rng.choice(lists['name_nouns'])}",
             "topic": rng.choice(lists["topics"]), "difficulty": rng.choice(lists["difficulties"])}
 
 
 def build_requests(cfg: ExercisesConfig, model: str) -> list[Request]:
     cfg.validate()
-    lists = common.load_lists(cfg.lists_file, {"name_verbs": list, "name_nouns": list, "topics": list,
+    lists = generator.load_lists(cfg.lists_file, {"name_verbs": list, "name_nouns": list, "topics": list,
                                                "difficulties": list})
     for word in lists["name_verbs"] + lists["name_nouns"]:
         if not word.isidentifier():
-            raise common.GeneratorError(f"{cfg.lists_file}: name part {word!r} is not a Python identifier")
-    return common.build_chat_requests(cfg, model, TEMPLATE_FIELDS, lambda i: choose(cfg, lists, i))
+            raise generator.GeneratorError(f"{cfg.lists_file}: name part {word!r} is not a Python identifier")
+    return generator.build_chat_requests(cfg, model, TEMPLATE_FIELDS, lambda i: choose(cfg, lists, i))
 
 
 @dataclasses.dataclass
@@ -144,12 +144,12 @@ def make_judge(cfg: ExercisesConfig):
         rejects, parsed = [], []
         for req, res in served:
             if res["status"] != "ok":
-                rejects.append(common.reject(req, res, f"not_served_ok:{res['status']}", res.get("error", "")))
+                rejects.append(generator.reject(req, res, f"not_served_ok:{res['status']}", res.get("error", "")))
                 continue
             name = req.meta["function_name"]
             ex = parse_exercise(res["text"], name, cfg.min_asserts)
             if isinstance(ex, tuple):
-                rejects.append(common.reject(req, res, *ex))
+                rejects.append(generator.reject(req, res, *ex))
             else:
                 parsed.append((req, res, ex))
         runs = sandbox.run_many([ex.program for _, _, ex in parsed], workers=cfg.sandbox_workers,
@@ -160,17 +160,17 @@ def make_judge(cfg: ExercisesConfig):
         for (req, res, ex), run in zip(parsed, runs):
             name = req.meta["function_name"]
             if not run.passed:
-                rejects.append(common.reject(req, res, "tests_failed", f"{run.status}: {run.reason}; "
+                rejects.append(generator.reject(req, res, "tests_failed", f"{run.status}: {run.reason}; "
                                              f"{run.stderr[-300:]}", sandbox_status=run.status))
                 continue
             norm = normalized(ex, name)
             digest = hashlib.sha256(norm.encode()).hexdigest()
             if digest in exact:
-                rejects.append(common.reject(req, res, "duplicate", f"of {exact[digest]}", duplicate_of=exact[digest]))
+                rejects.append(generator.reject(req, res, "duplicate", f"of {exact[digest]}", duplicate_of=exact[digest]))
                 continue
             dup = dedup.add(req.key, norm)
             if dup:
-                rejects.append(common.reject(req, res, "near_duplicate", f"of {dup[0]} (jaccard~{dup[1]:.2f})",
+                rejects.append(generator.reject(req, res, "near_duplicate", f"of {dup[0]} (jaccard~{dup[1]:.2f})",
                                              duplicate_of=dup[0]))
                 continue
             exact[digest] = req.key
@@ -182,7 +182,7 @@ def make_judge(cfg: ExercisesConfig):
 
 
 def main(argv=None) -> int:
-    return common.main_flow(argv, "Generate synthetic CodeExercises (signature + docstring -> solution).",
+    return generator.main_flow(argv, "Generate synthetic CodeExercises (signature + docstring -> solution).",
                             "exercises", build_requests, make_judge, ExercisesConfig)
 
 

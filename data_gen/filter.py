@@ -43,6 +43,7 @@ from data_gen import classifier as classifier_lib
 from data_gen import dedup, ingest
 from phijax.data import records
 from phijax.data import vocab as vocab_lib
+from phijax.util import files
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def _chunks(items: Iterable, n: int) -> Iterator[list]:
 
 def classifier_fingerprint(classifier_dir: Path) -> str:
     """Content hash of the trained classifier (a retrained one invalidates the filter output)."""
-    return "-".join(vocab_lib.file_fingerprint(classifier_dir / n)
+    return "-".join(files.file_fingerprint(classifier_dir / n)
                     for n in (classifier_lib.INFO_FILE, classifier_lib.MODEL_FILE))
 
 

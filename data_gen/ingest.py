@@ -44,8 +44,8 @@ from typing import Any
 import gin
 from phijax.data import corpus as corpus_lib
 from phijax.data import records
-from phijax.data.cache import replace_dir
-from phijax.data.vocab import atomic_write_bytes
+from phijax.util.files import replace_dir
+from phijax.util.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -500,12 +500,12 @@ def parse_gin(args: argparse.Namespace, default_file: str = "ingest.gin") -> Non
     data_gen.dedup`), so no stage imports a later one."""
     if not (args.gin_file or args.gin_param):
         return
-    from phijax import gin_setup  # imports jax via phijax.optim: only when gin is used
+    from phijax.util import gin_config
 
     try:
-        gin_setup.parse(args.gin_file or [os.path.join(gin_setup.REPO_GIN_DIR, "data", default_file)],
+        gin_config.parse(args.gin_file or [os.path.join(gin_config.REPO_GIN_DIR, "data", default_file)],
                         args.gin_param)
-    except gin_setup.GinError as e:
+    except gin_config.GinError as e:
         raise IngestError(str(e)) from None
 
 

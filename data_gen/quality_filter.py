@@ -41,12 +41,12 @@ from typing import Any
 
 from data_gen import annotate as annotate_lib
 from data_gen import classifier as classifier_lib
-from data_gen import common, decontaminate, dedup, ingest
+from data_gen import generator, decontaminate, dedup, ingest
 from data_gen import filter as filter_lib
 from data_gen.llm import engine as engine_lib
 from phijax.data import packing, records
-from phijax.data.cache import replace_dir
-from phijax.data.vocab import atomic_write_bytes
+from phijax.util.files import replace_dir
+from phijax.util.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def validate(s: Settings) -> list[dict]:
     for cfg in (s.ingest, s.dedup, s.annotate, s.classifier, s.filter, s.decontam):
         try:
             cfg.validate()
-        except common.GeneratorError as e:  # annotate's
+        except generator.GeneratorError as e:  # annotate's
             raise ingest.IngestError(str(e)) from None
     return extra_inputs(s.chain.extra_shards)
 
@@ -294,7 +294,7 @@ def _annotate(c: _Chain) -> dict:
             r = annotate_lib.run([str(c.dir("dedup") / ingest.SHARDS_DIR)], c.dir("annotate"), n_samples=a.n_samples,
                                  seed=a.seed, annotator=a.annotator, config=a, engine_config=c.engine_config,
                                  force=c.force)
-        except (common.GeneratorError, engine_lib.EngineError) as e:
+        except (generator.GeneratorError, engine_lib.EngineError) as e:
             raise ingest.IngestError(f"annotate: {e}") from None
         if not r.get("complete", True):
             raise Incomplete(f"annotate: {r['pending']} of {r['sampled']} documents still without an answer "
@@ -411,7 +411,7 @@ def run(s: Settings, force: bool = False, engine_config=None) -> dict:
     ``engine_config`` (data_gen.llm.engine.EngineConfig) None: as gin binds it. Bad input raises
     ingest.IngestError before any stage runs; an unfinished LLM annotation raises Incomplete."""
     extra = validate(s)
-    c = _Chain(s, extra, force, engine_config if engine_config is not None else common.engine_config(False))
+    c = _Chain(s, extra, force, engine_config if engine_config is not None else generator.engine_config(False))
     c.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     ing = _ingest(c)
@@ -519,11 +519,11 @@ def render_markdown(r: dict) -> str:
 # --- CLI ----------------------------------------------------------------------------------------
 def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
     """Parses the files (default gin/data/quality_filter.gin) and bindings; GinError -> IngestError."""
-    from phijax import gin_setup  # imports jax via phijax.optim: only when gin is used
+    from phijax.util import gin_config
 
     try:
-        gin_setup.parse(list(gin_files) or [os.path.join(gin_setup.REPO_GIN_DIR, DEFAULT_GIN)], list(gin_params))
-    except gin_setup.GinError as e:
+        gin_config.parse(list(gin_files) or [os.path.join(gin_config.REPO_GIN_DIR, DEFAULT_GIN)], list(gin_params))
+    except gin_config.GinError as e:
         raise ingest.IngestError(str(e)) from None
 
 
@@ -568,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ingest.EXIT_BAD_INPUT
     except Incomplete as e:
         print(f"quality_filter: {e}", file=sys.stderr)
-        return common.EXIT_INCOMPLETE
+        return generator.EXIT_INCOMPLETE
     for row in r["stages"]:
         print(f"{row['stage']:>13}: {'skipped (complete)' if row.get('resumed') else 'ran':18} "
               f"docs {_fmt(row.get('docs_in'))} -> {_fmt(row.get('docs_out'))}, "

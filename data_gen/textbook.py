@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import gin
 
-from data_gen import common
+from data_gen import generator
 from data_gen.llm.request import Request
 
 TEMPLATE_FIELDS = ("topic", "subtopic", "audience", "style")
@@ -42,7 +42,7 @@ DEFAULT_BOILERPLATE = (r"sure[!,.]", r"certainly[!,.]", r"of course[!,.]", r"her
 
 @gin.configurable(module="data_gen")
 @dataclasses.dataclass
-class TextbookConfig(common.SamplingConfig):
+class TextbookConfig(generator.SamplingConfig):
     lists_file: str = "gin/data/textbook_topics.json"
     system_template_file: str | None = "gin/data/textbook_system.txt"
     prompt_template_file: str = "gin/data/textbook_prompt.txt"
@@ -55,12 +55,12 @@ class TextbookConfig(common.SamplingConfig):
     def validate(self) -> None:
         super().validate()
         if self.min_chars < 0:
-            raise common.GeneratorError(f"min_chars must be >= 0, got {self.min_chars}")
+            raise generator.GeneratorError(f"min_chars must be >= 0, got {self.min_chars}")
         for pat in (*self.refusal_patterns, *self.boilerplate_patterns):
             try:
                 re.compile(pat)
             except re.error as e:
-                raise common.GeneratorError(f"bad pattern {pat!r}: {e}") from None
+                raise generator.GeneratorError(f"bad pattern {pat!r}: {e}") from None
 
 
 def code_blocks(text: str) -> list[tuple[str, str]]:
@@ -74,7 +74,7 @@ def python_blocks(text: str) -> list[str]:
 
 
 def choose(cfg: TextbookConfig, lists: dict[str, Any], index: int) -> dict[str, str]:
-    rng = common.sample_rng(cfg.seed, index, "textbook")
+    rng = generator.sample_rng(cfg.seed, index, "textbook")
     topic = rng.choice(sorted(lists["topics"]))
     return {"topic": topic, "subtopic": rng.choice(lists["topics"][topic]),
             "audience": rng.choice(lists["audiences"]), "style": rng.choice(lists["styles"])}
@@ -82,8 +82,8 @@ def choose(cfg: TextbookConfig, lists: dict[str, Any], index: int) -> dict[str, 
 
 def build_requests(cfg: TextbookConfig, model: str) -> list[Request]:
     cfg.validate()
-    lists = common.load_lists(cfg.lists_file, {"topics": dict, "audiences": list, "styles": list})
-    return common.build_chat_requests(cfg, model, TEMPLATE_FIELDS, lambda i: choose(cfg, lists, i))
+    lists = generator.load_lists(cfg.lists_file, {"topics": dict, "audiences": list, "styles": list})
+    return generator.build_chat_requests(cfg, model, TEMPLATE_FIELDS, lambda i: choose(cfg, lists, i))
 
 
 def validate(text: str, cfg: TextbookConfig) -> tuple[str, str] | None:
@@ -114,16 +114,16 @@ def make_judge(cfg: TextbookConfig):
         accepted, rejects = [], []
         for req, res in served:
             if res["status"] != "ok":
-                rejects.append(common.reject(req, res, f"not_served_ok:{res['status']}", res.get("error", "")))
+                rejects.append(generator.reject(req, res, f"not_served_ok:{res['status']}", res.get("error", "")))
                 continue
             text = res["text"]
             bad = validate(text, cfg)
             if bad:
-                rejects.append(common.reject(req, res, *bad))
+                rejects.append(generator.reject(req, res, *bad))
                 continue
             dup = dedup.add(req.key, text)
             if dup:
-                rejects.append(common.reject(req, res, "near_duplicate", f"of {dup[0]} (jaccard~{dup[1]:.2f})",
+                rejects.append(generator.reject(req, res, "near_duplicate", f"of {dup[0]} (jaccard~{dup[1]:.2f})",
                                              duplicate_of=dup[0]))
                 continue
             accepted.append({"text": text, "id": req.key, "sample_index": req.sample_index, **req.meta,
@@ -133,7 +133,7 @@ def make_judge(cfg: TextbookConfig):
 
 
 def main(argv=None) -> int:
-    return common.main_flow(argv, "Generate synthetic Python textbook sections.", "textbook",
+    return generator.main_flow(argv, "Generate synthetic Python textbook sections.", "textbook",
                             build_requests, make_judge, TextbookConfig)
 
 

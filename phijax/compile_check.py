@@ -41,7 +41,8 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from phijax import attention, gin_setup, metrics, sharding, train_step
+from phijax.util import gin_config
+from phijax import attention, metrics, sharding, train_step
 from phijax import train as train_lib
 
 GiB = 2 ** 30
@@ -270,7 +271,7 @@ def format_report(r: dict) -> str:
 def main(argv=None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile only: never take a local accelerator
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    gin_setup.add_gin_flags(p)
+    gin_config.add_gin_flags(p)
     p.add_argument("--topology", required=True, help="e.g. v5e-16, v4-32, v5e-64, v5p-8, or v5e:4x4, v4:2x2x4")
     p.add_argument("--per_device_batch", type=float, default=None,
                    help="sequences per device per step (global batch = this x devices); default: gin BATCH_SIZE")
@@ -284,7 +285,7 @@ def main(argv=None) -> int:
     try:
         topo = parse_topology(args.topology)
         # MODEL_DIR is required by the training gin files but unused here.
-        gin_setup.parse(args.gin_file, ["MODEL_DIR = 'unused-by-compile-check'", *args.gin_param],
+        gin_config.parse(args.gin_file, ["MODEL_DIR = 'unused-by-compile-check'", *args.gin_param],
                         args.gin_search_path)
         b = _train_bindings()
         cfg = b["model_config"]
@@ -301,8 +302,8 @@ def main(argv=None) -> int:
                   microbatches=args.microbatches or b["microbatches"], mesh_shape=b["mesh_shape"],
                   rules=b["sharding_rules"], optimizer=b["optimizer"], schedule=b["schedule"],
                   train_steps=b["train_steps"], packed=packed)
-    except (CompileCheckError, gin_setup.GinError, ValueError) as e:
-        print(f"error: {gin_setup.explain(e)}", file=sys.stderr)
+    except (CompileCheckError, gin_config.GinError, ValueError) as e:
+        print(f"error: {gin_config.explain(e)}", file=sys.stderr)
         return 1 if isinstance(e, CompileCheckError) else 2
     print(format_report(r))
     if args.json:

@@ -2,7 +2,7 @@
 
 The field names follow the paper / phi-1 model card; `convert.py` maps them to and
 from Hugging Face's `PhiConfig`. Nothing here imports tensorflow or gin: gin binds
-these fields from `gin/models/*.gin` through `phijax.gin_setup`.
+these fields from `gin/models/*.gin` (registered as `phijax.PhiConfig` by phijax.train).
 """
 from __future__ import annotations
 

@@ -14,6 +14,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from phijax.util.files import atomic_write_text, is_url  # noqa: F401  (metrics.is_url: the one test for gs:// paths)
 from etils import epath
 
 # Published dense bf16 peak FLOP/s per device (per chip for TPU).
@@ -60,11 +62,6 @@ def device_peak_flops(device=None) -> float:
             _measured_cpu_peak = measure_matmul_peak() / len(jax.devices())
         return _measured_cpu_peak
     raise ValueError(f"unknown peak FLOP/s for device kind {kind!r}; set train.peak_flops_per_device in gin")
-
-
-def is_url(path) -> bool:
-    """True for object-store URLs (gs://bucket/...): written through etils.epath, never open()/os."""
-    return "://" in str(path)
 
 
 class ObjectAppender:
@@ -146,10 +143,7 @@ class MetricsWriter:
             return
         with open(self.path) as f:
             keep = _records_up_to(f, step)
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(keep))
 
     def write(self, step: int, record: dict) -> None:
         if not self.enabled:

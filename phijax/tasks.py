@@ -1,7 +1,7 @@
 """The SeqIO registry, for code and gin: ``import phijax.tasks``.
 
 Registered on import (lazily: nothing is read, trained or built until a task is used):
-  * ``phijax_stdlib``    -- the embedded default corpus (phijax.data.tasks)
+  * ``phijax_stdlib``    -- the embedded default corpus (phijax.data.seqio_tasks)
   * ``phijax_humaneval`` -- HumanEval, split 'test' (inputs = prompt, targets = canonical solution)
   * ``phijax_mbpp``      -- MBPP, splits prompt/test/validation/train (inputs = text, targets = code)
 with the stdlib BPE vocabulary. User data is registered from gin, e.g.::
@@ -24,7 +24,7 @@ from typing import Sequence
 
 import gin
 
-from phijax.data import records, tasks as data_tasks
+from phijax.data import records, seqio_tasks as data_tasks
 from phijax.data import vocab as vocab_lib
 
 CODETEXTBOOK = "codetextbook"
@@ -73,7 +73,7 @@ def register_codetextbook(name: str = CODETEXTBOOK, *, code: Sequence[str] | str
 
 @gin.configurable(module="phijax.tasks")
 def register_eval_tasks(**kwargs) -> list[str]:
-    """gin entry to ``phijax.data.tasks.register_eval_tasks`` (e.g. with the
+    """gin entry to ``phijax.data.seqio_tasks.register_eval_tasks`` (e.g. with the
     model's tokenizer_path and a name suffix)."""
     return data_tasks.register_eval_tasks(**kwargs)
 

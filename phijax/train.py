@@ -21,10 +21,18 @@ from etils import epath
 
 from phijax import checkpoint as ckpt_lib
 from phijax import distributed
-from phijax import gin_setup, metrics as metrics_lib, optim, sharding, train_step, train_eval
+from phijax.util import gin_config
+from phijax import metrics as metrics_lib, optim, sharding, train_step, train_eval
 from phijax.config import PhiConfig
+from phijax.util import files
 
 log = logging.getLogger("phijax.train")
+
+# What the training gin files configure beyond this module (the model and optimizer modules
+# import without gin: accelerator hosts may lack it).
+gin.external_configurable(PhiConfig, module="phijax")
+gin.external_configurable(optim.warmup_linear_decay, module="phijax.optim")
+gin.external_configurable(optim.adamw, module="phijax.optim")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -195,7 +203,7 @@ def train(*, model_dir: str = gin.REQUIRED, model_config: PhiConfig = gin.REQUIR
     peak = (peak_flops_per_device or metrics_lib.device_peak_flops()) * jax.device_count()
     flops_per_token = cfg.flops_per_token(seq_len)
     if gin_config_str is not None and jax.process_index() == 0:
-        _write_text(os.path.join(model_dir, "config.gin"), gin_config_str)
+        files.atomic_write_text(os.path.join(model_dir, "config.gin"), gin_config_str)
 
     # The loop. Metrics of step s are read after step s+1 is dispatched, so the host never
     # stalls the device; a non-finite loss stops before any later state is saved.
@@ -222,7 +230,7 @@ def train(*, model_dir: str = gin.REQUIRED, model_config: PhiConfig = gin.REQUIR
                       "tokens_per_second": tok_s, "mfu": tok_s * flops_per_token / peak}
             writer.write(done, record)
             if done == start + 1 and jax.process_index() == 0:  # everything configurable has been read
-                _write_text(os.path.join(model_dir, "operative_config.gin"), gin.operative_config_str())
+                files.atomic_write_text(os.path.join(model_dir, "operative_config.gin"), gin.operative_config_str())
             t_window, last_logged = now, done
             first_loss = record["loss"] if first_loss is None else first_loss
             last_loss = record["loss"]
@@ -279,16 +287,6 @@ def _check_same_model(cfg: PhiConfig, model_dir: str, step: int, meta: dict):
                          f"of a different model shape ({detail}); use a new MODEL_DIR or the matching model gin")
 
 
-def _write_text(path, text):
-    if metrics_lib.is_url(path):  # gs://: an object is replaced whole, no rename needed
-        epath.Path(path).write_text(text)
-        return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 EXIT_PEER_LOST = 4
 
 
@@ -307,7 +305,7 @@ def _exit_peer_lost(e: Exception):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    gin_setup.add_gin_flags(parser)
+    gin_config.add_gin_flags(parser)
     parser.add_argument("--coordinator_address", default=None,
                         help="multi-process: host:port of process 0 (env PHIJAX_COORDINATOR_ADDRESS)")
     parser.add_argument("--num_processes", default=None, help="multi-process: process count (env PHIJAX_NUM_PROCESSES)")
@@ -324,8 +322,8 @@ def main(argv=None) -> int:
     if jax.process_index() != 0:  # one progress log per job (training, checkpoints, evaluation)
         logging.getLogger("phijax").setLevel(logging.WARNING)
     try:
-        gin_setup.parse(args.gin_file, args.gin_param, args.gin_search_path)
-        gin_setup.check_macros_used()
+        gin_config.parse(args.gin_file, args.gin_param, args.gin_search_path)
+        gin_config.check_macros_used()
         check_settings()  # before any data or device work; creates MODEL_DIR
     except ValueError as e:  # GinError included
         print(f"error: {e}", file=sys.stderr)
@@ -336,7 +334,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 3
     except ValueError as e:
-        print(f"error: {gin_setup.explain(e)}", file=sys.stderr)
+        print(f"error: {gin_config.explain(e)}", file=sys.stderr)
         return 2
     except jax.errors.JaxRuntimeError as e:
         if jax.process_count() == 1:
@@ -344,7 +342,7 @@ def main(argv=None) -> int:
         _exit_peer_lost(e)
     if jax.process_index() == 0:
         operative = gin.operative_config_str()
-        _write_text(os.path.join(summary["model_dir"], "operative_config.gin"), operative)
+        files.atomic_write_text(os.path.join(summary["model_dir"], "operative_config.gin"), operative)
         if summary["start_step"] < summary["final_step"]:
             print(f"done: step {summary['final_step']}, loss {summary['first_loss']} -> {summary['last_loss']}")
         else:  # e.g. killed after the final checkpoint, before the export

@@ -19,7 +19,7 @@ import gin
 import jax
 
 from phijax import checkpoint as ckpt_lib
-from phijax.data.vocab import atomic_write_bytes
+from phijax.util.files import atomic_write_bytes
 # Imported before gin parses the config: phijax.evaluate.run registers gin configurables on import.
 from phijax.evaluate import problems, report
 from phijax.evaluate import run as eval_run

@@ -52,7 +52,7 @@ def test_plan_covers_the_stream_exactly():
 def test_beam_cache_equals_in_process_and_feeds_trainer(tmp_path, monkeypatch):
     import seqio
 
-    from phijax.data import beam_cache, tasks, testing
+    from phijax.data import beam_cache, seqio_tasks as tasks, testing
 
     root = testing.make_tiny_corpus(tmp_path / "corpus")
     name = "test_data_beam_tiny"
@@ -61,7 +61,7 @@ def test_beam_cache_equals_in_process_and_feeds_trainer(tmp_path, monkeypatch):
         seq_len = 31
         ref = pipeline.build_window_cache(name, seq_len, cache_dir=tmp_path / "inproc")
         out = beam_cache.build_window_cache_beam(name, seq_len, cache_dir=tmp_path / "beam", num_shards=4,
-                                                 windows_per_file=400, modules=["phijax.data.tasks"],
+                                                 windows_per_file=400, modules=["phijax.data.seqio_tasks"],
                                                  pipeline_args=["--runner=DirectRunner"])
         assert Path(out).name == ref.name  # the same key: task, length, vocabulary, corpus
         w_ref, m_ref = pipeline.load_windows(ref)
@@ -88,7 +88,7 @@ def test_beam_cache_equals_in_process_and_feeds_trainer(tmp_path, monkeypatch):
         monkeypatch.undo()
         # A complete cache is never rebuilt.
         assert beam_cache.build_window_cache_beam(name, seq_len, cache_dir=tmp_path / "beam",
-                                                  modules=["phijax.data.tasks"]) == out
+                                                  modules=["phijax.data.seqio_tasks"]) == out
     finally:
         seqio.TaskRegistry.remove(name)
         tasks.TASK_INFO.pop(name, None)
@@ -126,7 +126,7 @@ phijax.tasks.register_codetextbook.cache_dir = '{cache}'
     import seqio
 
     import phijax.tasks  # noqa: F401
-    from phijax.data import tasks
+    from phijax.data import seqio_tasks as tasks
 
     gin.clear_config()
     try:
@@ -146,5 +146,5 @@ def test_unregistered_task_fails_before_beam_starts(tmp_path):
     from phijax.data import beam_cache
 
     with pytest.raises(ValueError, match="no_such_task.*not registered"):
-        beam_cache.build_window_cache_beam("no_such_task", 8, cache_dir=tmp_path, modules=["phijax.data.tasks"])
+        beam_cache.build_window_cache_beam("no_such_task", 8, cache_dir=tmp_path, modules=["phijax.data.seqio_tasks"])
     assert not any(tmp_path.iterdir())

@@ -15,6 +15,7 @@ import pytest
 from phijax.data import benchmarks, packing, pipeline, testing
 from phijax.data import vocab as vocab_lib
 from phijax.data.pipeline import PackedBatches
+from phijax.util import files
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -241,7 +242,7 @@ def test_cache_reused_keyed_and_atomic(env, tmp_path, monkeypatch):
     assert build(env, tmp_path, 65)[0] != p1
     assert build(env, tmp_path, 64, loss_on="all")[0] != p1
     assert build(env, tmp_path, 64, overlong="drop")[0] != p1
-    assert m1["input_fingerprint"] == vocab_lib.file_fingerprint(data)
+    assert m1["input_fingerprint"] == files.file_fingerprint(data)
     assert m1["tokenizer_fingerprint"] == tok.fingerprint
     # A changed input file gets a new cache.
     data2 = write_jsonl(tmp_path / "ex2.jsonl", recs[:-1])
@@ -333,7 +334,7 @@ def test_make_batches_exercises(env, tmp_path):
 def test_exercises_seqio_task(env):
     import tensorflow  # noqa: F401
     import seqio
-    from phijax.data import tasks
+    from phijax.data import seqio_tasks as tasks
 
     tok, tok_path, recs, data = env
     name = "test_data_finetune_exercises"

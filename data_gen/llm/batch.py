@@ -32,7 +32,7 @@ from data_gen.llm import ledger as ledger_lib
 from data_gen.llm import retry as retry_lib
 from data_gen.llm.outcome import Outcome, Progress, RunReport, parse_completion
 from data_gen.llm.request import Request
-from phijax.data.vocab import atomic_write_bytes
+from phijax.util.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from data_gen import decontaminate as D
 from phijax.data.benchmarks import MBPP_SPLITS
-from phijax.data.vocab import atomic_write_bytes  # not bench.save_json: older checkouts lack it
+from phijax.util.files import atomic_write_bytes  # not bench.save_json: older checkouts lack it
 
 VARIANTS = ("renamed", "unused_local", "method", "reordered", "all")
 _FN = (ast.FunctionDef, ast.AsyncFunctionDef)

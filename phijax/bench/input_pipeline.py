@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    from phijax.data import tasks
+    from phijax.data import seqio_tasks as tasks
 
     task_name = tasks.ensure_stdlib_task(args.vocab_size)
     t0 = time.perf_counter()

@@ -43,6 +43,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from phijax.data import pipeline as pipeline_lib
 from phijax.data import vocab as vocab_lib
+from phijax.util import files as files_lib
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ def build_window_cache_beam(task_name: str, seq_len: int, cache_dir: str | os.Pa
         raise ValueError(f"need num_shards >= 1 and windows_per_file >= 1, got {num_shards}, {windows_per_file}")
     setup = _Setup(task_name, modules, gin_files, gin_params, register)
     setup()
-    root = str(cache_dir) if cache_dir is not None else str(vocab_lib.default_cache_dir())
+    root = str(cache_dir) if cache_dir is not None else str(files_lib.default_cache_dir())
     # The key (task, length, vocabulary, corpus) is computed once, here, by the trainer's own code.
     local_final, key_fields, _, vocab_size = pipeline_lib.window_cache_dir(task_name, seq_len, "/k")
     rel = local_final.relative_to("/k").as_posix()

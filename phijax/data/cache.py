@@ -24,17 +24,6 @@ def keyed_dir(root, kind: str, name: str, key_fields: dict) -> Path:
     return Path(root) / kind / f"{name}-{key}"
 
 
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Publish the finished directory `tmp` as `final`, replacing any previous one whole (the old
-    one is moved aside first, then removed), so readers never see a mix of two runs' files."""
-    old = final.parent / f".{final.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def write_atomic(final: Path, arrays: dict[str, np.ndarray], meta: dict) -> Path:
     """Write `<name>.npy` for each array plus meta.json as directory `final`, atomically."""
     final = Path(final)

@@ -40,6 +40,7 @@ import numpy as np
 
 from phijax.data import cache, records
 from phijax.data import vocab as vocab_lib
+from phijax.util import files
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def write_exercises(path: str | os.PathLike, records: Iterable[dict]) -> Path:
     """Writes records as exercises JSONL (UTF-8, one JSON object per line)."""
     path = Path(path)
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
-    vocab_lib.atomic_write_bytes(path, data)
+    files.atomic_write_bytes(path, data)
     return path
 
 
@@ -200,11 +201,11 @@ def build_packed_cache(data_path: str | os.PathLike, tokenizer: vocab_lib.BPETok
     ``<cache>/packed/<stem>-L<seq_len>-<key>/`` (reused when complete)."""
     options = PackOptions(int(seq_len), loss_on, overlong)
     data_path = Path(data_path)
-    key_fields = {"format": PACK_FORMAT_VERSION, "input_fingerprint": vocab_lib.file_fingerprint(data_path),
+    key_fields = {"format": PACK_FORMAT_VERSION, "input_fingerprint": files.file_fingerprint(data_path),
                   "tokenizer_fingerprint": tokenizer.fingerprint, "seq_len": options.seq_len,
                   "loss_on": loss_on, "overlong": overlong, "max_record_bytes": int(max_record_bytes),
                   "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id}
-    root = Path(cache_dir) if cache_dir is not None else vocab_lib.default_cache_dir()
+    root = Path(cache_dir) if cache_dir is not None else files.default_cache_dir()
     final = cache.keyed_dir(root, "packed", f"{data_path.stem}-L{options.seq_len}", key_fields)
     key = final.name.rsplit("-", 1)[1]
     if (final / META_FILE).exists():

@@ -21,6 +21,7 @@ import numpy as np
 
 from phijax.data import cache, packing
 from phijax.data import vocab as vocab_lib
+from phijax.util import files
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def _task_fingerprints(task_name: str) -> tuple[Any, str, str, int]:
     """(task, vocab fingerprint, corpus fingerprint, vocab size)."""
     import seqio
 
-    from phijax.data import tasks  # registers the default tasks
+    from phijax.data import seqio_tasks as tasks  # registers the default tasks
 
     task = seqio.get_mixture_or_task(task_name)
     vocabulary = task.output_features["targets"].vocabulary
@@ -60,7 +61,7 @@ def window_cache_dir(task_name: str, seq_len: int, cache_dir: str | os.PathLike 
     task, vocab_fp, corpus_fp, vocab_size = _task_fingerprints(task_name)
     key_fields = {"format": CACHE_FORMAT_VERSION, "task": task_name, "seq_len": seq_len,
                   "vocab_fingerprint": vocab_fp, "corpus_fingerprint": corpus_fp}
-    root = Path(cache_dir) if cache_dir is not None else vocab_lib.default_cache_dir()
+    root = Path(cache_dir) if cache_dir is not None else files.default_cache_dir()
     return cache.keyed_dir(root, "windows", f"{task_name}-L{seq_len}", key_fields), key_fields, task, vocab_size
 
 
@@ -523,12 +524,12 @@ def make_batches(source: str, *, seq_len: int, global_batch_size: int, seed: int
         if task_name is None:
             if source != "stdlib":
                 raise ValueError(f"source={source!r} needs task_name")
-            from phijax.data import tasks  # lazy: tf/seqio only when data is built
+            from phijax.data import seqio_tasks as tasks  # lazy: tf/seqio only when data is built
 
             task_name = tasks.ensure_stdlib_task(vocab_size)
         import seqio
 
-        from phijax.data import tasks  # noqa: F401  (registers the default tasks)
+        from phijax.data import seqio_tasks as tasks  # noqa: F401  (registers the default tasks)
 
         if task_name in seqio.MixtureRegistry.names():
             return mixture_batches(task_name, seq_len=seq_len, global_batch_size=global_batch_size,

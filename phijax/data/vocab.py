@@ -24,15 +24,14 @@ No tensorflow here (the trainer imports this on accelerator hosts).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from phijax.data import corpus as corpus_lib
+from phijax.util.files import atomic_write_bytes, default_cache_dir, file_fingerprint  # noqa: F401
 
 PAD_TOKEN = "<|pad|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -47,31 +46,6 @@ def padded_vocab_size(n: int, multiple: int = 128) -> int:
     if n < 1 or multiple < 1:
         raise ValueError(f"need n >= 1 and multiple >= 1, got n={n}, multiple={multiple}")
     return -(-n // multiple) * multiple
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("PHIJAX_CACHE_DIR") or Path.home() / ".cache" / "phijax")
-
-
-def file_fingerprint(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """tmp file in the same dir + os.replace: readers see the old file or the
-    whole new one, never a torn write (also under concurrent writers)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; caches may be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def train_bpe(

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from phijax.data.vocab import atomic_write_bytes
+from phijax.util.files import atomic_write_bytes
 from phijax.evaluate import sandbox
 from phijax.evaluate.problems import Problem
 

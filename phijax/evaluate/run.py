@@ -212,25 +212,25 @@ def evaluate(*, benchmark: str = "humaneval", prompt_format: str | None = None, 
 
 
 def main(argv=None) -> int:
-    from phijax import gin_setup
+    from phijax.util import gin_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    gin_setup.add_gin_flags(parser)
+    gin_config.add_gin_flags(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        gin_setup.parse(args.gin_file, args.gin_param, args.gin_search_path)
+        gin_config.parse(args.gin_file, args.gin_param, args.gin_search_path)
         summary = evaluate()
-    except gin_setup.GinError as e:
+    except gin_config.GinError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (EvalConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # bad samples file, gin REQUIRED, ...
-        print(f"error: {gin_setup.explain(e)}", file=sys.stderr)
+        print(f"error: {gin_config.explain(e)}", file=sys.stderr)
         return 2
     ks = " ".join(f"{k} = {100 * v:.2f}%" for k, v in summary.items() if k.startswith("pass@"))
     print(f"{summary['benchmark']} (prompt format: {summary['prompt_format']}): {ks} over {summary['problems']} "

@@ -28,9 +28,9 @@ from data_gen.llm import engine as engine_lib
 from data_gen.llm import ledger as ledger_lib
 from data_gen.llm import lock as lock_lib
 from data_gen.llm.request import Request, messages_from, seed_from_key
-from phijax import gin_setup
-from phijax.data.cache import replace_dir
-from phijax.data.vocab import atomic_write_bytes
+from phijax.util import gin_config
+from phijax.util.files import replace_dir
+from phijax.util.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def config_factory(cls):
 # --- CLI ----------------------------------------------------------------------------
 def parse_cli(argv: Sequence[str] | None, description: str) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description)
-    gin_setup.add_gin_flags(p)
+    gin_config.add_gin_flags(p)
     p.add_argument("--out_dir", required=True, help="output directory (ledger, responses, shards); rerun to resume")
     p.add_argument("--n_samples", type=int, help="override the config's n_samples")
     p.add_argument("--dry_run", action="store_true", help="estimate tokens and cost; send nothing")
@@ -182,8 +182,8 @@ def setup(args: argparse.Namespace) -> None:
     for noisy in ("httpx", "httpx2", "openai"):  # per-request lines; the engine summarises
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        gin_setup.parse(args.gin_file, args.gin_param, args.gin_search_path)
-    except gin_setup.GinError as e:
+        gin_config.parse(args.gin_file, args.gin_param, args.gin_search_path)
+    except gin_config.GinError as e:
         raise GeneratorError(str(e)) from None
 
 

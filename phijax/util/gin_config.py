@@ -1,4 +1,6 @@
-"""Gin plumbing shared by the CLIs: flags, search paths, registrations, clear errors.
+"""Gin plumbing shared by the CLIs: flags, search paths, clear errors (no jax: data_gen uses it too).
+
+What gin may configure registers itself where it is defined (phijax.config, phijax.optim, ...).
 
 t5x-style layering: gin/models/*.gin (architecture), gin/runs/*.gin (hyperparameters and
 sharding rules), gin/experiments/*.gin (compose the two and set the required macros).
@@ -13,10 +15,7 @@ import re
 
 import gin
 
-from phijax import optim
-from phijax.config import PhiConfig
-
-REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "gin")
 
 # gin also resolves includes as "python.package/file.gin"; a directory in the working dir
 # named like an include's head (e.g. a MODEL_DIR under ./runs) then breaks parsing. phijax
@@ -26,11 +25,6 @@ try:
     gin.config._FILE_READERS[:] = [r for r in gin.config._FILE_READERS if r[1] is not _rr.system_path_file_exists]
 except (ImportError, AttributeError):  # pragma: no cover - other gin versions
     pass
-
-gin.external_configurable(PhiConfig, module="phijax")
-gin.external_configurable(optim.warmup_linear_decay, module="phijax.optim")
-gin.external_configurable(optim.adamw, module="phijax.optim")
-
 
 class GinError(ValueError):
     """A gin file, binding or macro that cannot be used; the message names it."""

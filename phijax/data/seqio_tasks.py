@@ -1,4 +1,4 @@
-"""seqio Tasks and Mixtures (``import phijax.data.tasks`` registers the stdlib task;
+"""seqio Tasks and Mixtures (``import phijax.data.seqio_tasks`` registers the stdlib task;
 ``import phijax.tasks`` is the gin-facing registry with the rest).
 
 Pretraining task pipeline: documents (one fixed order) -> BPE ids -> + EOS ->
@@ -27,6 +27,7 @@ import tensorflow as tf
 from phijax.data import corpus as corpus_lib
 from phijax.data import vocab as vocab_lib
 from phijax.data.seqio_vocab import HFBPEVocabulary
+from phijax.util import files
 
 DEFAULT_TASK = "phijax_stdlib"
 
@@ -273,7 +274,7 @@ def tfds_data_dir(data_dir: str | os.PathLike | None = None,
     """Where builders prepare datasets by default: ``<cache>/tfds``."""
     if data_dir is not None:
         return Path(data_dir)
-    return (Path(cache_dir) if cache_dir is not None else vocab_lib.default_cache_dir()) / "tfds"
+    return (Path(cache_dir) if cache_dir is not None else files.default_cache_dir()) / "tfds"
 
 
 def dataset_name_for(sources) -> str:
@@ -407,7 +408,7 @@ def task_token_count(task_name: str, cache_dir: str | os.PathLike | None = None)
         raise ValueError(f"task {task_name!r} is not a phijax text task (no token count)")
     key_fields = {"task": task_name, "vocab_fingerprint": info.vocabulary.fingerprint,
                   "corpus_fingerprint": info.corpus_fingerprint()}
-    root = Path(cache_dir) if cache_dir is not None else vocab_lib.default_cache_dir()
+    root = Path(cache_dir) if cache_dir is not None else files.default_cache_dir()
     path = cache.keyed_dir(root, "token_counts", task_name, key_fields).with_suffix(".json")
     if path.exists():
         return int(json.loads(path.read_text())["n_tokens"])

@@ -1,0 +1,72 @@
+"""Writes that a crash cannot tear: a file or a directory is either the old one or the whole new one.
+
+Every writer in phijax and data_gen that replaces a file in place goes through here: a temp file
+(or directory) beside the target, fsync, then one rename.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def is_url(path) -> bool:
+    """True for object-store URLs (gs://bucket/...): written through etils.epath, never open()/os."""
+    return "://" in str(path)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """tmp file in the same dir + os.replace: readers see the old file or the whole new one, never
+    a torn write (also under concurrent writers). A gs:// object is replaced whole by the store."""
+    if is_url(path):
+        from etils import epath
+        epath.Path(path).write_bytes(data)
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; caches may be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_json(path: str | os.PathLike | None, obj, indent: int | None = 2) -> None:
+    """`obj` as JSON at `path` (if given), atomically: a run stopped while writing keeps the
+    previous file."""
+    if path:
+        atomic_write_bytes(path, json.dumps(obj, indent=indent).encode())
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Publish the finished directory `tmp` as `final`, replacing any previous one whole (the old
+    one is moved aside first, then removed), so readers never see a mix of two runs' files."""
+    tmp, final = Path(tmp), Path(final)
+    old = final.parent / f".{final.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def default_cache_dir() -> Path:
+    """The cache root: $PHIJAX_CACHE_DIR, else ~/.cache/phijax."""
+    return Path(os.environ.get("PHIJAX_CACHE_DIR") or Path.home() / ".cache" / "phijax")
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
