@@ -1,12 +1,13 @@
 """Ahead-of-time compile of the real train step for a TPU slice, on this (CPU) machine.
 
     python -m phijax.compile_check --gin_file=gin/experiments/phi1_pretrain.gin --topology=v5e-16 \\
-        [--per_device_batch=8] [--microbatches=2] [--remat=full] [--attention=auto] [--packed]
+        [--per_device_batch=8] [--microbatches=2] [--remat=full] [--attention=auto]
 
-libtpu (the `tpu` extra) describes the slice (jax.experimental.topologies), the mesh and the
-logical -> mesh rules come from gin exactly as in `phijax.train`, and the step is
-`train_step.make_train_step` traced on abstract inputs (ShapeDtypeStructs sharded over the
-slice's devices), lowered and compiled by the TPU compiler. Printed per device:
+libtpu (the `tpu` extra) describes the slice (jax.experimental.topologies); the run is read from
+gin by `phijax.train.configure` and built by the trainer's own `phijax.train_setup.setup` over the
+slice's devices; its step is traced on the set-up's abstract state and shaped batch
+(ShapeDtypeStructs sharded over the slice), lowered and compiled by the TPU compiler. Printed per
+device:
 
   memory   compiled.memory_analysis(): arguments (state + batch), outputs (aliased with the
            donated state), temporaries (activations, gradients, workspaces), generated code,
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -37,13 +37,12 @@ import time
 # lock file for the whole process, and a second process fails to describe any topology.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-import gin
 import jax
-import jax.numpy as jnp
 
 from phijax.util import gin_config
-from phijax import attention, metrics, sharding, train_step
+from phijax import attention, metrics, sharding, train_setup
 from phijax import train as train_lib
+from phijax.train_setup import RunConfig
 
 GiB = 2 ** 30
 
@@ -56,7 +55,6 @@ GENERATIONS = {"v4": ("v4", "megacore", 3), "v5p": ("v5", "megacore", 3), "v5e":
 SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
              512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16"}
 SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
-PACKED_SOURCES = ("exercises",)  # data sources whose batches carry segment_ids/positions
 
 
 class CompileCheckError(ValueError):
@@ -156,42 +154,19 @@ def matmul_flops(jaxpr) -> float:
 
 
 # --- the check ----------------------------------------------------------------------------------
-def _train_bindings() -> dict:
-    """The arguments gin gives phijax.train.train (defaults included), references evaluated."""
-    sig = inspect.signature(train_lib.train)
-    args = {k: p.default for k, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
-    args.update(gin.get_bindings("train"))
-    try:
-        args["data_kind"] = gin.get_bindings("data_source").get("kind", "stdlib")
-    except (ValueError, KeyError):
-        args["data_kind"] = "stdlib"
-    return args
-
-
-def check(topology: str, *, cfg, batch_size: int, seq_len: int, microbatches: int, mesh_shape, rules,
-          optimizer, schedule, train_steps: int = 1, packed: bool = False) -> dict:
-    """Compile the train step for `topology` and return the figures (raises CompileCheckError
-    when the configuration is invalid or does not fit the chip's HBM)."""
+def check(topology: str, run: RunConfig) -> dict:
+    """Compile the train step of `run` for `topology` and return the figures (raises
+    CompileCheckError when the configuration is invalid or does not fit the chip's HBM)."""
     topo = parse_topology(topology)
     try:
         devices = topo.devices()
     except RuntimeError as e:  # libtpu missing
         raise CompileCheckError(f"cannot describe TPU topology {topology!r} ({e}); install the tpu extra: "
                                 f"pip install -e '.[tpu]'") from None
-    mesh = sharding.make_mesh(mesh_shape, devices=devices)
-    train_lib.validate(cfg, mesh, batch_size=batch_size, microbatches=microbatches, seq_len=seq_len,
-                       train_steps=train_steps)
-    n = len(devices)
-    tx = optimizer(schedule)
-    graphdef, abstract_state, shardings = train_step.state_shardings(cfg, tx, mesh, rules)
-    features = tuple(train_step.BATCH_AXES) if packed else ("inputs", "targets", "loss_weights")
-    batch_sharding = train_step.batch_shardings(features, mesh, rules)
-    batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32 if k == "loss_weights" else jnp.int32,
-                                     sharding=batch_sharding[k]) for k in features}
-    step = train_step.make_train_step(graphdef, cfg, tx, schedule, mesh=mesh, rules=rules,
-                                      microbatches=microbatches, shardings=shardings, batch_sharding=batch_sharding)
-    micro = batch_size // microbatches
-    with sharding.use_mesh_rules(mesh, rules):
+    s = train_setup.setup(run, devices=devices, process_count=1)  # the trainer's own set-up
+    cfg, mesh, n = s.cfg, s.mesh, len(devices)
+    batch_size, seq_len, micro = run.batch_size, run.seq_len, run.batch_size // run.microbatches
+    with sharding.use_mesh_rules(mesh, s.rules):
         attn = cfg.attention
         if attn == "auto":
             local_b = max(micro // (mesh.shape["data"] * mesh.shape["fsdp"]), 1)
@@ -199,7 +174,7 @@ def check(topology: str, *, cfg, batch_size: int, seq_len: int, microbatches: in
                                                       (local_b, seq_len, cfg.kv_heads, cfg.head_dim),
                                                       cfg.dtype, dropout=cfg.attn_dropout > 0.0)
     t0 = time.perf_counter()
-    traced = step.trace(abstract_state, batch)
+    traced = s.step.trace(s.abstract_state, s.shaped_batch)
     executed = matmul_flops(traced.jaxpr.jaxpr) / n
     lowered = traced.lower()
     t1 = time.perf_counter()
@@ -224,8 +199,8 @@ def check(topology: str, *, cfg, batch_size: int, seq_len: int, microbatches: in
     result = {
         "topology": topology, "generation": topo.generation, "device_kind": devices[0].device_kind,
         "devices": n, "mesh": dict(mesh.shape), "params": cfg.param_count(), "dtype": cfg.dtype,
-        "remat": cfg.remat_policy, "attention": attn, "global_batch": batch_size, "microbatches": microbatches,
-        "per_device_batch": batch_size / n, "seq_len": seq_len, "packed": packed,
+        "remat": cfg.remat_policy, "attention": attn, "global_batch": batch_size, "microbatches": run.microbatches,
+        "per_device_batch": batch_size / n, "seq_len": seq_len, "data_source": run.data_source.kind,
         "memory": {"argument": mem.argument_size_in_bytes, "output": mem.output_size_in_bytes,
                    "alias": mem.alias_size_in_bytes, "temp": mem.temp_size_in_bytes,
                    "generated_code": mem.generated_code_size_in_bytes, "total": total,
@@ -247,7 +222,7 @@ def format_report(r: dict) -> str:
         f"{r['topology']}: {r['devices']} x {r['device_kind']}, mesh {r['mesh']}, {r['params'] / 1e6:,.1f}M params "
         f"({r['dtype']}), remat {r['remat']}, attention {r['attention']}",
         f"batch {r['global_batch']} x {r['seq_len']} ({r['per_device_batch']:g} per device, {r['microbatches']} "
-        f"microbatch{'es' if r['microbatches'] > 1 else ''}{', packed' if r['packed'] else ''}); "
+        f"microbatch{'es' if r['microbatches'] > 1 else ''}, data source {r['data_source']}); "
         f"traced+lowered {r['trace_lower_s']:.1f} s, compiled {r['compile_s']:.1f} s",
         "per-device memory (compiled.memory_analysis):",
         f"  arguments      {g(m['argument'])}   (state + batch; the state is donated)",
@@ -278,8 +253,6 @@ def main(argv=None) -> int:
     p.add_argument("--microbatches", type=int, default=None, help="gradient accumulation steps (default: gin)")
     p.add_argument("--remat", default=None, help="remat policy (default: gin), see phijax.remat.POLICIES")
     p.add_argument("--attention", default=None, help="attention backend (default: gin), e.g. auto, splash, xla")
-    p.add_argument("--packed", action="store_true", default=None,
-                   help="batches with segment_ids/positions (default: if the gin data source packs examples)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     try:
@@ -287,21 +260,19 @@ def main(argv=None) -> int:
         # MODEL_DIR is required by the training gin files but unused here.
         gin_config.parse(args.gin_file, ["MODEL_DIR = 'unused-by-compile-check'", *args.gin_param],
                         args.gin_search_path)
-        b = _train_bindings()
-        cfg = b["model_config"]
+        run = train_lib.configure()
         changes = {k: v for k, v in (("remat_policy", args.remat), ("attention", args.attention)) if v is not None}
-        cfg = cfg.replace(**changes) if changes else cfg
-        batch_size = b["batch_size"]
+        if changes:
+            run = run.replace(model_config=run.model_config.replace(**changes))
         if args.per_device_batch is not None:
             batch_size = args.per_device_batch * topo.chips
             if batch_size != int(batch_size) or batch_size < 1:
                 raise CompileCheckError(f"--per_device_batch={args.per_device_batch} x {topo.chips} devices is not "
                                         "a whole number of sequences")
-        packed = args.packed if args.packed is not None else b["data_kind"] in PACKED_SOURCES
-        r = check(args.topology, cfg=cfg, batch_size=int(batch_size), seq_len=b["seq_len"],
-                  microbatches=args.microbatches or b["microbatches"], mesh_shape=b["mesh_shape"],
-                  rules=b["sharding_rules"], optimizer=b["optimizer"], schedule=b["schedule"],
-                  train_steps=b["train_steps"], packed=packed)
+            run = run.replace(batch_size=int(batch_size))
+        if args.microbatches:
+            run = run.replace(microbatches=args.microbatches)
+        r = check(args.topology, run)
     except (CompileCheckError, gin_config.GinError, ValueError) as e:
         print(f"error: {gin_config.explain(e)}", file=sys.stderr)
         return 1 if isinstance(e, CompileCheckError) else 2

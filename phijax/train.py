@@ -1,7 +1,8 @@
 """Training entry point: `python -m phijax.train --gin_file=... [--gin_file=...] [--gin_param=...]`.
 
-Reads top to bottom: parse gin -> check the settings -> mesh -> state (fresh or resumed) -> loop of
-one jitted step -> checkpoints, metrics -> final save and export.
+Reads top to bottom: parse gin -> check the settings -> the run's set-up (phijax.train_setup: mesh,
+shardings, the jitted step, the data source) -> state (fresh or resumed) -> loop of one jitted step
+-> checkpoints, metrics -> final save and export.
 """
 from __future__ import annotations
 
@@ -20,11 +21,11 @@ import numpy as np
 from etils import epath
 
 from phijax import checkpoint as ckpt_lib
-from phijax import distributed
-from phijax.util import gin_config
-from phijax import metrics as metrics_lib, optim, sharding, train_step, train_eval
+from phijax import distributed, metrics as metrics_lib, optim, train_eval, train_setup
 from phijax.config import PhiConfig
-from phijax.util import files
+from phijax.data.pipeline import DataSource
+from phijax.train_setup import RunConfig
+from phijax.util import files, gin_config
 
 log = logging.getLogger("phijax.train")
 
@@ -33,32 +34,11 @@ log = logging.getLogger("phijax.train")
 gin.external_configurable(PhiConfig, module="phijax")
 gin.external_configurable(optim.warmup_linear_decay, module="phijax.optim")
 gin.external_configurable(optim.adamw, module="phijax.optim")
+data_source = gin.external_configurable(DataSource, "data_source")  # train.data_source = @data_source()
 
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-@gin.configurable
-def data_source(kind: str = "stdlib", *, seq_len: int = gin.REQUIRED, global_batch_size: int = gin.REQUIRED,
-                seed: int = 0, vocab_size: int | None = None, model_vocab_size: int = gin.REQUIRED,
-                task_name: str | None = None, cache_dir: str | None = None, data_path: str | None = None,
-                tokenizer_path: str | None = None, loss_on: str = "solution", overlong: str = "truncate"):
-    """Batches that depend only on (seed, step).
-
-    'stdlib': the SeqIO stdlib task with a BPE vocabulary of `vocab_size` (default: the model's;
-    trained once, cached); 'task': the registered SeqIO task or Mixture `task_name` (a Mixture,
-    e.g. `@phijax.tasks.register_codetextbook()`, interleaves its tasks' window caches by rate;
-    'mixture' insists on one); 'exercises': a
-    CodeExercises JSONL file (`data_path`) packed into rows with segment ids and loss weights on
-    the solutions (`loss_on`); 'synthetic': random tokens, no tensorflow.
-    """
-    from phijax.data import pipeline  # the SeqIO/TF part is imported only for SeqIO sources
-    return pipeline.make_batches(kind, task_name=task_name, seq_len=seq_len, global_batch_size=global_batch_size,
-                                 seed=seed, vocab_size=vocab_size or model_vocab_size,
-                                 process_index=jax.process_index(),
-                                 process_count=jax.process_count(), cache_dir=cache_dir, data_path=data_path,
-                                 tokenizer_path=tokenizer_path, loss_on=loss_on, overlong=overlong)
 
 
 # train()'s integer settings and their lower bounds.
@@ -69,8 +49,8 @@ _INT_SETTINGS = {"train_steps": 1, "batch_size": 1, "seq_len": 1, "microbatches"
 def _setting(name: str):
     """(label, value) of train()'s argument `name` as gin will pass it: the macro's name and value when
     it is bound through one (e.g. TRAIN_STEPS), else `train.<name>` and its binding or default."""
-    value = gin.get_bindings(train, resolve_references=False).get(
-        name, inspect.signature(train).parameters[name].default)
+    value = gin.get_bindings(configure, resolve_references=False).get(
+        name, inspect.signature(configure).parameters[name].default)
     label = f"train.{name}"
     while isinstance(value, gin.config.ConfigurableReference) and value.selector == "gin.macro":
         label = value.scoped_selector.rsplit("/", 1)[0]
@@ -130,78 +110,62 @@ def check_settings() -> None:
             raise ValueError(f"{label} = {model_dir!r} is not writable")
 
 
-def validate(cfg: PhiConfig, mesh, *, batch_size: int, microbatches: int, seq_len: int, train_steps: int):
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    problems = []
-    if train_steps <= 0:
-        problems.append(f"TRAIN_STEPS={train_steps} must be > 0")
-    if microbatches <= 0 or batch_size % microbatches:
-        problems.append(f"batch size {batch_size} is not divisible by microbatches={microbatches}")
-    elif (batch_size // microbatches) % dp:
-        problems.append(f"microbatch size {batch_size // microbatches} (batch {batch_size} / {microbatches} "
-                        f"microbatches) is not divisible by the data-parallel size {dp} (data x fsdp)")
-    if batch_size % jax.process_count():
-        problems.append(f"batch size {batch_size} is not divisible by the {jax.process_count()} processes")
-    if seq_len > cfg.max_len:
-        problems.append(f"seq_len {seq_len} exceeds the model's max_len {cfg.max_len}")
-    if problems:
-        raise ValueError("invalid training configuration:\n  - " + "\n  - ".join(problems))
+@gin.configurable("train")
+def configure(*, model_dir: str = gin.REQUIRED, model_config: PhiConfig = gin.REQUIRED, train_steps: int = gin.REQUIRED,
+              batch_size: int = gin.REQUIRED, seq_len: int = gin.REQUIRED, microbatches: int = 1, seed: int = 0,
+              schedule=gin.REQUIRED, optimizer=optim.adamw, mesh_shape=(-1, 1, 1), sharding_rules=gin.REQUIRED,
+              data_source: DataSource = gin.REQUIRED, log_every: int = 10, checkpoint_every: int = 100,
+              keep_checkpoints: int = 3, async_checkpoint: bool = True, export_dtype: str | None = "bfloat16",
+              peak_flops_per_device: float | None = None, init_params_from: str | None = None) -> RunConfig:
+    """The run as gin describes it (`train.<setting>` in gin/runs/base.gin and the experiments)."""
+    return RunConfig(model_dir=model_dir, model_config=model_config, train_steps=train_steps, batch_size=batch_size,
+                     seq_len=seq_len, microbatches=microbatches, seed=seed, schedule=schedule, optimizer=optimizer,
+                     mesh_shape=tuple(mesh_shape), sharding_rules=tuple(sharding_rules), data_source=data_source,
+                     log_every=log_every, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+                     async_checkpoint=async_checkpoint, export_dtype=export_dtype,
+                     peak_flops_per_device=peak_flops_per_device, init_params_from=init_params_from)
 
 
-@gin.configurable(denylist=["gin_config_str"])
-def train(*, model_dir: str = gin.REQUIRED, model_config: PhiConfig = gin.REQUIRED, train_steps: int = gin.REQUIRED,
-          batch_size: int = gin.REQUIRED, seq_len: int = gin.REQUIRED, microbatches: int = 1, seed: int = 0,
-          schedule=gin.REQUIRED, optimizer=optim.adamw, mesh_shape=(-1, 1, 1), sharding_rules=gin.REQUIRED,
-          log_every: int = 10, checkpoint_every: int = 100, keep_checkpoints: int = 3, async_checkpoint: bool = True,
-          export_dtype: str | None = "bfloat16", peak_flops_per_device: float | None = None,
-          init_params_from: str | None = None,
-          gin_config_str: str | None = None) -> dict:
+def train(run: RunConfig, *, gin_config_str: str | None = None) -> dict:
     """Train (or resume) and return a summary dict: first/last loss, final step, paths."""
-    cfg = model_config
-    mesh = sharding.make_mesh(mesh_shape)
-    validate(cfg, mesh, batch_size=batch_size, microbatches=microbatches, seq_len=seq_len, train_steps=train_steps)
-    tx = optimizer(schedule)
+    s = train_setup.setup(run)
+    cfg, mesh, rules, train_steps = s.cfg, s.mesh, s.rules, run.train_steps
+    model_dir = run.model_dir
     if not metrics_lib.is_url(model_dir):  # remote (gs://) model dirs are handled by orbax/etils
         model_dir = os.path.abspath(model_dir)
         os.makedirs(model_dir, exist_ok=True)
 
     # State: the latest good checkpoint, restored before the (possibly slow) data preparation so
     # that a checkpoint of another model is refused at once; or, after it, a fresh initialisation.
-    graphdef, abstract_state, shardings = train_step.state_shardings(cfg, tx, mesh, sharding_rules)
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(model_dir, "checkpoints"), save_interval_steps=checkpoint_every,
-                                         max_to_keep=keep_checkpoints, async_save=async_checkpoint)
-    meta = {"model": cfg.to_dict(), "seq_len": seq_len, "batch_size": batch_size}
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(model_dir, "checkpoints"),
+                                         save_interval_steps=run.checkpoint_every, max_to_keep=run.keep_checkpoints,
+                                         async_save=run.async_checkpoint)
+    meta = {"model": cfg.to_dict(), "seq_len": run.seq_len, "batch_size": run.batch_size}
     evaluator = train_eval.PeriodicEval()  # gin: PeriodicEval.every_steps etc. (0: off)
     evaluator.check(model_dir=model_dir, mesh=mesh)
-    restored = checkpointer.restore_latest(abstract_state,
+    restored = checkpointer.restore_latest(s.abstract_state,
                                            check_meta=functools.partial(_check_same_model, cfg, model_dir))
-    data = data_source(seq_len=seq_len, global_batch_size=batch_size, seed=seed,
-                       model_vocab_size=cfg.vocab_size)
-    if getattr(data, "vocab_size", 0) > cfg.vocab_size:
-        raise ValueError(f"the data's vocabulary ({data.vocab_size}) is larger than the model's "
-                         f"vocab_size ({cfg.vocab_size})")
-    evaluator.setup(model_dir=model_dir, graphdef=graphdef, cfg=cfg, mesh=mesh, rules=sharding_rules, data=data)
+    data = s.make_data()
+    evaluator.setup(model_dir=model_dir, graphdef=s.graphdef, cfg=cfg, mesh=mesh, rules=rules, data=data)
     if restored is None:
-        state = train_step.init_state(cfg, tx, seed, shardings)
-        if init_params_from:  # e.g. fine-tuning from a pretraining export or an HF directory
-            state["params"] = _load_params(init_params_from, abstract_state["params"])
-            log.info("initialised parameters from %s", init_params_from)
+        state = s.init_state()
+        if run.init_params_from:  # e.g. fine-tuning from a pretraining export or an HF directory
+            state["params"] = _load_params(run.init_params_from, s.abstract_state["params"])
+            log.info("initialised parameters from %s", run.init_params_from)
         start = 0
         log.info("initialised %s parameters (%.1fM)", "phi", cfg.param_count() / 1e6)
     else:
         start, state, data_state = restored
         data.check_state(data_state)
         log.info("resumed from step %d (%s)", start, checkpointer.directory)
-        if init_params_from:
+        if run.init_params_from:
             log.info("train.init_params_from is ignored: it initialises a new run, and this one resumes")
-    batch_sharding = train_step.batch_shardings(tuple(data.local_batch(start)), mesh, sharding_rules)
-    step_fn = train_step.make_train_step(graphdef, cfg, tx, schedule, mesh=mesh, rules=sharding_rules,
-                                         microbatches=microbatches, shardings=shardings, batch_sharding=batch_sharding)
 
     writer = metrics_lib.MetricsWriter(model_dir, enabled=jax.process_index() == 0)
     writer.truncate_after(start)
-    peak = (peak_flops_per_device or metrics_lib.device_peak_flops()) * jax.device_count()
-    flops_per_token = cfg.flops_per_token(seq_len)
+    peak = (run.peak_flops_per_device or metrics_lib.device_peak_flops()) * jax.device_count()
+    tokens_per_step = run.batch_size * run.seq_len
+    flops_per_token = cfg.flops_per_token(run.seq_len)
     if gin_config_str is not None and jax.process_index() == 0:
         files.atomic_write_text(os.path.join(model_dir, "config.gin"), gin_config_str)
 
@@ -214,18 +178,18 @@ def train(*, model_dir: str = gin.REQUIRED, model_config: PhiConfig = gin.REQUIR
     if start and evaluator.due(start, train_steps) and start not in evaluator.evaluated_steps():
         writer.write(start, evaluator.run(start, state["params"]))  # killed after the save, before the eval
     for step in range(start, train_steps):
-        batch = train_step.to_global(data.local_batch(step), batch_sharding)
-        state, step_metrics = step_fn(state, batch)
+        batch = s.to_global(data.local_batch(step))
+        state, step_metrics = s.step(state, batch)
         if pending is not None:
             _check_finite(*pending)
         pending = (step, step_metrics)
         done = step + 1
-        if done % log_every == 0 or done in (start + 1, train_steps) or checkpointer.should_save(done):
+        if done % run.log_every == 0 or done in (start + 1, train_steps) or checkpointer.should_save(done):
             m = jax.device_get(step_metrics)
             _check_finite(step, m)
             pending = None
             now = time.perf_counter()
-            tok_s = batch_size * seq_len * (done - last_logged) / max(now - t_window, 1e-9)
+            tok_s = tokens_per_step * (done - last_logged) / max(now - t_window, 1e-9)
             record = {"loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
                       "tokens_per_second": tok_s, "mfu": tok_s * flops_per_token / peak}
             writer.write(done, record)
@@ -246,9 +210,9 @@ def train(*, model_dir: str = gin.REQUIRED, model_config: PhiConfig = gin.REQUIR
         _check_finite(*pending)
     checkpointer.wait_until_finished()
     export_dir = None
-    if export_dtype:  # also when nothing was left to train: a kill may have come before the export
+    if run.export_dtype:  # also when nothing was left to train: a kill may have come before the export
         export_dir = os.path.join(model_dir, "export")
-        ckpt_lib.export_params(state["params"], export_dir, dtype=jnp.dtype(export_dtype), config=cfg.to_dict(),
+        ckpt_lib.export_params(state["params"], export_dir, dtype=jnp.dtype(run.export_dtype), config=cfg.to_dict(),
                                tokenizer_path=getattr(data, "tokenizer_path", None))  # decodes on its own
     checkpointer.close()
     writer.close()
@@ -329,7 +293,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        summary = train(gin_config_str=gin.config_str())
+        summary = train(configure(), gin_config_str=gin.config_str())
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

@@ -40,7 +40,7 @@ def rows_of(batch, seq_len):
 def test_batch_layout():
     w = ident_windows(10, 6)
     b = WindowBatches(w, 4, seed=0).global_batch(0)
-    assert set(b) == {"inputs", "targets", "loss_weights"}
+    assert set(b) == {"inputs", "targets", "loss_weights", "positions", "segment_ids"}
     assert b["inputs"].dtype == np.int32 and b["targets"].dtype == np.int32
     assert b["loss_weights"].dtype == np.float32 and (b["loss_weights"] == 1).all()
     assert b["inputs"].shape == b["targets"].shape == b["loss_weights"].shape == (4, 6)

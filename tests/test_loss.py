@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from phijax import config, loss, model, optim, sharding, train_step
-from phijax.bench import common
+from phijax.bench import step_timing
 
 CFG = config.preset("nano")
 RULES = sharding.DEFAULT_RULES
@@ -168,14 +168,14 @@ def _losses(step, state, batch, steps=2):
 
 def test_train_step_with_the_fused_loss_matches_the_unfused_one():
     one = jax.devices()[:1]
-    plain, fused = (_losses(*common.synthetic_train_step(cfg, 4, 16, mesh_shape=(1, -1, 1), devices=one))
+    plain, fused = (_losses(*step_timing.synthetic_train_step(cfg, 4, 16, mesh_shape=(1, -1, 1), devices=one))
                     for cfg in (CFG, CFG.replace(loss_chunk=8)))
     np.testing.assert_allclose(fused[0], plain[0], rtol=1e-6)
     assert fused[1] == pytest.approx(plain[1], rel=1e-5)
 
 
 def test_sharded_train_step_with_the_fused_loss_matches_the_unfused_one():
-    plain, fused = (_losses(*common.synthetic_train_step(cfg, 4, 16, mesh_shape=(2, 2, 2)))
+    plain, fused = (_losses(*step_timing.synthetic_train_step(cfg, 4, 16, mesh_shape=(2, 2, 2)))
                     for cfg in (CFG, CFG.replace(loss_chunk=8)))
     np.testing.assert_allclose(fused[0], plain[0], rtol=1e-6)
     assert fused[1] == pytest.approx(plain[1], rel=1e-5)

@@ -37,7 +37,7 @@ import os
 import jax
 
 from phijax import config as config_lib, convert, metrics
-from phijax.bench import common, save_json
+from phijax.bench import save_json, step_timing
 
 
 def peak_flops_per_device(device):
@@ -60,11 +60,11 @@ def run_one(cfg, batch_per_device, seq, steps, devices, peak, warmup=2, weights_
     """One phijax row. `weights_out`, if a dict, receives the initial parameters as a transformers
     state dict (host numpy), taken before the first step donates them: the peer starts from them."""
     n = len(devices)
-    step, state, batch = common.synthetic_train_step(cfg, batch_per_device * n, seq, mesh_shape=(1, n, 1),
+    step, state, batch = step_timing.synthetic_train_step(cfg, batch_per_device * n, seq, mesh_shape=(1, n, 1),
                                                      devices=devices)
     if weights_out is not None:
         weights_out.update(convert.params_to_hf_state(cfg, state["params"]))
-    dt, m, compile_s, m0, losses = common.time_steps(step, state, batch, steps, warmup)
+    dt, m, compile_s, m0, losses = step_timing.time_steps(step, state, batch, steps, warmup)
     tps = batch_per_device * n * seq / dt
     fpt = cfg.flops_per_token(seq)
     stats = devices[0].memory_stats() or {}

@@ -24,7 +24,7 @@ import time
 import jax
 
 from phijax import config as config_lib
-from phijax.bench import common, save_json
+from phijax.bench import save_json, step_timing
 
 KINDS = (  # first match wins; names as XLA:GPU (cuBLAS/cuDNN/Triton) and XLA:CPU report them
     ("attention kernel", re.compile(r"cudnn|flash|fmha|dot_product_attention|splash|pallas", re.I)),
@@ -98,7 +98,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     cfg = config_lib.preset(args.config, dtype=args.dtype, remat_policy=args.remat, attention=args.attention,
                             scan_unroll=args.scan_unroll, loss_chunk=args.loss_chunk)
-    step, state, batch = common.synthetic_train_step(cfg, args.batch, args.seq, mesh_shape=(1, -1, 1))
+    step, state, batch = step_timing.synthetic_train_step(cfg, args.batch, args.seq, mesh_shape=(1, -1, 1))
     for _ in range(2):  # compile + warm up, untraced
         state, m = step(state, batch)
     jax.block_until_ready(m)

@@ -11,7 +11,7 @@ What it matches in phijax's step (phijax.train_step with optim.adamw):
   parameters), the cross-entropy in fp32 on the logits, averaged over the tokens;
 - the update: the global gradient norm clipped to 1.0, then AdamW (b1 0.9, b2 0.95, eps 1e-8,
   weight decay 0.1 on matrices and the embedding only, as optim.decay_mask), fused on CUDA;
-- the tokens: `common.synthetic_tokens`, the batch phijax's benchmarks train on.
+- the tokens: `step_timing.synthetic_batch`, the batch phijax's benchmarks train on.
 
 Imports torch and transformers: import this module only where the peer runs.
 """
@@ -20,12 +20,13 @@ from __future__ import annotations
 import gc
 import time
 
+import numpy as np
 import torch
 import transformers
 from transformers import PhiConfig as HFPhiConfig, PhiForCausalLM
 
 from phijax import convert
-from phijax.bench import common
+from phijax.bench import step_timing
 
 MODES = ("eager", "compile")
 LR = 1e-4  # phijax's benchmarks peak at 1e-4 too; the value does not change the step's work
@@ -76,8 +77,9 @@ class TrainStep:
         self.device = torch.device(device)
         self.model = build_model(cfg, device, hf_state, seed)
         self.opt = adamw(self.model, fused=self.device.type == "cuda")
-        w = torch.from_numpy(common.synthetic_tokens(cfg.vocab_size, batch, seq, seed)).long().to(device)
-        self.inputs, self.targets = w[:, :-1].contiguous(), w[:, 1:].contiguous()
+        b = step_timing.synthetic_batch(cfg.vocab_size, batch, seq, seed)
+        self.inputs, self.targets = (torch.from_numpy(np.ascontiguousarray(b[k])).long().to(device)
+                                     for k in ("inputs", "targets"))
         self.amp_dtype = None if cfg.dtype == "float32" else getattr(torch, cfg.dtype)
         self.loss_fn = self._loss
         if mode == "compile":

@@ -22,7 +22,7 @@ import time
 import jax
 
 from phijax import config as config_lib, metrics
-from phijax.bench import common, save_json
+from phijax.bench import save_json, step_timing
 
 CONFIGS = {
     # The issue's reference point: 7.4M params, batch 8 x 512 (compute-bound on 2 cores).
@@ -40,7 +40,7 @@ def cpu_settings(cfg):
 
 def bench_phijax(cfg, batch, seq, steps, warmup=2):
     """A function that times `steps` more steps: (tokens/s, loss). Compiled and warmed up here."""
-    step, state, b = common.synthetic_train_step(cfg, batch, seq, mesh_shape=(1, 1, 1), devices=jax.devices()[:1])
+    step, state, b = step_timing.synthetic_train_step(cfg, batch, seq, mesh_shape=(1, 1, 1), devices=jax.devices()[:1])
     box = {"state": state}
     for _ in range(warmup):
         box["state"], m = step(box["state"], b)

@@ -9,6 +9,7 @@ pure function of (seed, step) -- restart- and process-count-invariant.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -168,10 +169,20 @@ def _check_step(step: int) -> int:
     return int(step)
 
 
+# Every source yields these features, [batch, seq_len] each (int32; loss_weights float32), so the
+# train step and the compile check see one batch structure whatever the data. A window row is one
+# segment (segment_ids 1) at positions 0..L-1; packed rows hold several (phijax.data.packing).
+FEATURES = ("inputs", "targets", "loss_weights", "positions", "segment_ids")
+FEATURE_DTYPES = {"inputs": np.int32, "targets": np.int32, "loss_weights": np.float32, "positions": np.int32,
+                  "segment_ids": np.int32}
+
+
 def _shift(w: np.ndarray) -> dict[str, np.ndarray]:
     w = np.asarray(w, dtype=np.int32)
-    return {"inputs": w[:, :-1], "targets": w[:, 1:],
-            "loss_weights": np.ones((w.shape[0], w.shape[1] - 1), np.float32)}
+    b, t = w.shape[0], w.shape[1] - 1
+    return {"inputs": w[:, :-1], "targets": w[:, 1:], "loss_weights": np.ones((b, t), np.float32),
+            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)),
+            "segment_ids": np.ones((b, t), np.int32)}
 
 
 class _Batches:
@@ -491,6 +502,50 @@ def mixture_batches(mixture_name: str, *, seq_len: int, global_batch_size: int, 
         comps.append((task.name, windows, meta))
         rates.append(float(mixture.get_rate(task)))
     return MixtureBatches(comps, rates, global_batch_size, seed, process_index, process_count)
+
+
+SOURCES = ("stdlib", "task", "mixture", "exercises", "synthetic")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    """Where a run's batches come from, before the run's shape is known: the trainer's
+    `train.data_source` (gin: `data_source.kind = ...` etc.). `make` adds what the run decides
+    (sequence length, global batch, seed, the model's vocabulary size, this process's slice).
+
+    kind 'stdlib': the SeqIO stdlib task with a BPE vocabulary of `vocab_size` (default: the
+    model's; trained once, cached); 'task': the registered SeqIO task or Mixture `task_name` (a
+    Mixture, e.g. `@phijax.tasks.register_codetextbook()`, interleaves its tasks' window caches by
+    rate; 'mixture' insists on one); 'exercises': a CodeExercises JSONL file (`data_path`) packed
+    into rows with segment ids and loss weights on the solutions (`loss_on`); 'synthetic': random
+    tokens, no tensorflow.
+    """
+
+    kind: str = "stdlib"
+    vocab_size: int | None = None
+    task_name: str | None = None
+    cache_dir: str | None = None
+    data_path: str | None = None
+    tokenizer_path: str | None = None
+    loss_on: str = "solution"
+    overlong: str = "truncate"
+
+    def __post_init__(self):
+        if self.kind not in SOURCES:
+            raise ValueError(f"unknown data source kind {self.kind!r}; expected one of {', '.join(SOURCES)}")
+
+    def make(self, *, seq_len: int, global_batch_size: int, seed: int, model_vocab_size: int,
+             process_index: int = 0, process_count: int = 1) -> "_Batches":
+        """Batches that depend only on (seed, step); raises ValueError when the data's vocabulary
+        is larger than the model's."""
+        data = make_batches(self.kind, task_name=self.task_name, seq_len=seq_len, global_batch_size=global_batch_size,
+                            seed=seed, vocab_size=self.vocab_size or model_vocab_size, process_index=process_index,
+                            process_count=process_count, cache_dir=self.cache_dir, data_path=self.data_path,
+                            tokenizer_path=self.tokenizer_path, loss_on=self.loss_on, overlong=self.overlong)
+        if (getattr(data, "vocab_size", None) or 0) > model_vocab_size:
+            raise ValueError(f"the data's vocabulary ({data.vocab_size}) is larger than the model's "
+                             f"vocab_size ({model_vocab_size})")
+        return data
 
 
 def make_batches(source: str, *, seq_len: int, global_batch_size: int, seed: int = 0,
