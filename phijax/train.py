@@ -28,11 +28,7 @@ from phijax.util import files
 
 log = logging.getLogger("phijax.train")
 
-# What the training gin files configure beyond this module (the model and optimizer modules
-# import without gin: accelerator hosts may lack it).
-gin.external_configurable(PhiConfig, module="phijax")
-gin.external_configurable(optim.warmup_linear_decay, module="phijax.optim")
-gin.external_configurable(optim.adamw, module="phijax.optim")
+from phijax import gin_bindings  # noqa: F401  (registers what the gin files name)
 
 
 class NonFiniteLossError(RuntimeError):
