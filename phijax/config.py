@@ -1,8 +1,9 @@
 """Model configuration for the phi family, and the named presets.
 
 The field names follow the paper / phi-1 model card; `convert.py` maps them to and
-from Hugging Face's `PhiConfig`. Nothing here imports tensorflow or gin: gin binds
-these fields from `gin/models/*.gin` (registered as `phijax.PhiConfig` by phijax.train).
+from Hugging Face's `PhiConfig`. Nothing here imports tensorflow or gin. PRESETS is the only
+copy of each preset: a `gin/models/*.gin` file selects one by name (`phijax.model_preset.name`)
+and gin bindings of `phijax.PhiConfig.<field>` override single fields (phijax.gin_bindings).
 """
 from __future__ import annotations
 
@@ -99,6 +100,7 @@ class PhiConfig:
 
 
 # Presets. phi-1 (1.3B) and phi-1-small (350M) are the paper's; the rest train on a CPU.
+# gin/models/<name>.gin selects each by name; tests/test_gin_bindings.py checks they agree.
 PRESETS: dict[str, PhiConfig] = {
     "phi1": PhiConfig(),
     "phi1_small": PhiConfig(d_model=1024, n_layers=20, n_heads=16, d_mlp=4096),

@@ -1,9 +1,10 @@
 """Device mesh and logical-axis sharding.
 
 Model code names every parameter and main activation dimension with a *logical* axis
-('embed', 'heads', 'activation_batch', ...). A rule table (set in gin, see
-gin/runs/*.gin) maps each logical axis to zero or more mesh axes of the
-(data, fsdp, tensor) mesh. This module turns those names into NamedShardings.
+('embed', 'heads', 'activation_batch', ...). A rule table maps each logical axis to zero or
+more mesh axes of the (data, fsdp, tensor) mesh: DEFAULT_RULES below, the only copy; gin
+binds it as `train.sharding_rules = @phijax.sharding.standard_rules()` (gin/runs/sharding.gin),
+with single entries overridable. This module turns those names into NamedShardings.
 """
 from __future__ import annotations
 
@@ -79,6 +80,32 @@ def _normalise(mesh_axes) -> tuple[str, ...]:
     return tuple(mesh_axes)
 
 
+def standard_rules(overrides: Sequence[tuple[str, object]] = ()) -> tuple[tuple[str, object], ...]:
+    """DEFAULT_RULES, in their order, with each `(logical_axis, mesh_axes)` of `overrides` replacing
+    the entry of that logical axis (gin: `phijax.sharding.standard_rules.overrides = [('embed', None)]`).
+
+    mesh_axes is None (replicated), one mesh axis or a tuple of them. Raises ValueError naming an
+    override whose logical axis has no default rule, whose mesh axis is not one of MESH_AXES, or
+    whose logical axis is given twice.
+    """
+    known = [logical for logical, _ in DEFAULT_RULES]
+    replaced: dict[str, object] = {}
+    for entry in overrides:
+        if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+            raise ValueError(f"sharding rule override {entry!r} must be (logical_axis, mesh_axes)")
+        logical, mesh_axes = entry
+        if logical not in known:
+            raise ValueError(f"sharding rule override {logical!r}: unknown logical axis; known: {known}")
+        if logical in replaced:
+            raise ValueError(f"sharding rule override {logical!r} is given twice")
+        plain = mesh_axes is None or isinstance(mesh_axes, (str, tuple, list))
+        for a in _normalise(mesh_axes) if plain else (mesh_axes,):
+            if a not in MESH_AXES:
+                raise ValueError(f"sharding rule override {logical!r} -> {a!r}: not a mesh axis of {MESH_AXES}")
+        replaced[logical] = tuple(mesh_axes) if isinstance(mesh_axes, list) else mesh_axes
+    return tuple((logical, replaced.get(logical, mesh_axes)) for logical, mesh_axes in DEFAULT_RULES)
+
+
 def validate_rules(rules, mesh: Mesh) -> dict[str, tuple[str, ...]]:
     table = {}
     for entry in rules:
@@ -103,7 +130,7 @@ def logical_to_spec(axes: Sequence[str | None], rules, mesh: Mesh, shape: Sequen
             spec.append(None)
             continue
         if name not in table:
-            raise ValueError(f"no sharding rule for logical axis {name!r}; add it to the rules in gin")
+            raise ValueError(f"no sharding rule for logical axis {name!r}; add it to phijax.sharding.DEFAULT_RULES")
         chosen = tuple(a for a in table[name] if a not in used)
         if shape is not None and chosen:
             size = math.prod(mesh.shape[a] for a in chosen)

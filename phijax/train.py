@@ -22,19 +22,13 @@ from etils import epath
 
 from phijax import checkpoint as ckpt_lib
 from phijax import distributed, metrics as metrics_lib, optim, train_eval, train_setup
+from phijax import gin_bindings  # noqa: F401  (registers what the gin files name)
 from phijax.config import PhiConfig
 from phijax.data.pipeline import DataSource
 from phijax.train_setup import RunConfig
 from phijax.util import files, gin_config
 
 log = logging.getLogger("phijax.train")
-
-# What the training gin files configure beyond this module (the model and optimizer modules
-# import without gin: accelerator hosts may lack it).
-gin.external_configurable(PhiConfig, module="phijax")
-gin.external_configurable(optim.warmup_linear_decay, module="phijax.optim")
-gin.external_configurable(optim.adamw, module="phijax.optim")
-data_source = gin.external_configurable(DataSource, "data_source")  # train.data_source = @data_source()
 
 
 class NonFiniteLossError(RuntimeError):

@@ -131,7 +131,7 @@ def test_mixture_trains_through_window_caches(env, mixture):
 def test_gin_registers_and_feeds_data_source(env):
     """gin/data/codetextbook.gin, as an experiment uses it: the gin call registers the
     user's data and hands the mixture to the trainer's data_source."""
-    from phijax import train
+    from phijax import gin_bindings
     from phijax.util import gin_config
 
     try:
@@ -140,7 +140,7 @@ def test_gin_registers_and_feeds_data_source(env):
             f"TOKENIZER = '{env['tok_path']}'", "phijax.tasks.register_codetextbook.name = 'test_ct_gin'",
             f"phijax.tasks.register_codetextbook.cache_dir = '{env['cache']}'",
             f"data_source.cache_dir = '{env['cache']}'", "data_source.kind = %DATA_SOURCE"])
-        data = train.data_source().make(seq_len=SEQ, global_batch_size=4, seed=0, model_vocab_size=51200)
+        data = gin_bindings.data_source().make(seq_len=SEQ, global_batch_size=4, seed=0, model_vocab_size=51200)
     finally:
         gin.clear_config()
     assert isinstance(data, MixtureBatches) and data.names == ["test_ct_gin_code", "test_ct_gin_textbook"]

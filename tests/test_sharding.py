@@ -84,3 +84,20 @@ def test_mesh_errors_name_the_problem():
         sharding.logical_to_spec(("bogus",), RULES, mesh)
     with pytest.raises(ValueError, match="mesh has axes"):
         sharding.logical_to_spec(("embed",), [("embed", "model")], mesh)
+
+
+def test_standard_rules_override_entries_by_logical_axis():
+    assert sharding.standard_rules() == sharding.DEFAULT_RULES
+    rules = sharding.standard_rules([("embed", None), ["mlp", ["fsdp", "tensor"]]])
+    assert [name for name, _ in rules] == [name for name, _ in sharding.DEFAULT_RULES]  # order kept
+    assert dict(rules)["embed"] is None and dict(rules)["mlp"] == ("fsdp", "tensor")
+    assert {k: v for k, v in rules if k not in ("embed", "mlp")} == \
+        {k: v for k, v in sharding.DEFAULT_RULES if k not in ("embed", "mlp")}
+    with pytest.raises(ValueError, match="'embedding': unknown logical axis"):
+        sharding.standard_rules([("embedding", "fsdp")])
+    with pytest.raises(ValueError, match="'mlp' -> 'model': not a mesh axis"):
+        sharding.standard_rules([("mlp", ("fsdp", "model"))])
+    with pytest.raises(ValueError, match="'mlp' is given twice"):
+        sharding.standard_rules([("mlp", None), ("mlp", "tensor")])
+    with pytest.raises(ValueError, match="must be \\(logical_axis, mesh_axes\\)"):
+        sharding.standard_rules([("mlp",)])

@@ -1,6 +1,7 @@
 """Gin plumbing shared by the CLIs: flags, search paths, clear errors (no jax: data_gen uses it too).
 
-What gin may configure registers itself where it is defined (phijax.config, phijax.optim, ...).
+What gin may configure registers itself where it is defined; what modules that import without gin
+define (phijax.config, phijax.sharding, phijax.optim) is registered in phijax.gin_bindings.
 
 t5x-style layering: gin/models/*.gin (architecture), gin/runs/*.gin (hyperparameters and
 sharding rules), gin/experiments/*.gin (compose the two and set the required macros).
