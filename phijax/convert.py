@@ -41,14 +41,13 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
-import tempfile
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 from phijax.config import PhiConfig
+from phijax.util import files
 
 __all__ = [
     "HFMeta",
@@ -722,14 +721,11 @@ def save_hf(model_or_cfg_params, path: str, dtype=None, *, max_shard_size: int =
     from safetensors.numpy import save_file
 
     path = os.path.abspath(path)
-    parent = os.path.dirname(path)
     if os.path.exists(path):
         if not os.path.isdir(path) or not overwrite or not _looks_replaceable(path):
             raise FileExistsError(f"{path} exists and is not an (empty or model) directory save_hf may replace"
                                   if overwrite else f"{path} exists (overwrite=False)")
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
+    with files.staged_dir(path, fsync=True) as tmp:  # replaces `path` whole, or leaves it as it was
         shards = _shard(tensors, max_shard_size)
         st_meta = {"format": "pt"}
         if len(shards) == 1:
@@ -748,24 +744,6 @@ def save_hf(model_or_cfg_params, path: str, dtype=None, *, max_shard_size: int =
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump(hf_cfg, f, indent=2, sort_keys=True)
             f.write("\n")
-        for name in os.listdir(tmp):
-            fd = os.open(os.path.join(tmp, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        os.chmod(tmp, 0o755)
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-            os.rmdir(old)
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote %d tensors (%s, %d file(s)) to %s", len(tensors), out_dtype, len(shards), path)
     return path
 

@@ -177,12 +177,7 @@ def _finalize(_, shards: list[dict], counts: list, tmp: str, final: str, meta: d
         return final
     Path(tmp, pipeline_lib.META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
     os.chmod(tmp, 0o755)
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if not Path(final, pipeline_lib.META_FILE).exists():
-            raise
-        FileSystems.delete([tmp])  # an identical build finished first
+    files_lib.publish_dir(tmp, final, complete_marker=pipeline_lib.META_FILE)  # an identical build may win
     return final
 
 

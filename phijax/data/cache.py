@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from phijax.util import files
 
 META_FILE = "meta.json"
 
@@ -26,21 +25,8 @@ def keyed_dir(root, kind: str, name: str, key_fields: dict) -> Path:
 
 def write_atomic(final: Path, arrays: dict[str, np.ndarray], meta: dict) -> Path:
     """Write `<name>.npy` for each array plus meta.json as directory `final`, atomically."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes 0700; caches may be shared
+    with files.staged_dir(final, complete_marker=META_FILE) as tmp:
         for name, arr in arrays.items():
             np.save(tmp / f"{name}.npy", arr)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / META_FILE).exists():
-                raise
-            # Another process finished the same build first.
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return Path(final)

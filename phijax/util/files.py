@@ -5,6 +5,7 @@ Every writer in phijax and data_gen that replaces a file in place goes through h
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -61,6 +62,47 @@ def replace_dir(tmp: Path, final: Path) -> None:
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike, *, complete_marker: str | None = None) -> None:
+    """Publish the finished directory `tmp` as `final`. With `complete_marker` (a file every
+    complete `final` holds), a deterministic build that may race with an identical one: the first
+    rename wins and a loser drops its copy. Without it, `final` is replaced whole (replace_dir)."""
+    tmp, final = Path(tmp), Path(final)
+    if complete_marker is None:
+        replace_dir(tmp, final)
+        return
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not (final / complete_marker).exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # an identical build finished first
+
+
+@contextlib.contextmanager
+def staged_dir(final: str | os.PathLike, *, complete_marker: str | None = None, fsync: bool = False):
+    """Yields an empty temp directory beside `final` to fill; on a normal exit publishes it as
+    `final` (publish_dir), on an exception removes it. A crash at any moment leaves either the old
+    `final` or the whole new one (plus, at worst, a dot-prefixed temp directory)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes 0700; outputs and caches may be shared
+        yield tmp
+        if fsync:
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    fd = os.open(f, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+        publish_dir(tmp, final, complete_marker=complete_marker)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def default_cache_dir() -> Path:
