@@ -2,7 +2,7 @@
 
     model = load_for_inference(path)                  # HF PhiForCausalLM dir, parameter export, or MODEL_DIR
     sampler = Sampler(model, batch_size=8, mesh=None)
-    sampler.complete(prompts, max_new_tokens=300, stop=HUMANEVAL_STOP)   # -> [prompt][sample] strings
+    sampler.complete(prompts, max_new_tokens=300, stop=("\ndef",))      # -> [prompt][sample] strings
     sampler.generate_tokens(prompt_ids, max_new_tokens=128)              # -> [prompt][sample] token ids
 
 How a batch runs (docs/decoding.md):
@@ -45,9 +45,8 @@ from phijax import model as model_lib
 from phijax import sharding
 from phijax.config import PhiConfig
 # HumanEval stop sequences, the default of Sampler.complete (a stdlib-only module: no gin, no jax).
-from phijax.evaluate.problems import HUMANEVAL_STOP
 
-__all__ = ["HUMANEVAL_STOP", "InferenceModel", "load_for_inference", "Sampler", "cut_at_stop"]
+__all__ = ["InferenceModel", "load_for_inference", "Sampler", "cut_at_stop"]
 
 log = logging.getLogger("phijax.decode")
 
@@ -375,9 +374,10 @@ class Sampler:
 
     def complete(self, prompts: Sequence[str], max_new_tokens: int = 512, *, temperature: float = 0.0,
                  top_p: float = 1.0, num_samples: int = 1, seed: int = 0,
-                 stop: Sequence[str] = HUMANEVAL_STOP) -> list[list[str]]:
+                 stop: Sequence[str] = ()) -> list[list[str]]:
         """num_samples completions per prompt: the text after the prompt, cut before the first stop
-        sequence or end-of-text."""
+        sequence or end-of-text. The stop sequences are the caller's (a benchmark's prompt format
+        has its own: phijax.evaluate.problems.STOP)."""
         tok = self.model.tokenizer
         if tok is None:
             raise ValueError("this model has no tokenizer: pass tokenizer_path= to load_for_inference")

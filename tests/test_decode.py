@@ -22,6 +22,7 @@ from phijax import checkpoint as ckpt_lib
 from phijax import config, decode, sharding
 from phijax import model as model_lib
 from phijax.data import vocab
+from phijax.evaluate.problems import HUMANEVAL_STOP
 
 N_NEW = 24  # new-token bucket 32
 EOS = 1  # <|endoftext|> in tokenizers trained by phijax.data.vocab
@@ -186,10 +187,10 @@ def test_complete_cuts_before_the_first_stop_sequence(sampler, model):
     plain = sampler.complete(prompts, N_NEW, stop=())
     assert [p[0] for p in plain] == texts
     # HumanEval's stops, several samples per prompt: each sample is cut at its own first stop
-    samples = sampler.complete(prompts[:2], N_NEW, temperature=1.0, num_samples=2, seed=1)
-    full = sampler.complete(prompts[:2], N_NEW, temperature=1.0, num_samples=2, seed=1, stop=())
+    samples = sampler.complete(prompts[:2], N_NEW, temperature=1.0, num_samples=2, seed=1, stop=HUMANEVAL_STOP)
+    full = sampler.complete(prompts[:2], N_NEW, temperature=1.0, num_samples=2, seed=1)
     for s_row, f_row in zip(samples, full):
-        assert s_row == [decode.cut_at_stop(f, decode.HUMANEVAL_STOP)[0] for f in f_row]
+        assert s_row == [decode.cut_at_stop(f, HUMANEVAL_STOP)[0] for f in f_row]
 
 
 def test_host_stops_end_the_loop_early(sampler, model):
