@@ -46,7 +46,6 @@ exits 3: rerun to finish.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import hashlib
@@ -474,9 +473,10 @@ def run(inputs: Sequence[str], out_dir: str | os.PathLike, *, n_samples: int, se
 
 # --- CLI -------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
-    from phijax.util import gin_config
+    from phijax.util import cli, gin_config
 
-    p = argparse.ArgumentParser(description="Annotate a sample of JSONL shards with an educational-value score.")
+    p = cli.ArgumentParser(description="Annotate a sample of JSONL shards with an educational-value score.",
+                           exit_codes=cli.INCOMPLETE_CODES)
     gin_config.add_gin_flags(p)
     p.add_argument("--inputs", nargs="+", required=True, help="JSONL files, globs or directories (dedup's shards)")
     p.add_argument("--out_dir", required=True, help="output directory; rerun the same command to resume")
@@ -506,18 +506,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                   config=cfg, engine_config=ecfg, force=args.force,
                   dry_run=args.dry_run)
     except (generator.GeneratorError, ingest.IngestError, engine_lib.EngineError) as e:
-        print(f"annotate: error: {e}", file=sys.stderr)
-        return ingest.EXIT_BAD_INPUT
+        return cli.fail(e, prog="annotate")
     except KeyboardInterrupt:
         print(f"annotate: interrupted: what was annotated is kept in {args.out_dir}; rerun the same command to"
               " resume", file=sys.stderr)
-        return generator.EXIT_INTERRUPTED
+        return cli.EXIT_INTERRUPTED
     if args.dry_run:
         print("\n".join([f"sampled {res['sampled']} documents ({res['note']})", *res["lines"]]))
-        return 0
+        return cli.EXIT_OK
     print(json.dumps({k: res[k] for k in ("annotator", "sampled", "annotated", "rejected", "pending",
                                           "parse_retries", "resumed")}))
-    return 0 if res.get("complete", True) else generator.EXIT_INCOMPLETE
+    return cli.EXIT_OK if res.get("complete", True) else cli.EXIT_INCOMPLETE
 
 
 if __name__ == "__main__":

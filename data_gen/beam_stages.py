@@ -26,7 +26,6 @@ last; a rerun with the same inputs and options returns the stored report (``"res
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -52,6 +51,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from data_gen import classifier, dedup, ingest, minhash
 from data_gen import decontaminate as D
 from phijax.data import records
+from phijax.util import cli
 from phijax.util.files import replace_dir
 from phijax.util.files import atomic_write_bytes
 
@@ -780,8 +780,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     beam_args = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    ap = argparse.ArgumentParser(prog="python -m data_gen.beam_stages",
-                                 description=__doc__.split("\n")[0] + " Flags after -- go to Beam.")
+    ap = cli.ArgumentParser(description=__doc__.split("\n")[0] + " Flags after -- go to Beam.")
     sub = ap.add_subparsers(dest="stage", required=True)
 
     def common(sp):
@@ -798,7 +797,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ingest.add_gin_flags(d)
     common(d)
     s = sub.add_parser("score", help="add quality_score with a trained classifier (classifier score)")
-    s.add_argument("--model", required=True)
+    s.add_argument("--classifier", "--model", dest="model", required=True,
+                   help="a trained classifier dir (python -m data_gen.classifier train)")
     s.add_argument("--inputs", nargs="+", required=True)
     s.add_argument("--out_dir", required=True)
     s.add_argument("--text_field", default="text")
@@ -811,7 +811,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.runner:
         beam_args = [f"--runner={args.runner}", *beam_args]
-    ingest.setup_logging()
+    cli.setup_logging()
     try:
         if args.stage == "dedup":
             ingest.parse_gin(args)
@@ -831,9 +831,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   pipeline_args=beam_args, force=args.force)
             print(json.dumps({k: r[k] for k in ("docs", "removed", "kept", "resumed")}))
     except BadInput as e:
-        print(f"beam_stages {args.stage}: error: {e}", file=sys.stderr)
-        return ingest.EXIT_BAD_INPUT
-    return 0
+        return cli.fail(e, prog=f"beam_stages {args.stage}")
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":

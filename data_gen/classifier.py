@@ -21,7 +21,6 @@ CLI:
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import json
@@ -35,6 +34,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from data_gen import heuristic_annotator
+from phijax.util import cli
 from phijax.util.files import atomic_write_bytes
 
 __all__ = ["DEFAULT_TEXT_SETTINGS", "make_featurizer", "parse_features", "TextFeaturizer", "ModelFeaturizer",
@@ -416,7 +416,7 @@ def labels_from_records(records: list[dict], text_field: str, label_field: str) 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m data_gen.classifier", description=__doc__.split("\n")[0])
+    ap = cli.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train the random forest on annotated JSONL shards")
     t.add_argument("--inputs", nargs="+", required=True)
@@ -432,11 +432,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--max_len", type=int, default=None, help="model features: tokens per document")
     t.add_argument("--batch_size", type=int, default=None, help="model features: documents per batch")
     s = sub.add_parser("score", help="add quality_score to every record")
-    s.add_argument("--model", required=True)
+    s.add_argument("--classifier", "--model", dest="model", required=True, help="a trained classifier dir (train)")
     s.add_argument("--inputs", nargs="+", required=True)
     s.add_argument("--out_dir", required=True)
     s.add_argument("--text_field", default="text")
     args = ap.parse_args(argv)
+    cli.setup_logging()
     try:
         inputs = validate_inputs(args.inputs, args.text_field)
         if args.cmd == "train":
@@ -455,9 +456,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"scored {summary['documents']} docs, {summary['above_threshold']} >= threshold "
                   f"{summary['threshold']:.3f}; wrote {args.out_dir}")
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return cli.fail(e)
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":

@@ -45,12 +45,13 @@ import numpy as np
 from data_gen.minhash import tokens
 from phijax.data import benchmarks
 from phijax.data.records import ReadReport, check_text_fields, iter_jsonl
+from phijax.util import cli
+from phijax.util.cli import EXIT_BAD_INPUT  # noqa: F401 (the CLI's exit code for bad input)
 from phijax.util.files import atomic_write_bytes
 
 DEFAULT_TAUS = (0.95, 0.9, 0.85, 0.8)
 DEFAULT_NGRAM = 13
 DEFAULT_MAX_TED_NODES = 600  # Zhang–Shasha is ~O(n^2 m^2) worst case in pure Python
-EXIT_BAD_INPUT = 2
 _BUILTINS = frozenset(dir(builtins))
 
 
@@ -962,17 +963,16 @@ def run_kwargs(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m data_gen.decontaminate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(description=__doc__)
     add_arguments(ap)
     args = ap.parse_args(argv)
+    cli.setup_logging()
     try:
         r = run(args.inputs, args.text_field, args.out_dir, **run_kwargs(args))
     except DecontamError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return cli.fail(e)
     print(f"{r['docs']} docs, {r['removed']} removed -> {args.out_dir}/report.md")
-    return 0
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":

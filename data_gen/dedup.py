@@ -16,7 +16,6 @@ Output (``out_dir``): ``shards/dedup-NNNNN.jsonl`` (kept records, unchanged), ``
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import glob
 import hashlib
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from data_gen import ingest, minhash
 from phijax.data import records
+from phijax.util import cli
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def run(inputs: Sequence[str], out_dir: str | os.PathLike, cfg: DedupConfig | No
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Exact + MinHash-LSH near-duplicate removal over JSONL shards.")
+    p = cli.ArgumentParser(description="Exact + MinHash-LSH near-duplicate removal over JSONL shards.")
     p.add_argument("--inputs", nargs="+", required=True, help="JSONL files, globs or directories, in order")
     p.add_argument("--out_dir", required=True)
     # Flags left unset keep the gin binding (data_gen.DedupConfig.*), else the default.
@@ -161,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="rerun even if the output is complete")
     ingest.add_gin_flags(p)
     args = p.parse_args(argv)
-    ingest.setup_logging()
+    cli.setup_logging()
     try:
         ingest.parse_gin(args)
         overrides = ingest.flag_overrides(args, ("threshold", "num_perm", "ngram", "seed", "text_field",
@@ -171,10 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = dataclasses.replace(DedupConfig(), **overrides)
         res = run(args.inputs, args.out_dir, cfg, args.force)
     except ingest.IngestError as e:
-        print(f"dedup: error: {e}", file=sys.stderr)
-        return ingest.EXIT_BAD_INPUT
+        return cli.fail(e, prog="dedup")
     print(json.dumps({k: res[k] for k in ("n_in", "kept", "exact_removed", "near_removed", "resumed")}))
-    return 0
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ so the counts equal what a SeqIO task over these shards reads (it adds one EOS p
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -43,6 +42,7 @@ from data_gen import classifier as classifier_lib
 from data_gen import dedup, ingest
 from phijax.data import records
 from phijax.data import vocab as vocab_lib
+from phijax.util import cli
 from phijax.util import files
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ def run(inputs: Sequence[str], out_dir: str | os.PathLike, classifier_dir: str |
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Keep the documents a trained quality classifier scores >= threshold.")
+    p = cli.ArgumentParser(description="Keep the documents a trained quality classifier scores >= threshold.")
     p.add_argument("--classifier", required=True, help="a trained classifier dir (python -m data_gen.classifier train)")
     p.add_argument("--inputs", nargs="+", required=True, help="JSONL files, globs or directories, in order")
     p.add_argument("--out_dir", required=True)
@@ -209,18 +209,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="rerun even if the output is complete")
     ingest.add_gin_flags(p)
     args = p.parse_args(argv)
-    ingest.setup_logging()
+    cli.setup_logging()
     try:
         ingest.parse_gin(args, "filter.gin")
         overrides = ingest.flag_overrides(args, ("threshold", "tokenizer", "text_field", "chunk", "shard_size"))
         cfg = dataclasses.replace(FilterConfig(), **overrides)
         res = run(args.inputs, args.out_dir, args.classifier, cfg, args.force)
     except ingest.IngestError as e:
-        print(f"filter: error: {e}", file=sys.stderr)
-        return ingest.EXIT_BAD_INPUT
+        return cli.fail(e, prog="filter")
     print(json.dumps({k: res[k] for k in ("docs_in", "docs_out", "tokens_in", "tokens_out", "threshold",
                                           "resumed")}))
-    return 0
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":

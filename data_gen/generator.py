@@ -28,7 +28,10 @@ from data_gen.llm import engine as engine_lib
 from data_gen.llm import ledger as ledger_lib
 from data_gen.llm import lock as lock_lib
 from data_gen.llm.request import Request, messages_from, seed_from_key
-from phijax.util import gin_config
+from phijax.util import cli, gin_config
+# Exit codes: 2 bad configuration, output directory or endpoint settings (the message says which),
+# 3 samples without an answer (budget stop, failed requests: rerun to finish), 130 Ctrl-C.
+from phijax.util.cli import EXIT_BAD_INPUT, EXIT_INCOMPLETE, EXIT_INTERRUPTED  # noqa: F401
 from phijax.util.files import replace_dir
 from phijax.util.files import atomic_write_bytes
 
@@ -38,9 +41,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARDS_DIR = "shards"
 REJECTS_FILE = "rejects.jsonl"
 STATS_FILE = "stats.json"
-EXIT_BAD_INPUT = 2  # bad configuration, output directory or endpoint settings: the message says which
-EXIT_INCOMPLETE = 3  # samples without an answer (budget stop, failed requests): rerun to finish
-EXIT_INTERRUPTED = 130  # Ctrl-C: rerun the same command to resume
 
 
 class GeneratorError(ValueError):
@@ -165,7 +165,7 @@ def config_factory(cls):
 
 # --- CLI ----------------------------------------------------------------------------
 def parse_cli(argv: Sequence[str] | None, description: str) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=description)
+    p = cli.ArgumentParser(description=description, exit_codes=cli.INCOMPLETE_CODES)
     gin_config.add_gin_flags(p)
     p.add_argument("--out_dir", required=True, help="output directory (ledger, responses, shards); rerun to resume")
     p.add_argument("--n_samples", type=int, help="override the config's n_samples")
@@ -177,10 +177,7 @@ def parse_cli(argv: Sequence[str] | None, description: str) -> argparse.Namespac
 
 
 def setup(args: argparse.Namespace) -> None:
-    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "httpx2", "openai"):  # per-request lines; the engine summarises
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    cli.setup_logging(args.log_level)  # httpx / openai per-request lines at WARNING: the engine summarises
     try:
         gin_config.parse(args.gin_file, args.gin_param, args.gin_search_path)
     except gin_config.GinError as e:
@@ -307,8 +304,7 @@ def main_flow(argv, description: str, name: str, build: Callable[[Any, str], lis
             fin = finalize(out_dir, name, requests, cfg.shard_size, judge_factory(cfg), info)
             missing = missing_line(out_dir, requests, fin.n_missing) if fin.n_missing else None
     except (GeneratorError, engine_lib.EngineError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return cli.fail(e)
     except KeyboardInterrupt:
         print(f"interrupted: what was generated is kept in {out_dir}; rerun the same command to resume",
               file=sys.stderr)

@@ -44,6 +44,8 @@ from typing import Any
 import gin
 from phijax.data import corpus as corpus_lib
 from phijax.data import records
+from phijax.util import cli, gin_config
+from phijax.util.cli import EXIT_BAD_INPUT  # noqa: F401 (stages' exit code for bad input)
 from phijax.util.files import replace_dir
 from phijax.util.files import atomic_write_bytes
 
@@ -52,7 +54,6 @@ log = logging.getLogger(__name__)
 SHARDS_DIR = "shards"
 REPORT_FILE = "ingest_report.json"
 MARKER_FILE = "_COMPLETE"
-EXIT_BAD_INPUT = 2
 # The Stack's permissive licences (SPDX ids, lower-cased); a user can pass their own list.
 DEFAULT_LICENSES = ("mit", "apache-2.0", "bsd-2-clause", "bsd-3-clause", "isc", "unlicense", "cc0-1.0",
                     "psf-2.0", "python-2.0", "zlib", "mpl-2.0", "0bsd")
@@ -478,20 +479,12 @@ def run(spec: str, out_dir: str | os.PathLike, cfg: IngestConfig | None = None, 
     return result
 
 
-def setup_logging() -> None:
-    """What every stage CLI logs: INFO and up, to stderr."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-
-
 def flag_overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
     """The flags among ``names`` given on the command line (None: keep the gin binding / default)."""
     return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
 
 
-def add_gin_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gin_file", action="append", default=[], help="gin file (e.g. gin/data/ingest.gin)")
-    p.add_argument("--gin_param", action="append", default=[], help="gin binding")
+add_gin_flags = gin_config.add_gin_flags  # --gin_file / --gin_param / --gin_search_path, as every CLI
 
 
 def parse_gin(args: argparse.Namespace, default_file: str = "ingest.gin") -> None:
@@ -500,17 +493,15 @@ def parse_gin(args: argparse.Namespace, default_file: str = "ingest.gin") -> Non
     data_gen.dedup`), so no stage imports a later one."""
     if not (args.gin_file or args.gin_param):
         return
-    from phijax.util import gin_config
-
     try:
         gin_config.parse(args.gin_file or [os.path.join(gin_config.REPO_GIN_DIR, "data", default_file)],
-                        args.gin_param)
+                        args.gin_param, args.gin_search_path)
     except gin_config.GinError as e:
         raise IngestError(str(e)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Ingest raw code into normalised, filtered JSONL shards.")
+    p = cli.ArgumentParser(description="Ingest raw code into normalised, filtered JSONL shards.")
     add_gin_flags(p)
     p.add_argument("--source", required=True, help="stdlib | dir:PATH | jsonl:GLOB | parquet:GLOB | "
                                                    "stackoverflow:Posts.xml")
@@ -526,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--so_tag", default="python", help="StackOverflow tag a question must carry")
     p.add_argument("--force", action="store_true", help="rerun even if the output is complete")
     args = p.parse_args(argv)
-    setup_logging()
+    cli.setup_logging()
     try:
         parse_gin(args)
         overrides = flag_overrides(args, ("max_bytes", "min_chars", "max_line_chars", "content_field",
@@ -537,10 +528,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = dataclasses.replace(IngestConfig(), **overrides)
         res = run(args.source, args.out_dir, cfg, args.so_tag, args.force)
     except IngestError as e:
-        print(f"ingest: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return cli.fail(e, prog="ingest")
     print(json.dumps({k: res[k] for k in ("n_read", "n_kept", "skipped", "resumed")}))
-    return 0
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from data_gen import generator, decontaminate, dedup, ingest
 from data_gen import filter as filter_lib
 from data_gen.llm import engine as engine_lib
 from phijax.data import packing, records
+from phijax.util import cli
 from phijax.util.files import replace_dir
 from phijax.util.files import atomic_write_bytes
 
@@ -517,12 +518,13 @@ def render_markdown(r: dict) -> str:
 
 
 # --- CLI ----------------------------------------------------------------------------------------
-def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
+def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str], search_paths: Sequence[str] = ()) -> None:
     """Parses the files (default gin/data/quality_filter.gin) and bindings; GinError -> IngestError."""
     from phijax.util import gin_config
 
     try:
-        gin_config.parse(list(gin_files) or [os.path.join(gin_config.REPO_GIN_DIR, DEFAULT_GIN)], list(gin_params))
+        gin_config.parse(list(gin_files) or [os.path.join(gin_config.REPO_GIN_DIR, DEFAULT_GIN)], list(gin_params),
+                         list(search_paths))
     except gin_config.GinError as e:
         raise ingest.IngestError(str(e)) from None
 
@@ -531,7 +533,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     # --out_dir / --source set the REQUIRED macros; gin checks those when parsing.
     params = list(args.gin_param) + [f"{macro} = {v!r}" for macro, v in (("OUT_DIR", args.out_dir),
                                                                           ("SOURCE", args.source)) if v is not None]
-    parse_gin(args.gin_file, params)
+    parse_gin(args.gin_file, params, args.gin_search_path)
     chain = ChainConfig()
     if args.extra_shards is not None:
         chain = dataclasses.replace(chain, extra_shards=args.extra_shards)
@@ -545,8 +547,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_gen.quality_filter",
-                                description="ingest -> dedup -> annotate -> classifier -> filter -> decontaminate")
+    p = cli.ArgumentParser(description="ingest -> dedup -> annotate -> classifier -> filter -> decontaminate",
+                           exit_codes=cli.INCOMPLETE_CODES)
     ingest.add_gin_flags(p)
     p.add_argument("--out_dir", help="overrides OUT_DIR")
     p.add_argument("--source", help="overrides SOURCE: stdlib | dir:PATH | jsonl:GLOB | parquet:GLOB | "
@@ -560,22 +562,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tokenizer", help="tokenizer.json for token counts (default: the stdlib BPE)")
     p.add_argument("--force", action="store_true", help="redo every stage")
     args = p.parse_args(argv)
-    ingest.setup_logging()
+    cli.setup_logging()
     try:
         r = run(settings_from_args(args), args.force)
     except ingest.IngestError as e:
-        print(f"quality_filter: error: {e}", file=sys.stderr)
-        return ingest.EXIT_BAD_INPUT
+        return cli.fail(e, prog="quality_filter")
     except Incomplete as e:
         print(f"quality_filter: {e}", file=sys.stderr)
-        return generator.EXIT_INCOMPLETE
+        return cli.EXIT_INCOMPLETE
     for row in r["stages"]:
         print(f"{row['stage']:>13}: {'skipped (complete)' if row.get('resumed') else 'ran':18} "
               f"docs {_fmt(row.get('docs_in'))} -> {_fmt(row.get('docs_out'))}, "
               f"tokens {_fmt(row.get('tokens_in'))} -> {_fmt(row.get('tokens_out'))}")
     print(f"final dataset: {r['dataset']['path']} ({r['dataset']['docs']} docs); report: "
           f"{Path(r['out_dir']) / REPORT_MD}")
-    return 0
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":

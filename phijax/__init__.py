@@ -18,3 +18,9 @@ def _skip_absent_tpu() -> None:
 
 
 _skip_absent_tpu()
+
+# Before any CLI (or user code) can import TensorFlow or jax: their C++ start-up INFO lines stay off
+# the terminal (phijax/util/cli.py; environment variables the user set win).
+from phijax.util.cli import quiet_native_logs as _quiet_native_logs  # noqa: E402 (after the env set-up)
+
+_quiet_native_logs()

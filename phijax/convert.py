@@ -13,8 +13,8 @@ Files::
 
 CLI::
 
-    python -m phijax.convert hf-to-orbax --hf_dir D --out DIR [--dtype bfloat16]
-    python -m phijax.convert orbax-to-hf --ckpt DIR --out D [--dtype float16] [--step N]
+    python -m phijax.convert hf-to-orbax --hf_dir D --out_dir DIR [--dtype bfloat16]
+    python -m phijax.convert orbax-to-hf --ckpt DIR --out_dir D [--dtype float16] [--step N]
 
 `--ckpt` is either an `export_params` directory (`export_info.json` + `params/`) or a training
 checkpoint directory (`MODEL_DIR/checkpoints`, steps written by `phijax.checkpoint.Checkpointer`;
@@ -35,7 +35,6 @@ No torch or tensorflow import here; orbax is imported only by the CLI's orbax si
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -892,33 +891,31 @@ def _cmd_orbax_to_hf(args) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m phijax.convert",
-                                     description="Convert between Hugging Face Phi checkpoints and phijax/orbax.")
+    from phijax.util import cli
+
+    parser = cli.ArgumentParser(description="Convert between Hugging Face Phi checkpoints and phijax/orbax.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("hf-to-orbax", help="transformers Phi directory -> orbax parameter export")
     p.add_argument("--hf_dir", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out_dir", "--out", dest="out", required=True, help="the export directory to write")
     p.add_argument("--dtype", default=None, help="export dtype (default: the checkpoint's own)")
     p = sub.add_parser("orbax-to-hf", help="orbax export or training checkpoints -> transformers Phi directory")
     p.add_argument("--ckpt", required=True, help="an export_params directory or MODEL_DIR/checkpoints")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out_dir", "--out", dest="out", required=True, help="the Hugging Face directory to write")
     p.add_argument("--dtype", default=None, help="safetensors dtype (default: the stored params' dtype)")
     p.add_argument("--step", type=int, default=None, help="training step (default: newest committed)")
     p.add_argument("--config", default=None, help="PhiConfig JSON file or preset name, if the checkpoint has none")
     p.add_argument("--max_shard_size", type=int, default=DEFAULT_MAX_SHARD_SIZE, help="bytes per safetensors file")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "jax._src", "orbax"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    cli.setup_logging()
     try:
         if args.cmd == "hf-to-orbax":
             _cmd_hf_to_orbax(args)
         else:
             _cmd_orbax_to_hf(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return cli.fail(e)
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":

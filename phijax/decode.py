@@ -287,14 +287,16 @@ class Sampler:
         return jax.device_put(x, self._row_sharding if x.ndim == 1 else self._tok_sharding)
 
     def _run(self, rows, max_new_tokens, temperature, top_p, seed, eos_id: int | None,
-             stop_fn: Callable[[list[int]], bool] | None):
+             stop_fn: Callable[[list[int]], bool] | None, room: Sequence[int] | None = None):
         """Generated ids per row ([(prompt ids, prompt index, sample index)]); a row that ended on
         end-of-text ends with its id; rows for which stop_fn(ids) became true may run a little
-        past it (to the end of the chunk)."""
+        past it (to the end of the chunk). `room` (per prompt index): at most that many new
+        tokens for its rows (default max_new_tokens for every row)."""
         greedy = temperature == 0
         eos = np.int32(-1 if eos_id is None else eos_id)
         scalars = (np.float32(max(temperature, 1e-6)), np.float32(top_p), eos)
-        nb = _bucket(max_new_tokens, self.min_new_bucket)
+        cap = [max_new_tokens if room is None else room[pi] for _, pi, _ in rows]
+        nb = _bucket(max(cap), self.min_new_bucket)
         chunk = self.chunk_size if stop_fn is not None else max_new_tokens
         order = sorted(range(len(rows)), key=lambda r: len(rows[r][0]))
         results: list[list[int] | None] = [None] * len(rows)
@@ -303,6 +305,9 @@ class Sampler:
         for start in range(0, len(order), B):
             idx = order[start:start + B]
             n = len(idx)
+            row_cap = np.zeros(B, np.int64)  # filler rows: 0
+            row_cap[:n] = [cap[r] for r in idx]
+            most = int(row_cap.max())
             longest = max(len(rows[r][0]) for r in idx)
             p = _bucket(longest, self.min_prompt_bucket)
             tokens = np.full((B, p), self.pad_id, np.int32)
@@ -320,18 +325,19 @@ class Sampler:
                 step, stopped = 1, np.zeros(B, bool)
                 while True:
                     out, dev_done = jax.device_get((state.tokens, state.done))
+                    stopped |= step >= row_cap
                     if stop_fn is not None:
                         for i in range(n):
                             if not dev_done[i] and not stopped[i]:
                                 stopped[i] = stop_fn([int(t) for t in out[i, :step] if t >= 0])
-                    if step >= max_new_tokens or np.all(dev_done | stopped):
+                    if step >= most or np.all(dev_done | stopped):
                         break
-                    limit = np.int32(min(step + chunk, max_new_tokens))
+                    limit = np.int32(min(step + chunk, most))
                     state = self._decode(self.params, state, limit, self._put(stopped), *scalars, greedy=greedy)
                     step = int(jax.device_get(state.step))
             self.last_steps.append(step)
             for i, r in enumerate(idx):
-                row = out[i, :max_new_tokens]
+                row = out[i, :cap[r]]
                 results[r] = [int(t) for t in row[row >= 0]]
         return results
 
@@ -341,7 +347,10 @@ class Sampler:
         n = 1 if temperature == 0 else num_samples  # greedy samples are all the same: decode once
         return [(list(ids), i, j) for i, ids in enumerate(prompts_ids) for j in range(n)], n
 
-    def _check(self, prompts_ids, max_new_tokens, temperature, top_p, seed):
+    def _check(self, prompts_ids, max_new_tokens, temperature, top_p, seed, fit_context=False):
+        """Raises ValueError naming a bad argument or prompt. Returns None, or with fit_context
+        each prompt's room: max_new_tokens, or what fits beside it in the model's max_len (said
+        once, in a log line)."""
         if not 0 <= seed < 2**32:
             raise ValueError(f"seed={seed} must be in [0, 2**32)")
         if max_new_tokens < 1:
@@ -353,31 +362,43 @@ class Sampler:
         for i, ids in enumerate(prompts_ids):
             if len(ids) == 0:
                 raise ValueError(f"prompt {i} is empty (phi has no BOS token: give at least one token)")
-            if len(ids) + max_new_tokens > self.cfg.max_len:
+            if len(ids) + max_new_tokens > self.cfg.max_len and not (fit_context and len(ids) < self.cfg.max_len):
                 raise ValueError(f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that "
                                  f"exceeds the model's max_len={self.cfg.max_len}")
             bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
             if bad:
                 raise ValueError(f"prompt {i} has token ids outside [0, {self.cfg.vocab_size}): {bad[:5]}")
+        if not fit_context:
+            return None
+        room = [min(max_new_tokens, self.cfg.max_len - len(ids)) for ids in prompts_ids]
+        clipped = [r for r in room if r < max_new_tokens]
+        if clipped:
+            log.info("max_new_tokens=%d does not fit beside %d of %d prompts in the model's context (max_len=%d): "
+                     "those generate at most max_len - prompt tokens (%d to %d new tokens)", max_new_tokens,
+                     len(clipped), len(room), self.cfg.max_len, min(clipped), max(clipped))
+        return room
 
     def generate_tokens(self, prompts_ids: Sequence[Sequence[int]], max_new_tokens: int, *,
                         temperature: float = 0.0, top_p: float = 1.0, num_samples: int = 1, seed: int = 0,
-                        stop_at_eos: bool = True, eos_id: int | None = None) -> list[list[list[int]]]:
+                        stop_at_eos: bool = True, eos_id: int | None = None,
+                        fit_context: bool = False) -> list[list[list[int]]]:
         """Generated token ids [prompt][sample]: up to max_new_tokens each; a row that produces
         end-of-text (`eos_id`, default the sampler's) stops there and ends with it, unless
-        stop_at_eos=False."""
-        self._check(prompts_ids, max_new_tokens, temperature, top_p, seed)
+        stop_at_eos=False. A prompt + max_new_tokens longer than the model's max_len is an error,
+        or with fit_context=True generates what fits (a prompt of max_len tokens or more still
+        is an error)."""
+        room = self._check(prompts_ids, max_new_tokens, temperature, top_p, seed, fit_context)
         rows, n = self._rows(prompts_ids, num_samples, temperature)
         eos = (self.eos_id if eos_id is None else eos_id) if stop_at_eos else None
-        ids = self._run(rows, max_new_tokens, temperature, top_p, seed, eos, None)
+        ids = self._run(rows, max_new_tokens, temperature, top_p, seed, eos, None, room)
         return [[ids[i * n + (j if n > 1 else 0)] for j in range(num_samples)] for i in range(len(prompts_ids))]
 
     def complete(self, prompts: Sequence[str], max_new_tokens: int = 512, *, temperature: float = 0.0,
                  top_p: float = 1.0, num_samples: int = 1, seed: int = 0,
-                 stop: Sequence[str] = ()) -> list[list[str]]:
+                 stop: Sequence[str] = (), fit_context: bool = False) -> list[list[str]]:
         """num_samples completions per prompt: the text after the prompt, cut before the first stop
         sequence or end-of-text. The stop sequences are the caller's (a benchmark's prompt format
-        has its own: phijax.evaluate.problems.STOP)."""
+        has its own: phijax.evaluate.problems.STOP). fit_context: as in generate_tokens."""
         tok = self.model.tokenizer
         if tok is None:
             raise ValueError("this model has no tokenizer: pass tokenizer_path= to load_for_inference")
@@ -385,7 +406,7 @@ class Sampler:
             raise TypeError("prompts must be a sequence of strings, not one string")
         stop = tuple(s for s in stop if s)
         prompts_ids = tok.encode_batch(list(prompts))
-        self._check(prompts_ids, max_new_tokens, temperature, top_p, seed)
+        room = self._check(prompts_ids, max_new_tokens, temperature, top_p, seed, fit_context)
         rows, n = self._rows(prompts_ids, num_samples, temperature)
         eos = self.eos_id
 
@@ -393,6 +414,6 @@ class Sampler:
             return tok.decode([t for t in ids if t != eos])
 
         stop_fn = (lambda ids: cut_at_stop(text(ids), stop)[1]) if stop else None
-        ids = self._run(rows, max_new_tokens, temperature, top_p, seed, eos, stop_fn)
+        ids = self._run(rows, max_new_tokens, temperature, top_p, seed, eos, stop_fn, room)
         texts = [cut_at_stop(text(r), stop)[0] for r in ids]
         return [[texts[i * n + (j if n > 1 else 0)] for j in range(num_samples)] for i in range(len(prompts))]

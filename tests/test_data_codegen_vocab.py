@@ -155,7 +155,7 @@ def test_short_cli_alias(tmp_path):
     (corpus / "pkg").mkdir(parents=True)
     (corpus / "pkg" / "a.py").write_text("def add(a, b):\n    return a + b\n" * 20)
     out = tmp_path / "tok.json"
-    r = subprocess.run([sys.executable, "-m", "phijax.vocab", "train", "--corpus", str(corpus),
+    r = subprocess.run([sys.executable, "-m", "phijax", "vocab", "train", "--corpus", str(corpus),
                         "--vocab_size", "300", "--out", str(out)], cwd=REPO_ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr

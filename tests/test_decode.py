@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 
@@ -223,6 +224,22 @@ def test_load_export_matches_hf_dir(model, hf_dir, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, loaded.params, model.params)
     assert loaded.tokenizer.encode("def f():") == model.tokenizer.encode("def f():")
     assert loaded.tokenizer.eos_id == EOS
+
+
+def test_fit_context_generates_what_fits_beside_each_prompt(sampler, caplog):
+    """fit_context=True: a prompt + max_new_tokens past max_len (256) generates only what fits beside
+    it, the same tokens as asking for exactly that many; one log line says so. A prompt that fills
+    the context alone is still an error."""
+    prompts = _prompts([250, 240, 20], seed=3)  # room beside them: 6, 16, 236
+    caplog.set_level(logging.INFO, logger="phijax.decode")
+    got = sampler.generate_tokens(prompts, N_NEW, stop_at_eos=False, fit_context=True)
+    assert [len(g[0]) for g in got] == [6, 16, N_NEW]
+    said = [r.getMessage() for r in caplog.records if "does not fit" in r.getMessage()]
+    assert len(said) == 1 and "beside 2 of 3 prompts" in said[0] and "(6 to 16 new tokens)" in said[0], said
+    for p, g in zip(prompts, got):
+        assert sampler.generate_tokens([p], len(g[0]), stop_at_eos=False)[0] == g
+    with pytest.raises(ValueError, match="max_len=256"):
+        sampler.generate_tokens(_prompts([256]), N_NEW, fit_context=True)
 
 
 def test_bad_input_is_reported_before_decoding(model, sampler, hf_dir, tmp_path):

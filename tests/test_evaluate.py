@@ -332,18 +332,29 @@ def test_report_history_table_and_plot(tmp_path):
 # ---------------------------------------------------------------- model mode (phijax.decode)
 
 
-@pytest.fixture(scope="module")
-def tiny_hf_dir(tmp_path_factory):
+def _save_tiny_hf(d: Path, tokenizer: Path, max_len: int) -> Path:
+    """A random nano phi (512-token vocabulary) with the model context `max_len`, as a Hugging Face
+    directory with its tokenizer.json."""
     from phijax import config, convert, model as model_lib
-    from phijax.data import vocab
-    d = tmp_path_factory.mktemp("tiny_hf")
-    texts = [p.prompt + p.canonical_solution for p in problems.load_problems("humaneval")]
-    vocab.train_bpe(texts, 512, d / "tokenizer.json")
-    cfg = config.preset("nano", vocab_size=512, max_len=512)
+    cfg = config.preset("nano", vocab_size=512, max_len=max_len)
     _, params, _ = model_lib.split(model_lib.init(cfg, seed=0))
-    convert.save_hf((cfg, params), str(d / "model"))
-    shutil.copy(d / "tokenizer.json", d / "model" / "tokenizer.json")
-    return d / "model"
+    convert.save_hf((cfg, params), str(d))
+    shutil.copy(tokenizer, d / "tokenizer.json")
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tmp_path_factory):
+    from phijax.data import vocab
+    path = tmp_path_factory.mktemp("tiny_tok") / "tokenizer.json"
+    texts = [p.prompt + p.canonical_solution for p in problems.load_problems("humaneval")]
+    vocab.train_bpe(texts, 512, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_dir(tmp_path_factory, tiny_tokenizer):
+    return _save_tiny_hf(tmp_path_factory.mktemp("tiny_hf") / "model", tiny_tokenizer, max_len=512)
 
 
 @pytest.mark.slow
@@ -370,3 +381,38 @@ def test_generate_with_a_model_cli_and_library(tmp_path, tiny_hf_dir, capsys):
         [s["completion"] for s in cli_samples]
     assert got["pass@1"] == 0.0 and got["step"] == 7 and len(got["results"]) == 2
     assert report.read_history(str(tmp_path / "lib"))[0]["step"] == 7
+
+
+@pytest.mark.slow
+def test_a_short_context_generates_what_fits(tmp_path, tiny_tokenizer, capsys, caplog):
+    """max_len < prompt + max_new_tokens: each prompt generates what fits beside it and one log line
+    says so (the CPU demo's export with gin/eval/humaneval.gin); a prompt that fills the context
+    alone is still an error naming it."""
+    import logging
+    from phijax.data import vocab
+    tok = vocab.BPETokenizer(tiny_tokenizer)
+    lengths = [len(tok.encode(p.prompt)) for p in problems.load_problems("humaneval", limit=2)]
+    lo, hi = min(lengths), max(lengths)
+    assert lo < hi
+    max_len, max_new = hi + 8, hi + 8 - lo  # the shorter prompt fits exactly, the longer one gets 8 tokens
+    model_dir = _save_tiny_hf(tmp_path / "short", tiny_tokenizer, max_len=max_len)
+    caplog.set_level(logging.INFO, logger="phijax.decode")
+    out = tmp_path / "eval"
+    args = ["--gin_file=gin/eval/humaneval.gin", f"--gin_param=evaluate.model_path = '{model_dir}'",
+            "--gin_param=evaluate.limit = 2", f"--gin_param=evaluate.max_new_tokens = {max_new}",
+            f"--gin_param=evaluate.output_dir = '{out}'", "--gin_param=evaluate.timeout_s = 5.0"]
+    assert run.main(args) == 0, capsys.readouterr().err[-3000:]
+    said = [r.getMessage() for r in caplog.records if "does not fit" in r.getMessage()]
+    assert len(said) == 1, said
+    assert f"max_new_tokens={max_new} does not fit beside 1 of 2 prompts" in said[0]
+    assert f"max_len={max_len}" in said[0]
+    assert "(8 to 8 new tokens)" in said[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["problems"] == 2 and summary["max_new_tokens"] == max_new
+    assert len(open(out / "humaneval_humaneval_samples.jsonl").readlines()) == 2
+
+    model_dir = _save_tiny_hf(tmp_path / "shorter", tiny_tokenizer, max_len=lo)  # no room beside either prompt
+    assert run.main(args[:1] + [f"--gin_param=evaluate.model_path = '{model_dir}'"] + args[2:]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: prompt ") and f"exceeds the model's max_len={lo}" in err, err
+    assert len(err.strip().splitlines()) == 1  # no gin "In call to configurable" trailer

@@ -12,7 +12,6 @@ received, failures, and the engine/baseline ratio.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -26,6 +25,7 @@ import openai  # noqa: F401 - imported before any timing starts
 from data_gen.llm.engine import Engine, EngineConfig
 from data_gen.llm.fake_server import admin
 from data_gen.llm.request import Request, messages_from
+from phijax.util import cli
 
 KEY = "sk-bench-not-a-real-key-000000"
 
@@ -96,7 +96,7 @@ def run_baseline(a, url: str, reqs: list[Request]) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--duration_s", type=float, default=75.0)
     p.add_argument("--rpm", type=float, default=600)
     p.add_argument("--tpm", type=float, default=200_000)
@@ -105,8 +105,9 @@ def main(argv=None) -> dict:
     p.add_argument("--max_tokens", type=int, default=600)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--server_burst_s", type=float, default=2.0)
-    p.add_argument("--json_out")
+    p.add_argument("--json", "--json_out", dest="json_out", help="also write the figures here")
     a = p.parse_args(argv)
+    cli.setup_logging()
     # Requests for the duration at the binding limit (est. ~90 prompt + mean completion tokens each).
     per_req = 90 + sum(a.completion_tokens) / 2
     n = max(int(min(a.rpm, a.tpm / per_req) * a.duration_s / 60), 10)

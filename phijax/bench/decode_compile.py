@@ -11,7 +11,6 @@ No tensorflow, seqio or gin.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -19,6 +18,7 @@ import jax
 
 from phijax import config as config_lib, decode, model as model_lib
 from phijax.bench import save_json
+from phijax.util import cli
 
 
 def measure(cfg, batch: int, prompt_bucket: int, new_bucket: int, greedy: bool = True) -> dict:
@@ -39,7 +39,7 @@ def measure(cfg, batch: int, prompt_bucket: int, new_bucket: int, greedy: bool =
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="tiny", help="a preset: phi1, phi1_small, tiny, nano")
     p.add_argument("--dtype", default="bfloat16", help="compute and parameter dtype")
     p.add_argument("--batch", type=int, default=16)
@@ -48,6 +48,7 @@ def main(argv=None):
     p.add_argument("--sampling", action="store_true", help="the sampling programs (default: greedy)")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args(argv)
+    cli.setup_logging()
     overrides = dict(dtype=args.dtype, param_dtype=args.dtype)
     cfg = config_lib.preset(args.config, **overrides)
     slots = args.prompt_bucket + args.new_bucket

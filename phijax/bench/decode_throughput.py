@@ -11,7 +11,6 @@ runs, as transformers' warm-up call is) and whether both produced the same token
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -20,6 +19,7 @@ import numpy as np
 
 from phijax import config as config_lib, convert, decode, model as model_lib
 from phijax.bench import save_json
+from phijax.util import cli
 
 CONFIGS = {
     # The CPU demo model (7.4M params, 8k vocabulary): what a CPU user decodes with.
@@ -131,13 +131,14 @@ def run(name, repeats, dtype="float32", torch_device="cpu"):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", default="tiny,mini,small")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="float32", help="both sides' weights and compute (bfloat16 on a GPU)")
     p.add_argument("--torch_device", default="cpu", help="where transformers runs (cuda beside a jax GPU)")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args(argv)
+    cli.setup_logging()
     import torch
     import transformers
 

@@ -23,7 +23,6 @@ also runs against an older checkout of it (``cd <old checkout> && PYTHONPATH=$PW
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import builtins
 import json
@@ -34,6 +33,7 @@ from pathlib import Path
 from data_gen import decontaminate as D
 from phijax.data.benchmarks import MBPP_SPLITS
 from phijax.util.files import atomic_write_bytes  # not bench.save_json: older checkouts lack it
+from phijax.util import cli
 
 VARIANTS = ("renamed", "unused_local", "method", "reordered", "all")
 _FN = (ast.FunctionDef, ast.AsyncFunctionDef)
@@ -145,10 +145,11 @@ def measure(dec, idx: list[int]) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m phijax.bench.decontam_edits", description=__doc__.split("\n")[0])
+    ap = cli.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--limit", type=int, default=None, help="first N items of each benchmark")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    cli.setup_logging()
     dec = D.Decontaminator(D.load_bench_items(True, "all"))
     res, (lo, hi) = {}, MBPP_SPLITS["test"]
     for bench in ("humaneval", "mbpp"):

@@ -21,7 +21,6 @@ a bug: a bug shows up as divergences at ordinary margins. No tensorflow, seqio o
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 
@@ -31,6 +30,7 @@ import numpy as np
 from phijax import config as config_lib, convert, decode, model as model_lib
 from phijax.bench import save_json
 from phijax.bench.decode_throughput import hf_model, prompts_for
+from phijax.util import cli
 
 
 def bf16_step(x) -> np.ndarray:
@@ -163,7 +163,7 @@ def report(res: dict) -> None:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="tiny", help="a preset: tiny, phi1_small, phi1, nano")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--rows", type=int, default=16)
@@ -173,14 +173,14 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cpu", help="where transformers runs (cuda beside a jax GPU)")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args(argv)
+    cli.setup_logging()
     import torch
     import transformers
 
     lo, hi = (int(x) for x in args.prompt_lengths.split(","))
     base = config_lib.preset(args.config)
     if hi + args.new_tokens > base.max_len:
-        raise SystemExit(f"prompts of up to {hi} + {args.new_tokens} new tokens exceed {args.config}'s "
-                         f"max_len={base.max_len}")
+        p.error(f"prompts of up to {hi} + {args.new_tokens} new tokens exceed {args.config}'s max_len={base.max_len}")
     print(f"machine: {os.cpu_count()} cpus, jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
           f"({args.device}), transformers {transformers.__version__}", flush=True)
     model = hf_model(base, seed=args.seed, dtype="float32", device=args.device)

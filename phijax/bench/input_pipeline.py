@@ -15,7 +15,6 @@ Peer: 0.6 x 989e12 FLOP/s / (6 x 1.3e9 FLOP/token) x 8 GPUs ~= 609k tokens/s.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -25,6 +24,7 @@ import numpy as np
 from phijax.data import corpus as corpus_lib
 from phijax.data import pipeline
 from phijax.data import vocab as vocab_lib
+from phijax.util import cli
 
 H100_BF16_PEAK = 989e12
 PHI1_PARAMS = 1.3e9
@@ -98,7 +98,7 @@ def bench_parts(tok: vocab_lib.BPETokenizer, seconds: float) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = cli.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq_len", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=8, help="per-host batch (sequences) per call")
     ap.add_argument("--seconds", type=float, default=20.0, help="time per measurement")
@@ -106,6 +106,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--cache_dir", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    cli.setup_logging()
 
     from phijax.data import seqio_tasks as tasks
 

@@ -29,7 +29,6 @@ peak_bytes_in_use, cumulative over the sweep.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import math
 import os
@@ -38,6 +37,7 @@ import jax
 
 from phijax import config as config_lib, convert, metrics
 from phijax.bench import save_json, step_timing
+from phijax.util import cli
 
 
 def peak_flops_per_device(device):
@@ -217,7 +217,7 @@ def print_summary(summary):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", default="phi1_small,phi1")
     p.add_argument("--batches", default="4,8", help="per-device batch sizes")
     p.add_argument("--remat", default="none,save_dots_no_batch")
@@ -236,6 +236,7 @@ def main(argv=None):
     p.add_argument("--peer_modes", default="eager,compile", help="torch: eager and/or compile")
     p.add_argument("--json", default=None, help='write {"rows": [...], "summary": {...}} here')
     args = p.parse_args(argv)
+    cli.setup_logging()
     if args.peer == "torch":  # before the phijax sweep: a missing torch or a bad mode fails now
         from phijax.bench import torch_peer
         bad = set(args.peer_modes.split(",")) - set(torch_peer.MODES)

@@ -11,7 +11,6 @@ an H200: 10.7 ms for phi-1, 4.25 TB/s of the 45.4 GB floor; docs/benchmarks.md).
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import jax
@@ -20,6 +19,7 @@ import optax
 
 from phijax.bench import save_json
 from phijax import config as config_lib, model as model_lib, optim
+from phijax.util import cli
 
 
 def time_update(tx, params, grads, steps: int):
@@ -40,11 +40,12 @@ def time_update(tx, params, grads, steps: int):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = cli.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="phi1")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    cli.setup_logging()
     cfg = config_lib.preset(args.config)
     _, abstract, _ = model_lib.abstract(cfg)
     keys = iter(jax.random.split(jax.random.key(0), 2 * len(jax.tree.leaves(abstract))))

@@ -11,7 +11,6 @@ tensorflow or tensorboard needed. `--keep_trace DIR` keeps the trace for ui.perf
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import gzip
@@ -25,6 +24,7 @@ import jax
 
 from phijax import config as config_lib
 from phijax.bench import save_json, step_timing
+from phijax.util import cli
 
 KINDS = (  # first match wins; names as XLA:GPU (cuBLAS/cuDNN/Triton) and XLA:CPU report them
     ("attention kernel", re.compile(r"cudnn|flash|fmha|dot_product_attention|splash|pallas", re.I)),
@@ -82,7 +82,7 @@ def summarize(trace: dict, steps: int) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="phi1")
     p.add_argument("--batch", type=int, default=16, help="global batch")
     p.add_argument("--seq", type=int, default=2048)
@@ -96,6 +96,7 @@ def main(argv=None):
     p.add_argument("--keep_trace", default=None, help="directory to keep the trace in")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    cli.setup_logging()
     cfg = config_lib.preset(args.config, dtype=args.dtype, remat_policy=args.remat, attention=args.attention,
                             scan_unroll=args.scan_unroll, loss_chunk=args.loss_chunk)
     step, state, batch = step_timing.synthetic_train_step(cfg, args.batch, args.seq, mesh_shape=(1, -1, 1))

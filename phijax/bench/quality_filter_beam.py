@@ -14,7 +14,6 @@ pipeline inside this process, so both columns count the same things.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import tempfile
@@ -25,6 +24,7 @@ from data_gen import beam_stages as bs
 from data_gen import classifier as cls
 from data_gen import decontaminate as D
 from data_gen import dedup, heuristic_annotator, ingest
+from phijax.util import cli
 
 BEAM_ARGS = ["--runner=DirectRunner", "--direct_num_workers=1", "--direct_running_mode=in_memory"]
 
@@ -43,13 +43,14 @@ def _row(stage: str, docs: int, inproc: tuple, beam: tuple) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m phijax.bench.quality_filter_beam", description=__doc__.split("\n")[0])
+    ap = cli.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work_dir", default=None, help="default: a temp dir, removed afterwards")
     ap.add_argument("--limit", type=int, default=None, help="ingest at most this many stdlib documents")
     ap.add_argument("--decontam_docs", type=int, default=100)
     ap.add_argument("--features", default="text", help="classifier features: text or model:PATH")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    cli.setup_logging()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="qf_bench_"))
     rows = []
     try:

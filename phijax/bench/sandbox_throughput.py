@@ -15,7 +15,6 @@ source ships its `exec` line commented out; the copy re-enables it if needed.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib
 import io
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from phijax.bench import save_json
 from phijax.evaluate import execution, pass_at_k as pak, problems, sandbox
+from phijax.util import cli
 
 _EXEC_LINE = re.compile(r"^(\s*)#\s*(exec\(check_program, exec_globals\))", re.M)
 
@@ -88,12 +88,13 @@ def run(workers_list=(2, 4), repeats: int = 3, timeout_s: float = 3.0) -> list[d
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", default="2,4", help="comma-separated worker counts (both evaluators)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timeout_s", type=float, default=3.0)
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args(argv)
+    cli.setup_logging()
     print(f"HumanEval canonical solutions, {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
     rows = run([int(w) for w in args.workers.split(",")], args.repeats, args.timeout_s)
     save_json(args.json, rows)

@@ -15,7 +15,6 @@ not decide the ratio.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -23,6 +22,7 @@ import jax
 
 from phijax import config as config_lib, metrics
 from phijax.bench import save_json, step_timing
+from phijax.util import cli
 
 CONFIGS = {
     # The issue's reference point: 7.4M params, batch 8 x 512 (compute-bound on 2 cores).
@@ -81,12 +81,13 @@ def torch_matmul_peak(n=1024, seconds=1.0):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--rounds", type=int, default=2, help="alternating timed rounds per side (best counts)")
     p.add_argument("--configs", default="tiny,small")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args(argv)
+    cli.setup_logging()
 
     peak_jax = metrics.measure_matmul_peak()
     peak_torch = torch_matmul_peak()

@@ -23,14 +23,12 @@ up with no flag: a complete directory is never rebuilt.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import io
 import json
 import logging
 import os
 import posixpath
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -43,6 +41,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from phijax.data import pipeline as pipeline_lib
 from phijax.data import vocab as vocab_lib
+from phijax.util import cli
 from phijax.util import files as files_lib
 
 log = logging.getLogger(__name__)
@@ -230,7 +229,7 @@ def build_window_cache_beam(task_name: str, seq_len: int, cache_dir: str | os.Pa
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m phijax.data.beam_cache", description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0] + " Flags it does not know go to Beam.")
     p.add_argument("--task", required=True, help="registered seqio task (see --module / --gin_file)")
     p.add_argument("--seq_len", type=int, required=True, help="training sequence length L (windows of L+1)")
     p.add_argument("--cache_dir", default=None, help="cache root (default $PHIJAX_CACHE_DIR or ~/.cache/phijax)")
@@ -243,19 +242,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="gin configurable to call after parsing, e.g. phijax.tasks.register_codetextbook")
     args, beam_args = p.parse_known_args(argv)
     beam_args = [a for a in beam_args if a != "--"]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.setup_logging()
     try:
         out = build_window_cache_beam(args.task, args.seq_len, args.cache_dir, num_shards=args.num_shards,
                                       windows_per_file=args.windows_per_file, pipeline_args=beam_args,
                                       modules=args.module or ["phijax.tasks"], gin_files=args.gin_file,
                                       gin_params=args.gin_param, register=args.register)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     meta = json.loads(FileSystems.open(_join(out, pipeline_lib.META_FILE)).read().decode())
     print(f"window cache: {out}\n  {meta['n_windows']} windows x {args.seq_len + 1} tokens in "
           f"{len(meta['shards'])} files ({meta['build_seconds']} s)")
-    return 0
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":

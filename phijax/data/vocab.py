@@ -23,14 +23,15 @@ No tensorflow here (the trainer imports this on accelerator hosts).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from phijax.data import corpus as corpus_lib
+from phijax.util import cli
 from phijax.util.files import atomic_write_bytes, default_cache_dir, file_fingerprint  # noqa: F401
 
 PAD_TOKEN = "<|pad|>"
@@ -173,16 +174,19 @@ class BPETokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
 
-def _main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m phijax.data.vocab")
+def main(argv: Sequence[str] | None = None) -> int:
+    p = cli.ArgumentParser(description="Byte-level BPE tokenizers (Hugging Face tokenizers) for phijax.")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a byte-level BPE tokenizer.json")
     t.add_argument("--corpus", default="stdlib", help="'stdlib' or a directory of *.py files")
     t.add_argument("--vocab_size", type=int, default=DEFAULT_VOCAB_SIZE)
     t.add_argument("--out", required=True, help="output tokenizer.json path")
     args = p.parse_args(argv)
-
-    root = corpus_lib.resolve_corpus(args.corpus)
+    cli.setup_logging()
+    try:
+        root = corpus_lib.resolve_corpus(args.corpus)
+    except ValueError as e:
+        return cli.fail(e)
     skips = corpus_lib.SkipReport()
     t0 = time.time()
     out = train_bpe((text for _, text in corpus_lib.iter_documents(root, skips)), args.vocab_size, args.out)
@@ -192,7 +196,8 @@ def _main(argv: Sequence[str] | None = None) -> None:
           f"skipped {skips.count} non-UTF-8 files")
     for rel, why in skips.skipped:
         print(f"  skipped {rel}: {why}")
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":
-    _main()
+    sys.exit(main())

