@@ -24,9 +24,7 @@ device:
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import os
 import re
@@ -39,7 +37,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax
 
-from phijax.util import gin_config
+from phijax.util import cli, files, gin_config
 from phijax import attention, metrics, sharding, train_setup
 from phijax import train as train_lib
 from phijax.train_setup import RunConfig
@@ -245,7 +243,7 @@ def format_report(r: dict) -> str:
 
 def main(argv=None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile only: never take a local accelerator
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0], exit_codes=cli.DEFAULT_CODES)
     gin_config.add_gin_flags(p)
     p.add_argument("--topology", required=True, help="e.g. v5e-16, v4-32, v5e-64, v5p-8, or v5e:4x4, v4:2x2x4")
     p.add_argument("--per_device_batch", type=float, default=None,
@@ -274,19 +272,17 @@ def main(argv=None) -> int:
             run = run.replace(microbatches=args.microbatches)
         r = check(args.topology, run)
     except (CompileCheckError, gin_config.GinError, ValueError) as e:
-        print(f"error: {gin_config.explain(e)}", file=sys.stderr)
-        return 1 if isinstance(e, CompileCheckError) else 2
+        return cli.fail(gin_config.explain(e), cli.EXIT_FAILED if isinstance(e, CompileCheckError) else cli.EXIT_BAD_INPUT)
     print(format_report(r))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(r, fh, indent=1)
+        files.save_json(args.json, r, indent=1)
     if not r["fits"]:
         m = r["memory"]
         print(f"error: does not fit: {m['total'] / GiB:.2f} GiB per device needed, {r['generation']} has "
               f"{m['hbm'] / GiB:.0f} GiB HBM (short by {(m['total'] - m['hbm']) / GiB:.2f} GiB); lower "
               f"--per_device_batch, raise --microbatches, or use --remat full / offload_dots", file=sys.stderr)
-        return 1
-    return 0
+        return cli.EXIT_FAILED
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":

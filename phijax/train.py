@@ -6,7 +6,6 @@ shardings, the jitted step, the data source) -> state (fresh or resumed) -> loop
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import inspect
 import logging
@@ -26,7 +25,7 @@ from phijax import gin_bindings  # noqa: F401  (registers what the gin files nam
 from phijax.config import PhiConfig
 from phijax.data.pipeline import DataSource
 from phijax.train_setup import RunConfig
-from phijax.util import files, gin_config
+from phijax.util import cli, files, gin_config
 
 log = logging.getLogger("phijax.train")
 
@@ -245,7 +244,7 @@ def _check_same_model(cfg: PhiConfig, model_dir: str, step: int, meta: dict):
                          f"of a different model shape ({detail}); use a new MODEL_DIR or the matching model gin")
 
 
-EXIT_PEER_LOST = 4
+EXIT_PEER_LOST = cli.EXIT_PEER_LOST
 
 
 def _exit_peer_lost(e: Exception):
@@ -262,21 +261,18 @@ def _exit_peer_lost(e: Exception):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0], exit_codes=cli.ALL_CODES)
     gin_config.add_gin_flags(parser)
     parser.add_argument("--coordinator_address", default=None,
                         help="multi-process: host:port of process 0 (env PHIJAX_COORDINATOR_ADDRESS)")
     parser.add_argument("--num_processes", default=None, help="multi-process: process count (env PHIJAX_NUM_PROCESSES)")
     parser.add_argument("--process_id", default=None, help="multi-process: this process's id (env PHIJAX_PROCESS_ID)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    cli.setup_logging()
     try:  # before anything touches jax devices
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     if jax.process_index() != 0:  # one progress log per job (training, checkpoints, evaluation)
         logging.getLogger("phijax").setLevel(logging.WARNING)
     try:
@@ -284,16 +280,13 @@ def main(argv=None) -> int:
         gin_config.check_macros_used()
         check_settings()  # before any data or device work; creates MODEL_DIR
     except ValueError as e:  # GinError included
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     try:
         summary = train(configure(), gin_config_str=gin.config_str())
     except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        return cli.fail(e, cli.EXIT_INCOMPLETE)
     except ValueError as e:
-        print(f"error: {gin_config.explain(e)}", file=sys.stderr)
-        return 2
+        return cli.fail(gin_config.explain(e))
     except jax.errors.JaxRuntimeError as e:
         if jax.process_count() == 1:
             raise
@@ -311,7 +304,7 @@ def main(argv=None) -> int:
         if summary["export_dir"]:
             print(f"inference params: {summary['export_dir']}")
         print(f"metrics: {os.path.join(summary['model_dir'], 'metrics.jsonl')}")
-    return 0
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":

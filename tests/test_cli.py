@@ -110,11 +110,7 @@ def test_every_command_module_has_main(name):
 
 # train and compile-check adopt phijax.util.cli later (their mains are edited elsewhere): strict
 # xfail, so this fails as soon as they do and the marks can go.
-_NOT_YET = pytest.mark.xfail(strict=True, reason="main() not yet on phijax.util.cli.ArgumentParser")
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_NOT_YET) if n in ("train", "compile-check") else n
-                                  for n in sorted(phijax_cli.COMMANDS)])
+@pytest.mark.parametrize("name", sorted(phijax_cli.COMMANDS))
 def test_every_command_help_names_the_exit_codes(name, capsys):
     with pytest.raises(SystemExit) as e:
         phijax_cli.main([name, "--help"])
