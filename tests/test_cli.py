@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import logging
 import os
 import re
 import subprocess
