@@ -34,7 +34,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from data_gen import heuristic_annotator
+from data_gen import heuristic_annotator, stage
 from phijax.util.files import atomic_write_bytes
 
 __all__ = ["DEFAULT_TEXT_SETTINGS", "make_featurizer", "parse_features", "TextFeaturizer", "ModelFeaturizer",
@@ -387,19 +387,17 @@ def score_files(model_dir: str | Path, inputs: Sequence[Path], out_dir: str | Pa
     counts = np.zeros(HIST_BINS, np.int64)
     above = 0
     for p in inputs:
-        tmp = out / f".{Path(p).name}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with stage.AtomicFile(out / Path(p).name) as f:
             for recs, scores in iter_scored(qc, (rec for _, rec in _iter_jsonl(Path(p))),
                                             text_field=text_field, chunk=chunk):
                 for r, v in zip(recs, scores):
                     f.write(json.dumps({**r, "quality_score": round(v, 6)}, ensure_ascii=False) + "\n")
                 counts += histogram_counts(scores)
                 above += sum(v >= qc.threshold for v in scores)
-        tmp.replace(out / Path(p).name)
     histogram_png(counts, qc.threshold, out / "score_histogram.png")
     summary = {"documents": int(counts.sum()), "above_threshold": int(above),
                "threshold": qc.threshold, "model": str(Path(model_dir).resolve())}
-    atomic_write_bytes(out / "score_summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    stage.write_json(out / "score_summary.json", summary)
     return summary
 
 

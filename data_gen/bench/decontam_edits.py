@@ -1,6 +1,6 @@
 """Recall of decontamination on edited copies of the benchmark solutions.
 
-    python -m phijax.bench.decontam_edits [--limit N] [--json out.json]
+    python -m data_gen.bench.decontam_edits [--limit N] [--json out.json]
 
 Every HumanEval item (prompt + canonical solution) and every MBPP item (``code``, all 500 test
 problems) is copied with its identifiers renamed and its docstrings dropped -- the copy no
@@ -145,7 +145,7 @@ def measure(dec, idx: list[int]) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m phijax.bench.decontam_edits", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m data_gen.bench.decontam_edits", description=__doc__.split("\n")[0])
     ap.add_argument("--limit", type=int, default=None, help="first N items of each benchmark")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
