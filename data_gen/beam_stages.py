@@ -631,9 +631,7 @@ def run_score(model_dir: str | os.PathLike, inputs: Sequence[str], out_dir: str 
     counts, above = np.asarray(s["hist"][0], np.int64), int(s["hist"][1])
     for name in names:
         _move(_join(tmp, "files", name), _join(out, name))
-    with tempfile.TemporaryDirectory() as d:  # matplotlib wants a local file
-        classifier.histogram_png(counts, threshold, Path(d) / "h.png")
-        _write_bytes(_join(out, "score_histogram.png"), (Path(d) / "h.png").read_bytes())
+    _write_bytes(_join(out, "score_histogram.png"), classifier.histogram_png_bytes(counts, threshold))
     _delete_tree(tmp)
     summary = {"documents": int(counts.sum()), "above_threshold": above, "threshold": threshold,
                "model": str(Path(model_dir).resolve())}

@@ -39,7 +39,7 @@ from phijax.util.files import atomic_write_bytes
 
 __all__ = ["DEFAULT_TEXT_SETTINGS", "make_featurizer", "parse_features", "TextFeaturizer", "ModelFeaturizer",
            "train", "QualityClassifier", "read_records", "labels_from_records", "iter_scored", "histogram_counts",
-           "histogram_png", "main"]
+           "histogram_png", "histogram_png_bytes", "main"]
 
 MODEL_FILE = "model.joblib"
 INFO_FILE = "classifier.json"
@@ -358,7 +358,10 @@ def histogram_counts(scores: Sequence[float]) -> np.ndarray:
     return np.histogram(np.asarray(scores, np.float64), bins=HIST_BINS, range=(0.0, 1.0))[0]
 
 
-def histogram_png(counts: np.ndarray, threshold: float, path: Path) -> None:
+def histogram_png_bytes(counts: np.ndarray, threshold: float) -> bytes:
+    """The score histogram (``histogram_counts``' bins) as a PNG, the threshold marked."""
+    import io
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -370,8 +373,14 @@ def histogram_png(counts: np.ndarray, threshold: float, path: Path) -> None:
     ax.set_ylabel("documents")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
+    return buf.getvalue()
+
+
+def histogram_png(counts: np.ndarray, threshold: float, path: Path) -> None:
+    atomic_write_bytes(path, histogram_png_bytes(counts, threshold))
 
 
 def score_files(model_dir: str | Path, inputs: Sequence[Path], out_dir: str | Path, *, text_field: str = "text",
