@@ -59,13 +59,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from data_gen import generator, dedup, heuristic_annotator, ingest
+from data_gen import dedup, generator, heuristic_annotator, ingest, stage
 from data_gen.llm import engine as engine_lib
 from data_gen.llm import ledger as ledger_lib
 from data_gen.llm import lock as lock_lib
 from data_gen.llm.request import Request, canonical_json, messages_from, seed_from_key
 from phijax.data import records
-from phijax.util.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +176,7 @@ def write_sample(files: Sequence[Path], n: int, text_field: str, seed: int, path
     chosen = heapq.nsmallest(n, _sample_keys(files, text_field, seed, report))  # bounded heap
     want = {(fi, line): rank for rank, (_, _, fi, line) in enumerate(chosen)}
     offsets = [0] * len(chosen)
-    unordered, ordered = path.with_name(f".{path.name}.unordered"), path.with_name(f".{path.name}.tmp")
+    unordered = path.with_name(f".{path.name}.unordered")
     with open(unordered, "wb") as out:  # pass 2: fetch the chosen lines
         for fi in sorted({fi for fi, _ in want}):
             for rec in records.iter_jsonl(files[fi], required=(text_field,)):
@@ -185,13 +184,10 @@ def write_sample(files: Sequence[Path], n: int, text_field: str, seed: int, path
                 if rank is not None:
                     offsets[rank] = out.tell()
                     out.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
-    with open(unordered, "rb") as src, open(ordered, "wb") as dst:  # ... and put them in sample order
+    with open(unordered, "rb") as src, stage.AtomicFile(path, "wb") as dst:  # ... and put them in sample order
         for off in offsets:
             src.seek(off)
             dst.write(src.readline())
-        dst.flush()
-        os.fsync(dst.fileno())
-    os.replace(ordered, path)
     unordered.unlink()
     return report
 
@@ -376,13 +372,12 @@ def run(inputs: Sequence[str], out_dir: str | os.PathLike, *, n_samples: int, se
         prompter = Prompter(cfg, ecfg.model)  # template errors
         eng = engine_lib.Engine(out, ecfg)  # engine config errors
         eng.check_prices([ecfg.model])
-    fp = ingest.fingerprint("annotate", files, ingest.IngestConfig(),
-                            {"annotate": dataclasses.asdict(cfg), "annotator": name,
-                             "templates": _template_digest(cfg) if kind == "llm" else None})
+    fp = ingest.fingerprint("annotate", files, extra={"annotate": dataclasses.asdict(cfg), "annotator": name,
+                                                      "templates": _template_digest(cfg) if kind == "llm" else None})
+    st = stage.Stage(out, fp, REPORT_FILE, "annotate")
     with lock_lib.hold(out):  # one run per output directory (a second one: OutputDirError)
-        if not force and not dry_run and ingest.is_complete(out, fp):
-            log.info("annotate: %s already complete (fingerprint %s)", out, fp)
-            return dict(json.loads((out / REPORT_FILE).read_text()), resumed=True)
+        if not dry_run and (stored := st.done(force)) is not None:
+            return stored
         if eng is not None:
             _ = eng.client  # no API key: an error now, not after sampling
         if kind == "heuristic":
@@ -397,7 +392,7 @@ def run(inputs: Sequence[str], out_dir: str | os.PathLike, *, n_samples: int, se
             sample.unlink()
             return {"dry_run": True, "sampled": n, "estimate": dataclasses.asdict(est), "lines": est.lines(),
                     "note": "first attempts only; parse retries add to this"}
-        ingest.start_run(out)
+        st.start()
         read_report = write_sample(files, cfg.n_samples, cfg.text_field, cfg.seed, out / SAMPLE_FILE)
         n = min(cfg.n_samples, read_report.n_ok)
         if n == 0:
@@ -409,7 +404,7 @@ def run(inputs: Sequence[str], out_dir: str | os.PathLike, *, n_samples: int, se
             docs, reports, counts = _annotate_llm(out, out / SAMPLE_FILE, n, cfg, eng, prompter)
         hist = collections.Counter()
         rejects, pending_keys, n_truncated, total = [], [], 0, 0.0
-        writer = ingest.ShardWriter(out, "annotate", cfg.shard_size)
+        writer = st.shard_writer("annotate", cfg.shard_size)
         for rank, rec in iter_sample(out / SAMPLE_FILE):
             if kind == "heuristic":
                 res = heuristic_annotator.annotate(rec, cfg.text_field)
@@ -434,7 +429,7 @@ def run(inputs: Sequence[str], out_dir: str | os.PathLike, *, n_samples: int, se
             total += res["educational_value"]
             writer.write(res)
         shards = writer.commit()
-        generator.write_jsonl(out / REJECTS_FILE, rejects)
+        stage.write_jsonl(out / REJECTS_FILE, rejects)
         n_annotated = writer.n
         pending = n - n_annotated - len(rejects)
         pending_reasons: dict[str, int] = {}
@@ -460,11 +455,11 @@ def run(inputs: Sequence[str], out_dir: str | os.PathLike, *, n_samples: int, se
                              "docs_per_cpu_s": round(n / cpu, 2) if cpu > 0 else None},
                   "resumed": False}
         if pending:  # no marker: a rerun sends what is missing
-            atomic_write_bytes(out / REPORT_FILE, (json.dumps(report, indent=2, default=str) + "\n").encode())
+            st.save_report(report)
             log.warning("annotate: %d of %d documents still without an answer (%s); rerun to finish", pending, n,
                         ", ".join(f"{c} {r}" for r, c in pending_reasons.items()))
         else:
-            ingest.finish_run(out, REPORT_FILE, report, fp)
+            st.finish(report)
         log.info("annotate: %d sampled of %d, %d annotated by %s, %d rejected %s, %d parse retries",
                  n, read_report.n_ok, n_annotated, name, len(rejects), report["rejects_by_reason"],
                  counts["parse_retries"])

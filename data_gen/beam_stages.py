@@ -48,12 +48,10 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from data_gen import classifier, dedup, ingest, minhash
+from data_gen import classifier, dedup, ingest, minhash, stage
 from data_gen import decontaminate as D
 from phijax.data import records
 from phijax.util import cli
-from phijax.util.files import replace_dir
-from phijax.util.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +61,63 @@ DEFAULT_BATCH = (16, 256)  # BatchElements min/max: model features want full acc
 BadInput = (ingest.IngestError, classifier.InputError, D.DecontamError)
 
 
-# --- storage: local paths through the in-process helpers, URLs (gs://...) through Beam -------
+# --- storage: local paths through data_gen.stage, URLs (gs://...) through Beam -------------------
 def is_remote(path: str | os.PathLike) -> bool:
     return "://" in str(path)
 
 
+class BeamFiles:
+    """``stage.LocalFiles``' operations on URLs, through Beam's FileSystems (an object store has no
+    directories to make, and no rename of a whole directory: its files move one by one)."""
+
+    join = staticmethod(posixpath.join)
+
+    @staticmethod
+    def exists(path: str) -> bool:
+        return FileSystems.exists(path)
+
+    @staticmethod
+    def read_text(path: str) -> str:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            return f.read().decode("utf-8")
+
+    @staticmethod
+    def write_bytes(path: str, data: bytes) -> None:
+        with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            f.write(data)
+
+    @staticmethod
+    def delete(path: str) -> None:
+        if FileSystems.exists(path):
+            FileSystems.delete([path])
+
+    @staticmethod
+    def makedirs(path: str) -> None:
+        pass
+
+    @staticmethod
+    def move(src: str, dst: str) -> None:
+        BeamFiles.delete(dst)
+        FileSystems.rename([src], [dst])
+
+    @staticmethod
+    def replace_dir(src: str, dst: str) -> None:
+        old = [m.path for m in FileSystems.match([posixpath.join(dst, "*")])[0].metadata_list]
+        if old:
+            FileSystems.delete(old)
+        new = sorted(m.path for m in FileSystems.match([posixpath.join(src, "*")])[0].metadata_list)
+        FileSystems.rename(new, [posixpath.join(dst, posixpath.basename(p)) for p in new])
+
+    rmtree = delete
+
+
+def storage(path: str | os.PathLike):
+    """Where ``path`` lives: ``stage.LocalFiles`` or ``BeamFiles``."""
+    return BeamFiles if is_remote(path) else stage.LocalFiles
+
+
 def _join(root: str, *parts: str) -> str:
-    return posixpath.join(root, *parts) if is_remote(root) else os.path.join(root, *parts)
+    return storage(root).join(root, *parts)
 
 
 def _basename(path: str) -> str:
@@ -77,7 +125,7 @@ def _basename(path: str) -> str:
 
 
 class _RemoteFile:
-    """A matched URL as ``ingest.fingerprint`` sees a file: its name, size and mtime."""
+    """A matched URL as ``stage.fingerprint`` sees a file: its name, size and mtime."""
 
     def __init__(self, meta):
         self.path = meta.path
@@ -101,98 +149,51 @@ def match_remote(patterns: Sequence[str]) -> list[str]:
     return out
 
 
-def fingerprint(stage: str, files: Sequence[str], extra: dict) -> str:
+def fingerprint(name: str, files: Sequence[str], extra: dict) -> str:
     """``ingest.fingerprint`` of the files (names, sizes, mtimes) + options; dedup's equals
     ``data_gen.dedup``'s, so either run's complete output satisfies the other."""
     objs = [_RemoteFile(FileSystems.match([f])[0].metadata_list[0]) if is_remote(f) else Path(f) for f in files]
-    return ingest.fingerprint(stage, objs, ingest.IngestConfig(), extra)
+    return ingest.fingerprint(name, objs, extra=extra)
 
 
 def _read_text(path: str) -> str:
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        return f.read().decode("utf-8")
+    return storage(path).read_text(path)
 
 
 def _write_bytes(path: str, data: bytes) -> None:
-    if is_remote(path):
-        with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            f.write(data)
-    else:
-        atomic_write_bytes(Path(path), data)
+    storage(path).write_bytes(path, data)
 
 
-def is_complete(out: str, fp: str) -> bool:
-    if not is_remote(out):
-        return ingest.is_complete(Path(out), fp)
-    m = _join(out, ingest.MARKER_FILE)
-    return FileSystems.exists(m) and _read_text(m).strip() == fp
-
-
-def start_run(out: str) -> None:
-    """Invalidates the previous result and drops temp dirs of killed runs."""
-    if is_remote(out):
-        m = _join(out, ingest.MARKER_FILE)
-        if FileSystems.exists(m):
-            FileSystems.delete([m])
-        return
-    ingest.start_run(Path(out))
-    for old in Path(out).glob(TMP_PREFIX + "*"):
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def finish_run(out: str, report_file: str, report: dict, fp: str) -> None:
-    if not is_remote(out):
-        return ingest.finish_run(Path(out), report_file, report, fp)
-    _write_bytes(_join(out, report_file), (json.dumps(report, indent=2, default=str) + "\n").encode())
-    _write_bytes(_join(out, ingest.MARKER_FILE), (fp + "\n").encode())  # last: the run is complete
+def _stage(out: str, fp: str, report_file: str, name: str) -> stage.Stage:
+    return stage.Stage(out, fp, report_file, f"beam {name}", fs=storage(out))
 
 
 def _move(src: str, dst: str) -> None:
     """One finished file into place (replacing an old one)."""
-    if is_remote(dst):
-        if FileSystems.exists(dst):
-            FileSystems.delete([dst])
-        FileSystems.rename([src], [dst])
-    else:
-        Path(dst).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(src, dst)
+    storage(dst).move(src, dst)
 
 
 def _move_dir(src: str, dst: str) -> None:
     """A finished directory into place as a whole (an old one is dropped)."""
-    if not is_remote(dst):
-        Path(src).mkdir(parents=True, exist_ok=True)  # no output files: an empty directory
-        return replace_dir(Path(src), Path(dst))
-    old = [m.path for m in FileSystems.match([_join(dst, "*")])[0].metadata_list]
-    if old:
-        FileSystems.delete(old)
-    new = sorted(m.path for m in FileSystems.match([_join(src, "*")])[0].metadata_list)
-    FileSystems.rename(new, [_join(dst, _basename(p)) for p in new])
+    storage(dst).replace_dir(src, dst)
 
 
 def _delete_tree(path: str) -> None:
-    if is_remote(path):
-        if FileSystems.exists(path):
-            FileSystems.delete([path])
-    else:
-        shutil.rmtree(path, ignore_errors=True)
+    storage(path).rmtree(path)
 
 
 @contextlib.contextmanager
 def _local(path: str) -> Iterator[Path]:
     """A local path with ``path``'s bytes: the file itself, or a streamed copy of a URL (same
-    suffix, so ``.gz`` still decompresses) for the readers that want a local file."""
+    name, so ``.gz`` still decompresses) for the readers that want a local file."""
     if not is_remote(path):
         yield Path(path)
         return
-    fd, tmp = tempfile.mkstemp(suffix="-" + _basename(path))
-    try:
-        with os.fdopen(fd, "wb") as dst, FileSystems.open(
-                path, compression_type=CompressionTypes.UNCOMPRESSED) as src:
+    with tempfile.TemporaryDirectory() as d:
+        local = Path(d) / _basename(path)
+        with open(local, "wb") as dst, FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as src:
             shutil.copyfileobj(src, dst, 1 << 20)
-        yield Path(tmp)
-    finally:
-        os.unlink(tmp)
+        yield local
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -331,6 +332,10 @@ def _run_pipeline(build, pipeline_args: Sequence[str], tmp: str) -> tuple[dict, 
 
 
 def _tmp_dir(out: str) -> str:
+    """A new temp dir's name in ``out``; the temp dirs of killed runs are dropped."""
+    if not is_remote(out):
+        for old in Path(out).glob(TMP_PREFIX + "*"):
+            shutil.rmtree(old, ignore_errors=True)
     return _join(out, f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}")
 
 
@@ -465,7 +470,7 @@ class _WriteDedupShard(beam.DoFn):
 
     def process(self, item):
         j, pieces = item
-        name = f"dedup-{j:05d}.jsonl"
+        name = stage.shard_name("dedup", j)
         with FileSystems.create(_join(self.out_dir, name), compression_type=CompressionTypes.UNCOMPRESSED) as f:
             for _, path, lo, hi, removed in sorted(pieces):
                 removed, rank = set(removed), 0
@@ -507,7 +512,7 @@ def _dedup_pipeline(files: list[str], cfg: dedup.DedupConfig):
                                            len(files), cfg.shard_size))
         shards = ({"piece": pieces, "removed": removed_lines} | "JoinPieces" >> beam.CoGroupByKey()
                   | "Route" >> beam.FlatMap(_route_pieces, files) | "ByShard" >> beam.GroupByKey()
-                  | "WriteShards" >> beam.ParDo(_WriteDedupShard(reader, _join(tmp, ingest.SHARDS_DIR))))
+                  | "WriteShards" >> beam.ParDo(_WriteDedupShard(reader, _join(tmp, stage.SHARDS_DIR))))
         kinds = removals | "Kinds" >> beam.Map(lambda r: r[1]) | "CountKinds" >> beam.combiners.Count.PerElement()
         sample = removals | "Sample" >> beam.combiners.Top.Smallest(dedup.MAX_PAIR_SAMPLES, key=lambda r: r[0])
         _ = (p | "SummarySeed" >> beam.Create([None])
@@ -528,10 +533,9 @@ def run_dedup(inputs: Sequence[str], out_dir: str | os.PathLike, cfg: dedup.Dedu
     files = match_remote(inputs) if remote else [str(f) for f in dedup.expand_inputs(inputs)]
     out = str(out_dir)
     fp = fingerprint("dedup", files, {"dedup": dataclasses.asdict(cfg)})
-    if not force and is_complete(out, fp):
-        log.info("beam dedup: %s already complete (fingerprint %s)", out, fp)
-        return dict(json.loads(_read_text(_join(out, dedup.REPORT_FILE))), resumed=True)
-    start_run(out)
+    st = _stage(out, fp, dedup.REPORT_FILE, "dedup")
+    if (stored := st.resume_or_start(force)) is not None:
+        return stored
     tmp = _tmp_dir(out)
     build, bands, rows = _dedup_pipeline(files, cfg)
     t0 = time.time()
@@ -541,14 +545,14 @@ def run_dedup(inputs: Sequence[str], out_dir: str | os.PathLike, cfg: dedup.Dedu
               for _, kind, rid, kept, sim in s["sample"]]
     unreadable = _sum_reports([r for _, r in s["reports"]])
     removed = kinds.get("exact", 0) + kinds.get("near", 0)
-    _move_dir(_join(tmp, ingest.SHARDS_DIR), _join(out, ingest.SHARDS_DIR))
+    _move_dir(_join(tmp, stage.SHARDS_DIR), _join(out, stage.SHARDS_DIR))
     _delete_tree(tmp)
     result = {"n_in": unreadable["n_ok"], "kept": unreadable["n_ok"] - removed,
               "exact_removed": kinds.get("exact", 0), "near_removed": kinds.get("near", 0),
               "pairs_sample": sample, "inputs": files, "fingerprint": fp, "unreadable": unreadable,
               "shards": sorted(s["shards"]), "options": dict(dataclasses.asdict(cfg), bands=bands, rows=rows),
               "resumed": False, "runner": runner, "seconds": round(time.time() - t0, 2)}
-    finish_run(out, dedup.REPORT_FILE, result, fp)
+    st.finish(result)
     log.info("beam dedup: %d in, %d kept, %d exact and %d near duplicates removed", result["n_in"],
              result["kept"], result["exact_removed"], result["near_removed"])
     return result
@@ -606,9 +610,9 @@ def run_score(model_dir: str | os.PathLike, inputs: Sequence[str], out_dir: str 
     model_files = [str(Path(model_dir) / classifier.INFO_FILE), str(Path(model_dir) / classifier.MODEL_FILE)]
     out = str(out_dir)
     fp = fingerprint("score", [*files, *model_files], {"text_field": text_field})
-    if not force and is_complete(out, fp):
-        return dict(json.loads(_read_text(_join(out, "score_summary.json"))), resumed=True)
-    start_run(out)
+    st = _stage(out, fp, "score_summary.json", "score")
+    if (stored := st.resume_or_start(force)) is not None:
+        return stored
     tmp = _tmp_dir(out)
     reader = Reader("classifier", (text_field,), strict=True)
 
@@ -627,13 +631,11 @@ def run_score(model_dir: str | os.PathLike, inputs: Sequence[str], out_dir: str 
     counts, above = np.asarray(s["hist"][0], np.int64), int(s["hist"][1])
     for name in names:
         _move(_join(tmp, "files", name), _join(out, name))
-    with tempfile.TemporaryDirectory() as d:  # matplotlib wants a local file
-        classifier.histogram_png(counts, threshold, Path(d) / "h.png")
-        _write_bytes(_join(out, "score_histogram.png"), (Path(d) / "h.png").read_bytes())
+    _write_bytes(_join(out, "score_histogram.png"), classifier.histogram_png_bytes(counts, threshold))
     _delete_tree(tmp)
     summary = {"documents": int(counts.sum()), "above_threshold": above, "threshold": threshold,
                "model": str(Path(model_dir).resolve())}
-    finish_run(out, "score_summary.json", summary, fp)  # byte-equal to score_files' summary
+    st.finish(summary)  # byte-equal to score_files' summary
     log.info("beam score (%s): %d docs, %d >= %.3f", runner, summary["documents"], above, threshold)
     return dict(summary, resumed=False)
 
@@ -732,9 +734,9 @@ def run_decontaminate(inputs: Sequence[str], text_field: str, out_dir: str | os.
     out = str(out_dir)
     fp = fingerprint("decontaminate", [*files, *map(str, extra_bench), *model_files],
                      {"text_field": text_field, "strict": strict, **kwargs})
-    if not force and is_complete(out, fp):
-        return dict(json.loads(_read_text(_join(out, "report.json"))), resumed=True)
-    start_run(out)
+    st = _stage(out, fp, "report.json", "decontaminate")
+    if (stored := st.resume_or_start(force)) is not None:
+        return stored
     tmp = _tmp_dir(out)
     reader = Reader("records", fields, strict=strict)
     t0 = time.time()
@@ -765,7 +767,7 @@ def run_decontaminate(inputs: Sequence[str], text_field: str, out_dir: str | os.
                             counts_fields=s["fields"], seconds=time.time() - t0, strict=strict)
     report.update(fingerprint=fp, runner=runner, resumed=False)
     _write_bytes(_join(out, "report.md"), D.render_markdown(report).encode())
-    finish_run(out, "report.json", report, fp)
+    st.finish(report)
     log.info("beam decontaminate (%s): %d docs, %d removed", runner, report["docs"], report["removed"])
     return report
 

@@ -33,13 +33,13 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from data_gen import heuristic_annotator
+from data_gen import heuristic_annotator, stage
 from phijax.util import cli
 from phijax.util.files import atomic_write_bytes
 
 __all__ = ["DEFAULT_TEXT_SETTINGS", "make_featurizer", "parse_features", "TextFeaturizer", "ModelFeaturizer",
            "train", "QualityClassifier", "read_records", "labels_from_records", "iter_scored", "histogram_counts",
-           "histogram_png", "main"]
+           "histogram_png", "histogram_png_bytes", "main"]
 
 MODEL_FILE = "model.joblib"
 INFO_FILE = "classifier.json"
@@ -358,7 +358,10 @@ def histogram_counts(scores: Sequence[float]) -> np.ndarray:
     return np.histogram(np.asarray(scores, np.float64), bins=HIST_BINS, range=(0.0, 1.0))[0]
 
 
-def histogram_png(counts: np.ndarray, threshold: float, path: Path) -> None:
+def histogram_png_bytes(counts: np.ndarray, threshold: float) -> bytes:
+    """The score histogram (``histogram_counts``' bins) as a PNG, the threshold marked."""
+    import io
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -370,8 +373,14 @@ def histogram_png(counts: np.ndarray, threshold: float, path: Path) -> None:
     ax.set_ylabel("documents")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
+    return buf.getvalue()
+
+
+def histogram_png(counts: np.ndarray, threshold: float, path: Path) -> None:
+    atomic_write_bytes(path, histogram_png_bytes(counts, threshold))
 
 
 def score_files(model_dir: str | Path, inputs: Sequence[Path], out_dir: str | Path, *, text_field: str = "text",
@@ -387,19 +396,17 @@ def score_files(model_dir: str | Path, inputs: Sequence[Path], out_dir: str | Pa
     counts = np.zeros(HIST_BINS, np.int64)
     above = 0
     for p in inputs:
-        tmp = out / f".{Path(p).name}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with stage.AtomicFile(out / Path(p).name) as f:
             for recs, scores in iter_scored(qc, (rec for _, rec in _iter_jsonl(Path(p))),
                                             text_field=text_field, chunk=chunk):
                 for r, v in zip(recs, scores):
                     f.write(json.dumps({**r, "quality_score": round(v, 6)}, ensure_ascii=False) + "\n")
                 counts += histogram_counts(scores)
                 above += sum(v >= qc.threshold for v in scores)
-        tmp.replace(out / Path(p).name)
     histogram_png(counts, qc.threshold, out / "score_histogram.png")
     summary = {"documents": int(counts.sum()), "above_threshold": int(above),
                "threshold": qc.threshold, "model": str(Path(model_dir).resolve())}
-    atomic_write_bytes(out / "score_summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    stage.write_json(out / "score_summary.json", summary)
     return summary
 
 

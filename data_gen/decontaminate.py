@@ -31,10 +31,7 @@ import hashlib
 import itertools
 import json
 import os
-import re
 import sys
-import tempfile
-import textwrap
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -42,7 +39,9 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from data_gen import stage
 from data_gen.minhash import tokens
+from data_gen.text_blocks import all_code_blocks as code_blocks  # D.code_blocks, as the docs show
 from phijax.data import benchmarks
 from phijax.data.records import ReadReport, check_text_fields, iter_jsonl
 from phijax.util import cli
@@ -160,18 +159,27 @@ def _strip_docstring(body: list) -> list:
     return body
 
 
-def _imports(mod: ast.Module) -> dict[str, str]:
-    """Name bound by an import anywhere in ``mod`` -> what it imports (``np`` -> ``numpy``,
-    ``sqrt`` -> ``math.sqrt``): the API a name stands for, whatever the alias."""
-    out = {}
+def _index(mod: ast.Module) -> tuple[dict[str, str], set[int], list[ast.AST]]:
+    """One walk over ``mod``: (imports, methods, functions).
+
+    * imports: name bound by an import anywhere in ``mod`` -> what it imports (``np`` -> ``numpy``,
+      ``sqrt`` -> ``math.sqrt``): the API a name stands for, whatever the alias;
+    * methods: ids of the functions defined directly in a class body, static methods excepted;
+    * functions: every function definition (nested ones too), in ``ast.walk`` order."""
+    imports, methods, functions = {}, set(), []
     for n in ast.walk(mod):
         if isinstance(n, ast.Import):
             for a in n.names:
-                out[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+                imports[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
         elif isinstance(n, ast.ImportFrom):
             for a in n.names:
-                out[a.asname or a.name] = f"{'.' * n.level}{n.module or ''}.{a.name}"
-    return out
+                imports[a.asname or a.name] = f"{'.' * n.level}{n.module or ''}.{a.name}"
+        elif isinstance(n, ast.ClassDef):
+            methods.update(id(f) for f in n.body if isinstance(f, _FN) and not any(
+                isinstance(d, ast.Name) and d.id == "staticmethod" for d in f.decorator_list))
+        elif isinstance(n, _FN):
+            functions.append(n)
+    return imports, methods, functions
 
 
 class _Scope:
@@ -260,7 +268,7 @@ def _children(node: ast.AST, scope: _Scope) -> list:
 def _to_tree(fn: ast.AST, imports: dict[str, str] | None = None, method: bool = False) -> tuple:
     """(label, children) of a function, normalised (``_label``; docstrings, expression contexts,
     dead stores and a method's receiver parameter dropped, parameters in a canonical order);
-    ``imports``: ``_imports`` of its module. Iterative: any nesting depth the parser accepts."""
+    ``imports``: those of its module (``_index``). Iterative: any nesting depth the parser accepts."""
     scope = _Scope(fn, imports or {}, method)
     stack = [(fn, _children(fn, scope), [])]
     while True:
@@ -305,40 +313,6 @@ def flatten_tree(tree: tuple) -> NormTree:
     return NormTree(labels, lml, keyroots, key, Counter(labels))
 
 
-_FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})(.*)$")
-
-
-def _indented(line: str) -> bool:
-    return line.startswith(("    ", "\t")) and bool(line.strip())
-
-
-def code_blocks(text: str) -> list[str]:
-    """Every code block of a Markdown-style document, dedented, whatever its language tag:
-    fenced with backticks or tildes (tagged or not; an unclosed fence runs to the end), and
-    indented (4+ spaces or a tab, after a blank line or at the start)."""
-    lines = text.splitlines()
-    blocks, i = [], 0
-    while i < len(lines):
-        m = _FENCE.match(lines[i])
-        if m and not (m.group(1)[0] == "`" and "`" in m.group(2)):
-            close = re.compile(rf"^[ \t]*{re.escape(m.group(1)[0])}{{{len(m.group(1))},}}[ \t]*$")
-            j = i + 1
-            while j < len(lines) and not close.match(lines[j]):
-                j += 1
-            blocks.append(textwrap.dedent("\n".join(lines[i + 1:j])))
-            i = j + 1
-        elif _indented(lines[i]) and (i == 0 or not lines[i - 1].strip()):
-            j = i
-            while j < len(lines) and (_indented(lines[j]) or not lines[j].strip()) \
-                    and not _FENCE.match(lines[j]):
-                j += 1
-            blocks.append(textwrap.dedent("\n".join(lines[i:j])))
-            i = j
-        else:
-            i += 1
-    return blocks
-
-
 def parse_python(src: str) -> tuple[ast.Module | None, str | None]:
     """(module, None); (None, None) for text that is not Python; (None, reason) when the
     parser's own limits stop it on nesting (RecursionError, MemoryError, "too many nested
@@ -367,15 +341,11 @@ def analyse(text: str, min_nodes: int = 1) -> tuple[list[NormTree], str | None]:
     for m, _ in parsed:
         if m is None:
             continue
-        imports = _imports(m)
-        methods = {id(f) for c in ast.walk(m) if isinstance(c, ast.ClassDef) for f in c.body
-                   if isinstance(f, _FN) and not any(isinstance(d, ast.Name) and d.id == "staticmethod"
-                                                     for d in f.decorator_list)}
-        for node in ast.walk(m):
-            if isinstance(node, _FN):
-                t = flatten_tree(_to_tree(node, imports, id(node) in methods))
-                if t.size >= min_nodes:
-                    out.append(t)
+        imports, methods, functions = _index(m)
+        for node in functions:
+            t = flatten_tree(_to_tree(node, imports, id(node) in methods))
+            if t.size >= min_nodes:
+                out.append(t)
     return out, why
 
 
@@ -676,29 +646,6 @@ def validate_inputs(paths: Sequence[str], fields: Sequence[str], strict: bool = 
     return out
 
 
-class _AtomicText:
-    """A text file written to a tmp file beside it and renamed into place on success."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        fd, self.tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        self.f = os.fdopen(fd, "w", encoding="utf-8")
-
-    def write(self, s: str) -> None:
-        self.f.write(s)
-
-    def commit(self) -> None:
-        self.f.close()
-        os.chmod(self.tmp, 0o644)
-        os.replace(self.tmp, self.path)
-
-    def abort(self) -> None:
-        self.f.close()
-        if os.path.exists(self.tmp):
-            os.unlink(self.tmp)
-
-
 def text_fields(text_field: str) -> list[str]:
     """``prompt+solution`` -> ["prompt", "solution"]."""
     fields = [f for f in text_field.split("+") if f]
@@ -830,7 +777,7 @@ def build_report(inputs: Sequence[str], text_field: str, benchmarks: dict, mbpp_
 
 
 def write_report(out: Path, report: dict) -> None:
-    atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    stage.write_json(out / "report.json", report)
     atomic_write_bytes(out / "report.md", render_markdown(report).encode())
 
 
@@ -862,11 +809,9 @@ def run(inputs: Sequence[str], text_field: str, out_dir: str | os.PathLike,
                                extra_bench, min_ast_nodes, _as_embed(embed))
     out = Path(out_dir)
     counts = ReportCounts(dec.taus)
-    flagged = _AtomicText(out / "flagged.jsonl")
-    try:
+    with stage.AtomicFile(out / "flagged.jsonl") as flagged:  # each file in place only when complete
         for p in paths:
-            clean = _AtomicText(out / "clean" / _shard_name(p))
-            try:
+            with stage.AtomicFile(out / "clean" / _shard_name(p)) as clean:
                 rep = ReadReport()
                 recs = iter_jsonl(p, rep, required=fields)
                 while batch := list(itertools.islice(recs, batch_size)):
@@ -881,14 +826,6 @@ def run(inputs: Sequence[str], text_field: str, out_dir: str | os.PathLike,
                         if not rm:
                             clean.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 counts.add_read(str(p), rep.skipped)
-            except BaseException:
-                clean.abort()
-                raise
-            clean.commit()
-        flagged.commit()
-    except BaseException:
-        flagged.abort()
-        raise
     inputs = [str(p) for p in paths]
     report = build_report(inputs, text_field, dict(Counter(it.benchmark for it in dec.items)), mbpp_split,
                           ngram=ngram, taus=dec.taus, remove_tau=remove_tau,

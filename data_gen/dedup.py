@@ -26,7 +26,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from data_gen import ingest, minhash
+from data_gen import ingest, minhash, stage
 from phijax.data import records
 from phijax.util import cli
 
@@ -121,17 +121,14 @@ def run(inputs: Sequence[str], out_dir: str | os.PathLike, cfg: DedupConfig | No
     cfg = cfg if cfg is not None else DedupConfig()
     cfg.validate()
     files = expand_inputs(inputs)  # bad input: an error before anything is written
-    out = Path(out_dir)
-    fp = ingest.fingerprint("dedup", files, ingest.IngestConfig(), {"dedup": dataclasses.asdict(cfg)})
-    if not force and ingest.is_complete(out, fp):
-        log.info("dedup: %s already complete (fingerprint %s)", out, fp)
-        return dict(json.loads((out / REPORT_FILE).read_text()), resumed=True)
-    ingest.start_run(out)
+    fp = ingest.fingerprint("dedup", files, extra={"dedup": dataclasses.asdict(cfg)})
+    st = stage.Stage(out_dir, fp, REPORT_FILE, "dedup")
+    if (stored := st.resume_or_start(force)) is not None:
+        return stored
     stats = {"n_in": 0, "kept": 0, "exact_removed": 0, "near_removed": 0, "pairs_sample": [], "_ids": {}}
     read_report = records.ReadReport()
-    writer = ingest.ShardWriter(out, "dedup", cfg.shard_size)
-    for rec in iter_deduped(files, cfg, stats, read_report):
-        writer.write(rec)
+    writer = st.shard_writer("dedup", cfg.shard_size)
+    writer.write_all(iter_deduped(files, cfg, stats, read_report))
     shards = writer.commit()
     stats.pop("_ids")
     bands = rows = None
@@ -140,7 +137,7 @@ def run(inputs: Sequence[str], out_dir: str | os.PathLike, cfg: DedupConfig | No
     result = {**stats, "inputs": [str(f) for f in files], "fingerprint": fp, "unreadable": read_report.as_dict(),
               "shards": shards, "options": dict(dataclasses.asdict(cfg), bands=bands, rows=rows),
               "resumed": False}
-    ingest.finish_run(out, REPORT_FILE, result, fp)
+    st.finish(result)
     log.info("dedup: %d in, %d kept, %d exact and %d near duplicates removed", stats["n_in"], stats["kept"],
              stats["exact_removed"], stats["near_removed"])
     return result

@@ -37,7 +37,7 @@ import gin
 
 from data_gen import generator
 from data_gen.llm.request import Request
-from data_gen.textbook import code_blocks, PYTHON_TAGS
+from data_gen.text_blocks import python_blocks
 # The evaluation sandbox that runs each solution against its own asserts.
 from phijax.evaluate import sandbox
 
@@ -92,7 +92,7 @@ class Exercise:
 
 def parse_exercise(text: str, name: str, min_asserts: int = 1) -> Exercise | tuple[str, str]:
     """The exercise, or (reject reason, detail)."""
-    blocks = [code for lang, code in code_blocks(text) if lang in PYTHON_TAGS]
+    blocks = python_blocks(text)
     if not blocks:
         return "no_code", "no ```python block"
     code = next((b for b in blocks if f"def {name}(" in b), blocks[0])

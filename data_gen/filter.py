@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from data_gen import classifier as classifier_lib
-from data_gen import dedup, ingest
+from data_gen import dedup, ingest, stage
 from phijax.data import records
 from phijax.data import vocab as vocab_lib
 from phijax.util import cli
@@ -144,16 +144,15 @@ def run(inputs: Sequence[str], out_dir: str | os.PathLike, classifier_dir: str |
     counter = TokenCounter(cfg.tokenizer)
     threshold = float(qc.threshold if cfg.threshold is None else cfg.threshold)
     out = Path(out_dir)
-    fp = ingest.fingerprint("filter", files, ingest.IngestConfig(), {
+    fp = ingest.fingerprint("filter", files, extra={
         "filter": dataclasses.asdict(cfg), "classifier": classifier_fingerprint(cdir),
         "tokenizer": counter.info["fingerprint"]})
-    if not force and ingest.is_complete(out, fp):
-        log.info("filter: %s already complete (fingerprint %s), skipped", out, fp)
-        return dict(json.loads((out / REPORT_FILE).read_text()), resumed=True)
-    ingest.start_run(out)
+    st = stage.Stage(out, fp, REPORT_FILE, "filter")
+    if (stored := st.resume_or_start(force)) is not None:
+        return stored
     t0, c0 = time.perf_counter(), time.process_time()
     read_report = records.ReadReport()
-    writer = ingest.ShardWriter(out, "filtered", cfg.shard_size)
+    writer = st.shard_writer("filtered", cfg.shard_size)
     counts = np.zeros(classifier_lib.HIST_BINS, np.int64)
     docs_in = docs_out = tokens_in = tokens_out = 0
     recs = (r for f in files for r in records.iter_jsonl(f, read_report, required=(cfg.text_field,),
@@ -189,7 +188,7 @@ def run(inputs: Sequence[str], out_dir: str | os.PathLike, classifier_dir: str |
         "seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3),
         "docs_per_s_per_core": round(docs_in / cpu, 1) if cpu > 0 else None, "resumed": False,
     }
-    ingest.finish_run(out, REPORT_FILE, result, fp)
+    st.finish(result)
     log.info("filter: kept %d of %d documents (%d of %d tokens) at threshold %.4f", docs_out, docs_in,
              tokens_out, tokens_in, threshold)
     return result

@@ -18,27 +18,23 @@ import json
 import logging
 import os
 import random
-import shutil
 import string
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from data_gen import stage
 from data_gen.llm import engine as engine_lib
 from data_gen.llm import ledger as ledger_lib
 from data_gen.llm import lock as lock_lib
 from data_gen.llm.request import Request, messages_from, seed_from_key
 from phijax.util import cli, gin_config
-# Exit codes: 2 bad configuration, output directory or endpoint settings (the message says which),
-# 3 samples without an answer (budget stop, failed requests: rerun to finish), 130 Ctrl-C.
-from phijax.util.cli import EXIT_BAD_INPUT, EXIT_INCOMPLETE, EXIT_INTERRUPTED  # noqa: F401
-from phijax.util.files import replace_dir
-from phijax.util.files import atomic_write_bytes
+from phijax.util.cli import EXIT_BAD_INPUT, EXIT_INCOMPLETE, EXIT_INTERRUPTED  # noqa: F401 (the CLIs' codes)
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARDS_DIR = "shards"
+SHARDS_DIR = stage.SHARDS_DIR
 REJECTS_FILE = "rejects.jsonl"
 STATS_FILE = "stats.json"
 
@@ -211,36 +207,16 @@ def load_results(out_dir: Path, requests: Sequence[Request]) -> list[tuple[Reque
     return [(req, by_key.get(req.key)) for req in sorted(requests, key=lambda r: r.sample_index)]
 
 
-def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
-    atomic_write_bytes(path, data)
-
-
-def write_shards(out_dir: Path, name: str, records: Sequence[dict[str, Any]], shard_size: int) -> list[Path]:
-    """Replaces ``out_dir/shards`` with ceil(n / shard_size) JSONL shards (a fresh dir renamed
-    into place, so a reader never sees a mix of two runs' shards)."""
-    if shard_size < 1:
-        raise GeneratorError(f"shard_size must be >= 1, got {shard_size}")
-    final = out_dir / SHARDS_DIR
-    tmp = out_dir / f".{SHARDS_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    n = max((len(records) + shard_size - 1) // shard_size, 1)
-    paths = []
-    for i in range(n):
-        p = tmp / f"{name}-{i:05d}-of-{n:05d}.jsonl"
-        write_jsonl(p, records[i * shard_size:(i + 1) * shard_size])
-        paths.append(final / p.name)
-    replace_dir(tmp, final)
-    return paths
-
-
 @dataclasses.dataclass
 class Finalized:
     shards: list[Path]
     n_accepted: int
     rejects: dict[str, int]
-    n_missing: int
+    missing: list[str]  # keys of the requests without an answer, in sample order
+
+    @property
+    def n_missing(self) -> int:
+        return len(self.missing)
 
 
 def finalize(out_dir: Path, name: str, requests: Sequence[Request], shard_size: int,
@@ -251,16 +227,17 @@ def finalize(out_dir: Path, name: str, requests: Sequence[Request], shard_size: 
     pairs = load_results(out_dir, requests)
     served = [(req, res) for req, res in pairs if res is not None]
     accepted, rejects = judge(served)
-    shards = write_shards(out_dir, name, accepted, shard_size)
-    write_jsonl(out_dir / REJECTS_FILE, rejects)
+    shards = [out_dir / SHARDS_DIR / n for n in stage.write_shards(out_dir, name, accepted, shard_size)]
+    stage.write_jsonl(out_dir / REJECTS_FILE, rejects)
     counts: dict[str, int] = {}
     for r in rejects:
         counts[r["reason"]] = counts.get(r["reason"], 0) + 1
-    out = Finalized(shards, len(accepted), dict(sorted(counts.items())), len(pairs) - len(served))
+    out = Finalized(shards, len(accepted), dict(sorted(counts.items())),
+                    [req.key for req, res in pairs if res is None])
     stats = {"n_requests": len(pairs), "n_served": len(served), "n_missing": out.n_missing,
              "n_accepted": out.n_accepted, "rejects": out.rejects, "shards": [p.name for p in shards],
              **run_info}
-    atomic_write_bytes(out_dir / STATS_FILE, (json.dumps(stats, indent=2, default=str) + "\n").encode())
+    stage.write_json(out_dir / STATS_FILE, stats)
     log.info("%s: %d accepted into %d shard(s), %d rejected %s, %d not generated yet", name, out.n_accepted,
              len(shards), len(rejects), out.rejects, out.n_missing)
     return out
@@ -271,15 +248,14 @@ def reject(req: Request, res: dict[str, Any], reason: str, detail: str = "", **e
             "status": res.get("status"), "meta": dict(req.meta), "text": res.get("text"), **extra}
 
 
-def missing_line(out_dir: Path, requests: Sequence[Request], n_missing: int) -> str:
-    """How many requested samples have no answer, and why (from the ledger)."""
-    have = {r["key"] for r in ledger_lib.iter_answers(out_dir / ledger_lib.RESPONSES_FILE)}
+def missing_line(out_dir: Path, n_requests: int, missing: Sequence[str]) -> str:
+    """How many requested samples (``missing``: their keys) have no answer, and why (from the ledger)."""
     led = ledger_lib.Ledger(out_dir / ledger_lib.LEDGER_FILE)
     try:
-        why = led.why_missing(r.key for r in requests if r.key not in have)
+        why = led.why_missing(missing)
     finally:
         led.close()
-    return (f"incomplete: {n_missing} of {len(requests)} samples have no answer: "
+    return (f"incomplete: {len(missing)} of {n_requests} samples have no answer: "
             + ", ".join(f"{n} {reason}" for reason, n in why.most_common()) + "; rerun the same command to continue")
 
 
@@ -302,7 +278,7 @@ def main_flow(argv, description: str, name: str, build: Callable[[Any, str], lis
             report = None if args.finalize_only else run_requests(out_dir, ecfg, requests, dry_run=False)
             info = {"engine": report.as_dict() if report is not None else None, "model": ecfg.model}
             fin = finalize(out_dir, name, requests, cfg.shard_size, judge_factory(cfg), info)
-            missing = missing_line(out_dir, requests, fin.n_missing) if fin.n_missing else None
+            missing = missing_line(out_dir, len(requests), fin.missing) if fin.missing else None
     except (GeneratorError, engine_lib.EngineError) as e:
         return cli.fail(e)
     except KeyboardInterrupt:

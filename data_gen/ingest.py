@@ -28,13 +28,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
-import hashlib
 import html
 import json
 import logging
 import os
 import re
-import shutil
 import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator, Sequence
@@ -42,18 +40,17 @@ from pathlib import Path
 from typing import Any
 
 import gin
+
+from data_gen import stage
+from data_gen.stage import MARKER_FILE, SHARDS_DIR  # noqa: F401 (the names the stages and tests use)
 from phijax.data import corpus as corpus_lib
 from phijax.data import records
 from phijax.util import cli, gin_config
 from phijax.util.cli import EXIT_BAD_INPUT  # noqa: F401 (stages' exit code for bad input)
-from phijax.util.files import replace_dir
-from phijax.util.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-SHARDS_DIR = "shards"
 REPORT_FILE = "ingest_report.json"
-MARKER_FILE = "_COMPLETE"
 # The Stack's permissive licences (SPDX ids, lower-cased); a user can pass their own list.
 DEFAULT_LICENSES = ("mit", "apache-2.0", "bsd-2-clause", "bsd-3-clause", "isc", "unlicense", "cc0-1.0",
                     "psf-2.0", "python-2.0", "zlib", "mpl-2.0", "0bsd")
@@ -343,63 +340,13 @@ def _iter_stackoverflow(path: Path, tag: str, report: records.ReadReport) -> Ite
 
 
 # --- run ---------------------------------------------------------------------------------------
-def fingerprint(spec: str, files: Sequence[Path], cfg: IngestConfig, extra: dict | None = None) -> str:
-    """Names, sizes and mtimes of the inputs + the options: a cheap key for "same inputs"."""
-    h = hashlib.sha256(json.dumps({"spec": spec, "cfg": dataclasses.asdict(cfg), **(extra or {})},
-                                  sort_keys=True, default=str).encode())
-    for f in files:
-        st = f.stat()
-        h.update(f"{f}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def is_complete(out_dir: Path, fp: str) -> bool:
-    m = out_dir / MARKER_FILE
-    return m.is_file() and m.read_text().strip() == fp
-
-
-class ShardWriter:
-    """Streams records into ``<tmp>/<name>-NNNNN.jsonl`` files of ``shard_size`` lines; ``commit``
-    renames the finished set to ``out_dir/shards`` (replacing an old one as a whole)."""
-
-    def __init__(self, out_dir: Path, name: str, shard_size: int):
-        self.out_dir, self.name, self.shard_size = out_dir, name, shard_size
-        self.tmp = out_dir / f".{SHARDS_DIR}.tmp"
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
-        self.n, self._f, self.files = 0, None, []
-
-    def write(self, rec: dict) -> None:
-        if self.n % self.shard_size == 0:
-            self._close()
-            p = self.tmp / f"{self.name}-{len(self.files):05d}.jsonl"
-            self.files.append(p.name)
-            self._f = open(p, "w", encoding="utf-8")
-        self._f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        self.n += 1
-
-    def _close(self) -> None:
-        if self._f is not None:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
-            self._f = None
-
-    def commit(self) -> list[str]:
-        self._close()
-        replace_dir(self.tmp, self.out_dir / SHARDS_DIR)
-        return self.files
-
-
-def start_run(out_dir: Path) -> None:
-    """Invalidates a previous result before any new shard is written."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MARKER_FILE).unlink(missing_ok=True)
-
-
-def finish_run(out_dir: Path, report_file: str, report: dict, fp: str) -> None:
-    atomic_write_bytes(out_dir / report_file, (json.dumps(report, indent=2, default=str) + "\n").encode())
-    atomic_write_bytes(out_dir / MARKER_FILE, (fp + "\n").encode())  # last: the run is complete
+def fingerprint(spec: str, files: Sequence[Path], cfg: IngestConfig | None = None, extra: dict | None = None) -> str:
+    """Names, sizes and mtimes of the inputs + the options: a cheap key for "same inputs". The
+    later stages pass their tag as ``spec``, their options in ``extra`` and no ``cfg``: the key
+    then holds ``IngestConfig()`` as gin binds it, as it always has (existing outputs keep their
+    fingerprints)."""
+    cfg = cfg if cfg is not None else IngestConfig()
+    return stage.fingerprint(files, {"spec": spec, "cfg": dataclasses.asdict(cfg), **(extra or {})})
 
 
 def iter_documents(spec: str, cfg: IngestConfig, report: records.ReadReport, so_tag: str = "python",
@@ -459,22 +406,19 @@ def run(spec: str, out_dir: str | os.PathLike, cfg: IngestConfig | None = None, 
     cfg = cfg if cfg is not None else IngestConfig()
     cfg.validate()
     _, files = parse_source(spec)  # bad input: IngestError before anything is written
-    out = Path(out_dir)
     fp = fingerprint(spec, files, cfg, {"so_tag": so_tag})
-    if not force and is_complete(out, fp):
-        log.info("ingest: %s already complete (fingerprint %s)", out, fp)
-        return dict(json.loads((out / REPORT_FILE).read_text()), resumed=True)
-    start_run(out)
+    st = stage.Stage(out_dir, fp, REPORT_FILE, "ingest")
+    if (stored := st.resume_or_start(force)) is not None:
+        return stored
     report = records.ReadReport()
-    writer = ShardWriter(out, "ingest", cfg.shard_size)
-    for doc in iter_documents(spec, cfg, report, so_tag, files=files):
-        writer.write(doc)
+    writer = st.shard_writer("ingest", cfg.shard_size)
+    writer.write_all(iter_documents(spec, cfg, report, so_tag, files=files))
     shards = writer.commit()
     result = {"source": spec, "fingerprint": fp, "n_read": report.n_lines, "n_kept": report.n_ok,
               "n_skipped": report.n_skipped, "skipped": dict(sorted(report.skipped.items())),
               "skipped_samples": [list(map(str, s)) for s in report.samples], "shards": shards,
               "options": dataclasses.asdict(cfg), "resumed": False}
-    finish_run(out, REPORT_FILE, result, fp)
+    st.finish(result)
     log.info("ingest: kept %d of %d from %s, skipped %s", report.n_ok, report.n_lines, spec, result["skipped"])
     return result
 

@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -41,12 +40,11 @@ from typing import Any
 
 from data_gen import annotate as annotate_lib
 from data_gen import classifier as classifier_lib
-from data_gen import generator, decontaminate, dedup, ingest
+from data_gen import decontaminate, dedup, generator, ingest, stage
 from data_gen import filter as filter_lib
 from data_gen.llm import engine as engine_lib
 from phijax.data import packing, records
 from phijax.util import cli
-from phijax.util.files import replace_dir
 from phijax.util.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -210,8 +208,8 @@ class _Chain:
         self._counter: filter_lib.TokenCounter | None = None
         self.engine_config = engine_config
 
-    def dir(self, stage: str) -> Path:
-        return self.out / stage
+    def dir(self, name: str) -> Path:
+        return self.out / name
 
     @property
     def counter(self) -> filter_lib.TokenCounter:
@@ -219,8 +217,8 @@ class _Chain:
             self._counter = filter_lib.TokenCounter(self.s.filter.tokenizer)
         return self._counter
 
-    def shards(self, stage: str, sub: str = ingest.SHARDS_DIR) -> list[Path]:
-        d = self.dir(stage) / sub
+    def shards(self, name: str, sub: str = ingest.SHARDS_DIR) -> list[Path]:
+        d = self.dir(name) / sub
         return sorted(p for p in d.iterdir() if p.name.endswith(".jsonl")) if d.is_dir() else []
 
     def tokens(self, files: Sequence[Path], text_field: str = "text") -> tuple[int, int]:
@@ -241,20 +239,13 @@ class _Chain:
                    "cpu_seconds": round(cpu, 3)}
             docs = row.get("docs_in")
             row["docs_per_s_per_core"] = round(docs / cpu, 1) if docs and cpu > 0 else None
-            atomic_write_bytes(path, (json.dumps(row, indent=2) + "\n").encode())
+            stage.write_json(path, row)
             row["resumed"] = resumed
         self.rows[name] = row
         log.info("quality_filter: %s %s (%s docs in -> %s out)", name,
                  "already complete, skipped" if resumed else f"done in {row['seconds']:.1f}s",
                  row.get("docs_in"), row.get("docs_out"))
         return report
-
-
-def _complete_or_start(d: Path, fp: str, force: bool) -> bool:
-    if not force and ingest.is_complete(d, fp):
-        return True
-    ingest.start_run(d)
-    return False
 
 
 # --- stages -----------------------------------------------------------------------------------
@@ -320,10 +311,11 @@ def _classifier(c: _Chain) -> dict:
         files = c.shards("annotate")
         if not files:
             raise ingest.IngestError(f"{c.dir('annotate')}: no annotated shards")
-        fp = ingest.fingerprint("classifier", files, ingest.IngestConfig(),
-                                {"classifier": dataclasses.asdict(k), "settings": k.settings()})
-        if _complete_or_start(d, fp, c.force):
-            return json.loads((d / CLASSIFIER_STAGE).read_text()), True, fp
+        fp = ingest.fingerprint("classifier", files, extra={"classifier": dataclasses.asdict(k),
+                                                            "settings": k.settings()})
+        st = stage.Stage(d, fp, CLASSIFIER_STAGE, "classifier")
+        if (stored := st.resume_or_start(c.force)) is not None:
+            return stored, True, fp
         recs = [r for r in classifier_lib.read_records(files) if isinstance(r.get("text"), str)]
         # Samples the annotator could not score are recorded by it without a number: not labels.
         labelled = [r for r in recs if isinstance(r.get(k.label_field), (int, float))
@@ -337,7 +329,7 @@ def _classifier(c: _Chain) -> dict:
         except classifier_lib.InputError as e:
             raise ingest.IngestError(f"classifier: {e}") from None
         info = dict(info, n_annotated=len(recs), n_labelled=len(labelled))
-        ingest.finish_run(d, CLASSIFIER_STAGE, info, fp)
+        st.finish(info)
         return info, False, fp
 
     def measure(info):
@@ -366,14 +358,13 @@ def _decontaminate(c: _Chain) -> dict:
     def fn():
         files = c.shards("filter")
         extra_files = [f for e in c.extra for f in e["files"]]
-        fp = ingest.fingerprint("decontaminate", files + extra_files, ingest.IngestConfig(), {
+        fp = ingest.fingerprint("decontaminate", files + extra_files, extra={
             "decontam": dataclasses.asdict(k), "extra": [[e["name"], e["text_field"]] for e in c.extra]})
-        if not c.force and ingest.is_complete(final, fp):
-            return json.loads((final / DECONTAM_STAGE).read_text()), True, fp
+        st = stage.Stage(final, fp, DECONTAM_STAGE, "decontaminate")
+        if (stored := st.done(c.force)) is not None:
+            return stored, True, fp
         # Into a temp dir that replaces the stage dir whole: a killed run leaves no mix of two runs.
-        tmp = c.out / ".decontaminate.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = st.begin_dir()
         try:
             report = decontaminate.run([str(f) for f in files], "text", tmp, **k.run_kwargs()) if files else None
             extra = {}
@@ -387,9 +378,7 @@ def _decontaminate(c: _Chain) -> dict:
             report = {"docs": 0, "removed": 0, "kept": 0, "ast": {}, "ngram_overlap": {}}
             atomic_write_bytes(tmp / "report.json", (json.dumps(report) + "\n").encode())
         report = dict(report, extra=extra)
-        atomic_write_bytes(tmp / DECONTAM_STAGE, (json.dumps(report, indent=2) + "\n").encode())
-        atomic_write_bytes(tmp / ingest.MARKER_FILE, (fp + "\n").encode())
-        replace_dir(tmp, final)
+        st.publish_dir(tmp, report)
         return report, False, fp
 
     def measure(r):
@@ -422,7 +411,7 @@ def run(s: Settings, force: bool = False, engine_config=None) -> dict:
     flt = _filter(c)
     dec = _decontaminate(c)
     report = _report(c, ing, dd, ann, clf, flt, dec, time.perf_counter() - t0)
-    atomic_write_bytes(c.out / REPORT_JSON, (json.dumps(report, indent=2) + "\n").encode())
+    stage.write_json(c.out / REPORT_JSON, report)
     atomic_write_bytes(c.out / REPORT_MD, render_markdown(report).encode())
     return report
 

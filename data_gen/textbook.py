@@ -29,10 +29,9 @@ import gin
 
 from data_gen import generator
 from data_gen.llm.request import Request
+from data_gen.text_blocks import python_blocks
 
 TEMPLATE_FIELDS = ("topic", "subtopic", "audience", "style")
-PYTHON_TAGS = ("python", "py", "python3")
-_FENCE = re.compile(r"^```[ \t]*([\w+-]*)[^\n]*\n(.*?)^```[ \t]*$", re.S | re.M)
 
 DEFAULT_REFUSALS = (r"i'?m sorry", r"i am sorry", r"i cannot", r"i can'?t", r"as an ai", r"i'?m unable",
                     r"i am unable", r"unfortunately,? i")
@@ -61,16 +60,6 @@ class TextbookConfig(generator.SamplingConfig):
                 re.compile(pat)
             except re.error as e:
                 raise generator.GeneratorError(f"bad pattern {pat!r}: {e}") from None
-
-
-def code_blocks(text: str) -> list[tuple[str, str]]:
-    """(language tag, code) of every fenced block."""
-    return [(m.group(1).lower(), m.group(2)) for m in _FENCE.finditer(text)]
-
-
-def python_blocks(text: str) -> list[str]:
-    """Blocks tagged python / py / python3 (untagged blocks often hold output, not code)."""
-    return [code for lang, code in code_blocks(text) if lang in PYTHON_TAGS]
 
 
 def choose(cfg: TextbookConfig, lists: dict[str, Any], index: int) -> dict[str, str]:

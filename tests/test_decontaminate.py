@@ -217,6 +217,26 @@ def test_code_blocks():
     assert D.code_blocks(doc) == ["a = 1", "b = 2\n~~~\nc = 3", "d = 4\n\ne = 5", "ls"]
 
 
+def test_a_document_is_walked_once(monkeypatch):
+    """analyse() finds imports, methods and functions in one walk of each parsed module."""
+    import ast
+
+    walked = []
+    walk = ast.walk
+    monkeypatch.setattr(ast, "walk", lambda node: walked.append(type(node).__name__) or walk(node))
+    text = ("import numpy as np\nclass A:\n    def m(self, x):\n        return np.sqrt(x)\n"
+            "    @staticmethod\n    def s(y):\n        return y\ndef f(a):\n    def g(b):\n        return b\n"
+            "    return g(a)\n")
+    trees, why = D.analyse(text)
+    assert why is None and len(trees) == 4  # m, s, f and the nested g
+    assert walked.count("Module") == 1, walked
+    # What the walk found: the import (np -> numpy) and the method m (its receiver dropped), not
+    # the static method s (its parameter kept).
+    [m] = [t for t in trees if "Name:numpy" in t.labels]
+    [s] = [t for t in trees if "Name:staticmethod" in t.labels]
+    assert m.labels.count("arg") == 1 and s.labels.count("arg") == 1
+
+
 def test_zhang_shasha_known_distance():
     # The Zhang & Shasha (1989) example: f(d(a c(b)) e) -> f(c(d(a b)) e) costs 2.
     a = D.flatten_tree(("f", (("d", (("a", ()), ("c", (("b", ()),)))), ("e", ()))))

@@ -23,7 +23,6 @@ from etils import epath
 
 from phijax import checkpoint as ckpt_lib
 from phijax import metrics as metrics_lib
-from phijax import train as train_lib
 from phijax.util import files
 
 import test_multiprocess

@@ -519,6 +519,52 @@ def test_out_dir_that_is_a_file_is_one_line_exit_2(server, tmp_path, capsys, cle
     assert server.stats()["total"] == 0 and f.read_text() == "x"
 
 
+@pytest.mark.parametrize("where", ["file", "under_file"])
+def test_dry_run_on_an_out_dir_that_is_a_file_is_one_line_exit_2(server, tmp_path, capsys, clean_gin, where):
+    f = tmp_path / "f.txt"
+    f.write_text("x")
+    out = f if where == "file" else f / "sub"
+    assert textbook.main(textbook_argv(server.base_url, out, 2, "--dry_run")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error:") and "is a file" in err and str(f) in err, err
+    assert server.stats()["total"] == 0 and f.read_text() == "x"
+    assert textbook.main(textbook_argv(server.base_url, tmp_path / "new", 2, "--dry_run")) == 0  # need not exist
+    assert not (tmp_path / "new").exists()
+
+
+def test_why_missing_is_one_query(tmp_path):
+    led = ledger_lib.Ledger(tmp_path / ledger_lib.LEDGER_FILE)
+    led.mark_failed("k5xx", 1, 503, "unavailable", retryable=True, reason="5xx")
+    led.mark_failed("k400", 2, 400, "bad request", retryable=False)
+    led.mark_failed("kmal", 3, 200, "no choices", retryable=True, reason="malformed")
+    led.batch_begin("b1", [("kbat", 4)], 0, 0.0)
+    led.mark_done("kdone", 5, "malformed", None, None, 0.0, "sync")
+    led.start_attempt("kfly", 6)
+    statements = []
+    led.db.set_trace_callback(statements.append)
+    why = led.why_missing(["k5xx", "k400", "kmal", "kbat", "kdone", "kfly", "unknown", "k400"])
+    led.close()
+    assert len(statements) == 1, statements
+    assert why == {"HTTP 503 (retries used up; the next run asks again)": 1,
+                   "HTTP 400 (not resent: data_gen.EngineConfig.retry_failed = True resends)": 2,
+                   "malformed answers (retries used up; the next run asks again)": 1,
+                   "in a batch not collected yet": 1, "malformed answers (the next run asks again)": 1,
+                   "not sent yet (budget cap, or the run was stopped)": 2}
+
+
+def test_finalize_reads_the_responses_once(server, tmp_path, capsys, clean_gin, monkeypatch):
+    out = tmp_path / "tb"
+    prompts, _ = textbook_prompts(4)
+    server.configure(faults=[{"kind": "400", "match": prompts[1]}])
+    assert textbook.main(textbook_argv(server.base_url, out, 4)) == 3  # one sample without an answer
+    reads = []
+    iter_answers = ledger_lib.iter_answers
+    monkeypatch.setattr(ledger_lib, "iter_answers", lambda path: reads.append(path) or iter_answers(path))
+    assert textbook.main(textbook_argv(server.base_url, out, 4, "--finalize_only")) == 3
+    assert "1 of 4 samples have no answer: 1 HTTP 400" in capsys.readouterr().out
+    assert reads == [out / ledger_lib.RESPONSES_FILE]
+
+
 def test_finalize_only_on_a_missing_out_dir_exits_2_and_creates_nothing(server, tmp_path, capsys, clean_gin):
     out = tmp_path / "typo"
     assert textbook.main(textbook_argv(server.base_url, out, 2, "--finalize_only")) == 2

@@ -285,7 +285,9 @@ class Engine:
     # --- dry run ----------------------------------------------------------------------
     def estimate(self, requests: Iterable[Request]) -> Estimate:
         """Tokens and worst-case cost of what ``run`` would send; reads the output dir (if
-        any) to skip completed work, contacts nothing, writes nothing."""
+        any) to skip completed work, contacts nothing, writes nothing. An ``out_dir`` that is a
+        file (or under one) is an OutputDirError, as it is for a real run."""
+        lock_lib.check_not_a_file(self.out_dir)
         done = {r["key"] for r in ledger_lib.iter_answers(self.responses_path)}
         spent = 0.0
         if (self.out_dir / ledger_lib.LEDGER_FILE).exists():

@@ -231,25 +231,28 @@ class Ledger:
                      + self.db.execute("SELECT COALESCE(SUM(cost), 0) FROM charges").fetchone()[0])
 
     def why_missing(self, keys: Iterable[str]) -> collections.Counter:
-        """Why each of ``keys`` (requests without an answer) has none, as counts of short reasons."""
+        """Why each of ``keys`` (requests without an answer) has none, as counts of short reasons
+        (one query for all of them)."""
+        wanted = collections.Counter(keys)
+        rows = {r[0]: r[1:] for r in self.db.execute(
+            "SELECT key, state, status_code, reason, retryable FROM requests"
+            " WHERE key IN (SELECT value FROM json_each(?))", (json.dumps(list(wanted)),))}
         why: collections.Counter = collections.Counter()
-        for key in keys:
-            row = self.get(key)
-            state = row["state"] if row else None
+        for key, n in wanted.items():
+            state, code, reason, retryable = rows.get(key, (None, None, None, None))
             if state == "failed":
-                code, reason = row["status_code"], row["reason"]
                 what = ("malformed answers" if reason == "malformed" or code == 200 else f"HTTP {code}" if code
                         else reason or "errors")
-                if row["retryable"]:
-                    why[f"{what} (retries used up; the next run asks again)"] += 1
+                if retryable:
+                    why[f"{what} (retries used up; the next run asks again)"] += n
                 else:
-                    why[f"{what} (not resent: data_gen.EngineConfig.retry_failed = True resends)"] += 1
+                    why[f"{what} (not resent: data_gen.EngineConfig.retry_failed = True resends)"] += n
             elif state == "batched":
-                why["in a batch not collected yet"] += 1
+                why["in a batch not collected yet"] += n
             elif state == "done":  # an older run stored a malformed answer as done
-                why["malformed answers (the next run asks again)"] += 1
+                why["malformed answers (the next run asks again)"] += n
             else:
-                why["not sent yet (budget cap, or the run was stopped)"] += 1
+                why["not sent yet (budget cap, or the run was stopped)"] += n
         return why
 
     def state_counts(self) -> dict[str, int]:

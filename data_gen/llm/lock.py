@@ -24,8 +24,9 @@ LOCK_FILE = ".lock"
 _held: dict[str, list] = {}  # realpath -> [fd, depth]: the locks this process holds
 
 
-def check_out_dir(out_dir: str | os.PathLike, create: bool = True) -> Path:
-    """``out_dir`` as a usable directory (created if ``create``), else OutputDirError in one line."""
+def check_not_a_file(out_dir: str | os.PathLike) -> Path:
+    """``out_dir`` unless it, or a directory above it, is a file (OutputDirError in one line); it
+    need not exist."""
     path = Path(out_dir)
     if path.is_dir():
         return path
@@ -33,6 +34,14 @@ def check_out_dir(out_dir: str | os.PathLike, create: bool = True) -> Path:
     if blocker is not None:
         what = "it is a file" if blocker == path else f"{blocker} is a file"
         raise OutputDirError(f"output directory {path} cannot be used: {what}; choose another --out_dir")
+    return path
+
+
+def check_out_dir(out_dir: str | os.PathLike, create: bool = True) -> Path:
+    """``out_dir`` as a usable directory (created if ``create``), else OutputDirError in one line."""
+    path = check_not_a_file(out_dir)
+    if path.is_dir():
+        return path
     if not create:
         raise OutputDirError(f"output directory {path} does not exist (is --out_dir mistyped?)")
     try:

@@ -2,7 +2,7 @@
 (``data_gen.beam_stages``, DirectRunner, one worker) beside the in-process stages they wrap,
 measured in the same run on the same input.
 
-    python -m phijax.bench.quality_filter_beam [--work_dir /tmp/qf_bench] [--limit N] \\
+    python -m data_gen.bench.quality_filter_beam [--work_dir /tmp/qf_bench] [--limit N] \\
         [--decontam_docs 100] [--features text|model:PATH] [--json out.json]
 
 Input: the stdlib ingested by ``data_gen.ingest`` (``--limit`` documents; default all), deduped;
@@ -14,7 +14,6 @@ pipeline inside this process, so both columns count the same things.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -23,8 +22,9 @@ from pathlib import Path
 from data_gen import beam_stages as bs
 from data_gen import classifier as cls
 from data_gen import decontaminate as D
-from data_gen import dedup, heuristic_annotator, ingest
+from data_gen import dedup, heuristic_annotator, ingest, stage
 from phijax.util import cli
+from phijax.util.files import save_json
 
 BEAM_ARGS = ["--runner=DirectRunner", "--direct_num_workers=1", "--direct_running_mode=in_memory"]
 
@@ -74,8 +74,7 @@ def main(argv=None) -> int:
         rows.append(_row(f"classifier score ({args.features.split(':')[0]} features)", len(recs), a, b))
 
         head = work / "decontam_in" / "head.jsonl"
-        head.parent.mkdir(parents=True, exist_ok=True)
-        head.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs[:args.decontam_docs]))
+        stage.write_jsonl(head, recs[:args.decontam_docs])
         a = _timed(lambda: D.run([str(head)], "text", work / "decontam_seq"))
         b = _timed(lambda: bs.run_decontaminate([str(head)], "text", work / "decontam_beam",
                                                 pipeline_args=BEAM_ARGS, force=True))
@@ -90,8 +89,7 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['stage']:52s} {r['docs']:6d} {r['in_process_docs_per_core_s']:12.1f} "
               f"{r['beam_docs_per_core_s']:12.1f} {r['beam_over_in_process']:12.2f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    save_json(args.json, rows)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Recall of decontamination on edited copies of the benchmark solutions.
 
-    python -m phijax.bench.decontam_edits [--limit N] [--json out.json]
+    python -m data_gen.bench.decontam_edits [--limit N] [--json out.json]
 
 Every HumanEval item (prompt + canonical solution) and every MBPP item (``code``, all 500 test
 problems) is copied with its identifiers renamed and its docstrings dropped -- the copy no

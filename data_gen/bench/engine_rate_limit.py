@@ -8,12 +8,11 @@ client (the openai client's default retries, which honour Retry-After). Printed:
 successful requests/min and tokens/min (reported usage) as fractions of the limits, 429s
 received, failures, and the engine/baseline ratio.
 
-    python -m data_gen.llm.bench --duration_s 75 --rpm 600 --tpm 200000 --latency 0.5 2.0
+    python -m data_gen.bench.engine_rate_limit --duration_s 75 --rpm 600 --tpm 200000 --latency 0.5 2.0
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from data_gen.llm.engine import Engine, EngineConfig
 from data_gen.llm.fake_server import admin
 from data_gen.llm.request import Request, messages_from
 from phijax.util import cli
+from phijax.util.files import save_json
 
 KEY = "sk-bench-not-a-real-key-000000"
 
@@ -133,9 +133,7 @@ def main(argv=None) -> dict:
            "ratio_requests_per_min": round(eng["requests_per_min"] / max(base["requests_per_min"], 1e-9), 3)}
     print(f"engine / baseline: {out['ratio_requests_per_min']:.2f}x successful requests/min, "
           f"{out['ratio_tokens_per_min']:.2f}x tokens/min")
-    if a.json_out:
-        with open(a.json_out, "w") as f:
-            json.dump(out, f, indent=2)
+    save_json(a.json_out, out)
     return out
 
 
