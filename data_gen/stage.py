@@ -20,8 +20,8 @@ holds the fingerprint and a newline; the report is JSON (indent 2) and a newline
 ``shards/<name>-00000.jsonl`` (streamed) or ``shards/<name>-00000-of-00003.jsonl`` (when the
 number of records is known up front, as the generators know it).
 
-Files are written through ``phijax.util.files``; the only renames here are of finished files
-(``AtomicFile`` for writers that stream line by line, ``LocalFiles.move``). No jax, no Beam:
+Files are written through ``phijax.util.files`` (``AtomicFile``, re-exported here, for writers that
+stream line by line; ``move_into_place`` for ``LocalFiles.move``): no rename here. No jax, no Beam:
 ``Stage(fs=...)`` takes another storage (data_gen.beam_stages passes one for gs:// URLs).
 """
 from __future__ import annotations
@@ -31,12 +31,11 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from phijax.util.files import atomic_write_bytes, replace_dir
+from phijax.util.files import AtomicFile, atomic_write_bytes, move_into_place, replace_dir  # noqa: F401 (stage.AtomicFile)
 
 log = logging.getLogger(__name__)
 
@@ -72,47 +71,6 @@ def jsonl_bytes(records: Iterable[dict]) -> bytes:
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
     """Records held in memory, one JSON line each, written atomically."""
     atomic_write_bytes(path, jsonl_bytes(records))
-
-
-def _rename_into_place(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    os.replace(src, dst)
-
-
-class AtomicFile:
-    """A file streamed line by line (too large to hold, unlike ``atomic_write_bytes``' data) into
-    a temp file beside ``path``, renamed into place by ``commit`` (fsync'd, mode 0644), removed by
-    ``abort``. As a context manager: commit on success, abort on an exception."""
-
-    def __init__(self, path: str | os.PathLike, mode: str = "w"):
-        if mode not in ("w", "wb"):
-            raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        self.f = os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {}))
-
-    def write(self, data: str | bytes) -> None:
-        self.f.write(data)
-
-    def commit(self) -> None:
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        os.chmod(self.tmp, 0o644)  # mkstemp makes 0600
-        _rename_into_place(self.tmp, self.path)
-
-    def abort(self) -> None:
-        self.f.close()
-        Path(self.tmp).unlink(missing_ok=True)
-
-    def __enter__(self) -> AtomicFile:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
 
 
 def fresh_tmp_dir(final: str | os.PathLike) -> Path:
@@ -220,8 +178,7 @@ class LocalFiles:
     @staticmethod
     def move(src: str, dst: str) -> None:
         """A finished file into place, replacing an old one."""
-        Path(dst).parent.mkdir(parents=True, exist_ok=True)
-        _rename_into_place(src, dst)
+        move_into_place(src, dst)
 
     @staticmethod
     def replace_dir(src: str, dst: str) -> None:

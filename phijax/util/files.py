@@ -19,26 +19,63 @@ def is_url(path) -> bool:
     return "://" in str(path)
 
 
+class AtomicFile:
+    """A file written (streamed, if need be) into a temp file beside ``path``, fsync'd and renamed
+    into place by ``commit`` (mode 0644), removed by ``abort``. As a context manager: commit on
+    success, abort on an exception. Readers see the old file or the whole new one, never a torn
+    write (also under concurrent writers)."""
+
+    def __init__(self, path: str | os.PathLike, mode: str = "w"):
+        if mode not in ("w", "wb"):
+            raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        self.f = os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {}))
+
+    def write(self, data: str | bytes) -> None:
+        self.f.write(data)
+
+    def commit(self) -> None:
+        try:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+            os.chmod(self.tmp, 0o644)  # mkstemp makes 0600; outputs and caches may be shared
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        self.f.close()
+        Path(self.tmp).unlink(missing_ok=True)
+
+    def __enter__(self) -> "AtomicFile":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """tmp file in the same dir + os.replace: readers see the old file or the whole new one, never
-    a torn write (also under concurrent writers). A gs:// object is replaced whole by the store."""
+    """`data` as the file `path`, atomically (AtomicFile). A gs:// object is replaced whole by the store."""
     if is_url(path):
         from etils import epath
         epath.Path(path).write_bytes(data)
         return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; caches may be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with AtomicFile(path, "wb") as f:
+        f.write(data)
+
+
+def move_into_place(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """A finished file (written and closed elsewhere, on the same filesystem) to `dst`, replacing
+    an old one in one rename."""
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    os.replace(src, dst)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
