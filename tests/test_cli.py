@@ -90,6 +90,10 @@ def test_python_m_phijax_and_the_console_script():
     assert r.returncode == 2 and "usage: phijax <command>" in r.stderr
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {"phijax": "phijax.cli:main"}
+    # The installed console script (scripts/setup.sh's `pip install -e`) beside this interpreter.
+    exe = Path(sys.executable).parent / "phijax"
+    r = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "usage: phijax <command>" in r.stdout and "train" in r.stdout
 
 
 def test_unknown_command_is_bad_input(capsys):
