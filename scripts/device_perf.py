@@ -21,6 +21,9 @@ calls (--stages) that was used. Stages:
   adamw    the optimizer step alone, against the bytes it must move
   profile  per-op breakdown of the best variant's step (jax.profiler trace)
   greedy   greedy agreement with transformers in fp32 and bf16 (identical tokens, margins)
+  features the uniform batch's cost: the train step with positions + segment ids (every source's
+           batch since issue 13) against plain windows (phijax.bench.batch_features; cuDNN gets a
+           segment bias beside its causal mask)
   speed    decode tokens/s (phijax.bench.decode_throughput, transformers generate beside it);
            speed_dsf the same with XLA's dynamic-slice fusion (the layer scan's weight slices)
 Needs jax, flax, optax, numpy (and torch + transformers for peer/greedy); no tensorflow/seqio/gin.
@@ -109,6 +112,9 @@ def plan(args):
         "speed_dsf": lambda best: py + ["phijax.bench.decode_throughput", "--configs", args.speed_config,
                                         "--dtype", args.dtype, "--torch_device", args.torch_device, "--repeats", "1",
                                         "--json", o("speed_dsf.json")],
+        "features": lambda best: py + ["phijax.bench.batch_features", "--config", args.config, "--batch",
+                                       str(args.batch), "--seq", str(args.seq), "--rounds", "3", "--steps", "3",
+                                       "--json", o("features.json")],
         "greedy": lambda best: py + ["phijax.bench.greedy_agreement", "--config", args.greedy_config,
                                      "--dtypes", "float32,bfloat16", "--device", args.torch_device,
                                      *args.greedy_args.split(), "--json", o("greedy.json")],
@@ -171,10 +177,14 @@ def summarize(args, timings):
                 lines.append(f"- phijax best {best['tokens_per_s']:,.0f} tok/s / peer {mode} best "
                              f"{top['tokens_per_s']:,.0f} tok/s = **{ratio:.2f}x**")
                 js[f"ratio_vs_{mode}"] = ratio
-    for name in ("adamw", "decode", "greedy", "speed", "speed_dsf", "profile"):
+    for name in ("features", "adamw", "decode", "greedy", "speed", "speed_dsf", "profile"):
         d = load(os.path.join(args.work, f"{name}.json"))
         if d is not None:
             js[name] = d if name != "profile" else {k: {"busy_ms": v["busy_ms"], "kinds": v["kinds"]} for k, v in d.items()}
+    if "features" in js:
+        f = js["features"]
+        lines += ["", f"Uniform batch ({f['attention']}): five features / plain windows = **{f['ratio']:.3f}** "
+                      f"(losses {f['first_loss']['five features']:.6f} vs {f['first_loss']['plain windows']:.6f})"]
     lines += ["", "Stage times (s): " + ", ".join(f"{k} {v[1]:.0f} (exit {v[0]})" for k, v in timings.items())]
     js["stages"] = timings
     with open(os.path.join(args.out, "summary.md"), "w") as f:
@@ -191,7 +201,7 @@ def main(argv=None):
                     "beside --out, so that --out holds only the three files a device call brings back)")
     ap.add_argument("--rehearse", action="store_true", help="nano shapes on a CPU: checks the whole plan runs")
     ap.add_argument("--deadline_s", type=float, default=560)
-    ap.add_argument("--stages", default="sweep,peer,decode,greedy,big,speed,adamw,speed_dsf,profile",
+    ap.add_argument("--stages", default="features,sweep,peer,decode,greedy,big,speed,adamw,speed_dsf,profile",
                     help="in priority order (a stage that does not fit before the deadline is skipped)")
     ap.add_argument("--config", default="phi1")
     ap.add_argument("--dtype", default="bfloat16")
@@ -250,7 +260,7 @@ def main(argv=None):
             log("the model/train step pulled in tensorflow/seqio/gin or failed to import:\n" + check.stderr[-2000:])
             return 1
         limits = {"sweep": 240, "peer": 200, "decode": 90, "big": 90, "adamw": 60, "profile": 90, "greedy": 150,
-                  "speed": 120, "speed_dsf": 120}
+                  "speed": 120, "speed_dsf": 120, "features": 150}
         stages, timings, best = plan(args), {}, None
         for name in args.stages.split(","):
             left = args.deadline_s - (time.time() - t_start)
