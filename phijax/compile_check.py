@@ -55,6 +55,15 @@ SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128:
 SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 
 
+# libtpu describing a slice on a machine that is not a TPU VM says, at length, that it found no TPU
+# hosts: expected here, so these lines (and only these) are dropped from stderr while it does.
+LIBTPU_NOISE = re.compile(
+    cli.NATIVE_NOISE.pattern + r"|Failed to find host bounds for accelerator type"
+    r"|WARNING: Logging before InitGoogle\(\) is written to STDERR"
+    r"|E\d{4} [\d:.]+ +\d+ common_lib\.cc:\d+\] INVALID_ARGUMENT: Error: unexpected worker hostname"
+    r"|=== Source Location Trace: ===|learning/[\w/]+/libtpu_init_utils\.cc:\d+")
+
+
 class CompileCheckError(ValueError):
     """A configuration that cannot be compiled or does not fit; the message says why."""
 
@@ -157,7 +166,8 @@ def check(topology: str, run: RunConfig) -> dict:
     CompileCheckError when the configuration is invalid or does not fit the chip's HBM)."""
     topo = parse_topology(topology)
     try:
-        devices = topo.devices()
+        with cli.filtered_stderr(LIBTPU_NOISE):
+            devices = topo.devices()
     except RuntimeError as e:  # libtpu missing
         raise CompileCheckError(f"cannot describe TPU topology {topology!r} ({e}); install the tpu extra: "
                                 f"pip install -e '.[tpu]'") from None

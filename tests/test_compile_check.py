@@ -80,3 +80,14 @@ def test_a_config_that_does_not_fit_fails_naming_the_shortfall(capsys):
 def test_invalid_config_fails_before_compiling(capsys):
     rc = compile_check.main(NANO + ["--per_device_batch=2", "--microbatches=3"])
     assert rc == 2 and "not divisible by microbatches=3" in capsys.readouterr().err
+
+
+def test_the_command_prints_the_report_and_no_libtpu_start_up_lines():
+    # libtpu, describing a slice off a TPU VM, logs that it finds no TPU hosts: filtered (quiet start).
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "phijax", "compile-check", *NANO,
+                        "--per_device_batch=2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "per-device memory" in r.stdout
+    assert r.stderr == "", r.stderr
