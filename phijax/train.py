@@ -6,8 +6,8 @@ shardings, the jitted step, the data source) -> state (fresh or resumed) -> loop
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-import inspect
 import logging
 import os
 import sys
@@ -20,10 +20,9 @@ import numpy as np
 from etils import epath
 
 from phijax import checkpoint as ckpt_lib
-from phijax import distributed, metrics as metrics_lib, optim, train_eval, train_setup
+from phijax import distributed, metrics as metrics_lib, train_eval, train_setup
 from phijax import gin_bindings  # noqa: F401  (registers what the gin files name)
 from phijax.config import PhiConfig
-from phijax.data.pipeline import DataSource
 from phijax.train_setup import RunConfig
 from phijax.util import cli, files, gin_config
 
@@ -40,10 +39,11 @@ _INT_SETTINGS = {"train_steps": 1, "batch_size": 1, "seq_len": 1, "microbatches"
 
 
 def _setting(name: str):
-    """(label, value) of train()'s argument `name` as gin will pass it: the macro's name and value when
+    """(label, value) of the run setting `name` as gin will pass it: the macro's name and value when
     it is bound through one (e.g. TRAIN_STEPS), else `train.<name>` and its binding or default."""
-    value = gin.get_bindings(configure, resolve_references=False).get(
-        name, inspect.signature(configure).parameters[name].default)
+    default = {f.name: f.default for f in dataclasses.fields(RunConfig)}[name]
+    value = gin.get_bindings("train", resolve_references=False).get(
+        name, gin.REQUIRED if default is dataclasses.MISSING else default)
     label = f"train.{name}"
     while isinstance(value, gin.config.ConfigurableReference) and value.selector == "gin.macro":
         label = value.scoped_selector.rsplit("/", 1)[0]
@@ -103,20 +103,10 @@ def check_settings() -> None:
             raise ValueError(f"{label} = {model_dir!r} is not writable")
 
 
-@gin.configurable("train")
-def configure(*, model_dir: str = gin.REQUIRED, model_config: PhiConfig = gin.REQUIRED, train_steps: int = gin.REQUIRED,
-              batch_size: int = gin.REQUIRED, seq_len: int = gin.REQUIRED, microbatches: int = 1, seed: int = 0,
-              schedule=gin.REQUIRED, optimizer=optim.adamw, mesh_shape=(-1, 1, 1), sharding_rules=gin.REQUIRED,
-              data_source: DataSource = gin.REQUIRED, log_every: int = 10, checkpoint_every: int = 100,
-              keep_checkpoints: int = 3, async_checkpoint: bool = True, export_dtype: str | None = "bfloat16",
-              peak_flops_per_device: float | None = None, init_params_from: str | None = None) -> RunConfig:
-    """The run as gin describes it (`train.<setting>` in gin/runs/base.gin and the experiments)."""
-    return RunConfig(model_dir=model_dir, model_config=model_config, train_steps=train_steps, batch_size=batch_size,
-                     seq_len=seq_len, microbatches=microbatches, seed=seed, schedule=schedule, optimizer=optimizer,
-                     mesh_shape=tuple(mesh_shape), sharding_rules=tuple(sharding_rules), data_source=data_source,
-                     log_every=log_every, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
-                     async_checkpoint=async_checkpoint, export_dtype=export_dtype,
-                     peak_flops_per_device=peak_flops_per_device, init_params_from=init_params_from)
+# The run as gin describes it: `train.<setting>` (gin/runs/base.gin and the experiments) binds the
+# fields of RunConfig, whose defaults are the only ones; base.gin's %gin.REQUIRED macros say which
+# settings an experiment must give.
+configure = gin.external_configurable(RunConfig, "train")
 
 
 def train(run: RunConfig, *, gin_config_str: str | None = None) -> dict:

@@ -44,6 +44,10 @@ class RunConfig:
     peak_flops_per_device: float | None = None
     init_params_from: str | None = None
 
+    def __post_init__(self):  # gin gives lists where the fields hold tuples
+        object.__setattr__(self, "mesh_shape", tuple(self.mesh_shape))
+        object.__setattr__(self, "sharding_rules", tuple(self.sharding_rules))
+
     def replace(self, **changes) -> "RunConfig":
         return dataclasses.replace(self, **changes)
 
