@@ -10,6 +10,13 @@ Files::
     load_hf(path, dtype=None) -> phijax.model.Phi        (reads config.json + *.safetensors)
     read_hf(path) -> (cfg, numpy params, HFMeta)           (the same without building a model)
     save_hf(model or (cfg, params), path, dtype=None)      (atomic; sharded over max_shard_size)
+    resolve_model_dir(path_or_hub_id) -> local directory
+
+Wherever phijax reads a Hugging Face directory (read_hf/load_hf, the CLI's --hf_dir,
+decode.load_for_inference, evaluate.model_path, train.init_params_from), a hub id such as
+`microsoft/phi-1` (or `microsoft/phi-1@<revision>`) that is not an existing path works too:
+`resolve_model_dir` finds it through huggingface_hub's cache (HF_HUB_CACHE / HF_HOME; with
+HF_HUB_OFFLINE=1 only the cache is looked at, otherwise missing files are downloaded).
 
 CLI::
 
@@ -40,6 +47,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from typing import Any, Iterable, Mapping
 
@@ -59,6 +67,7 @@ __all__ = [
     "load_hf",
     "save_hf",
     "hf_meta_of",
+    "resolve_model_dir",
     "main",
 ]
 
@@ -69,6 +78,11 @@ WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 HF_META_FILE = "hf_source.json"  # written next to an orbax export by hf-to-orbax
 DEFAULT_MAX_SHARD_SIZE = 2 * 1024**3  # bytes
+# What resolve_model_dir fetches of a hub repository: config, weights, tokenizer (not *.bin, not ONNX, ...).
+HUB_FILES = (CONFIG_FILE, "*.safetensors", WEIGHTS_INDEX_FILE, "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "generation_config.json", "vocab.json", "merges.txt", "added_tokens.json")
+# owner/name[@revision]: a path like '/x/y', './x/y', 'gs://b/x' or 'a/b/c' is never taken for one.
+_HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?")
 
 # Activations that equal phijax.model.gelu_new (the tanh approximation of GELU).
 SUPPORTED_ACTS = ("gelu_new", "gelu_pytorch_tanh")
@@ -561,6 +575,41 @@ def _shape(tensors: Mapping, name: str) -> tuple[int, ...]:
     return tensors.shape(name) if isinstance(tensors, _LazyTensors) else tuple(np.shape(tensors[name]))
 
 
+def resolve_model_dir(path_or_id: str) -> str:
+    """A local directory for `path_or_id`: an existing path is returned unchanged; a Hugging Face
+    hub id (`owner/name`, optionally `owner/name@revision`) that is not one is resolved through
+    huggingface_hub's cache (`snapshot_download` of config, safetensors and tokenizer files:
+    offline, with HF_HUB_OFFLINE=1, the cached snapshot; online, a download of what is missing).
+    Anything else is returned unchanged, for the caller to report as a missing directory.
+
+    Raises ValueError naming the id, the cache directory and what to do when it cannot be resolved.
+    """
+    path_or_id = os.fspath(path_or_id)
+    m = _HUB_ID.fullmatch(path_or_id)
+    if m is None or os.path.exists(path_or_id):
+        return path_or_id
+    repo, revision = m.group("repo"), m.group("revision")
+    try:
+        import huggingface_hub
+        from huggingface_hub import constants
+    except ImportError:
+        raise ValueError(f"{path_or_id!r} is not a local directory, and reading it as a Hugging Face hub id "
+                         "needs huggingface_hub (pip install huggingface_hub)") from None
+    cache = constants.HF_HUB_CACHE
+    try:
+        return huggingface_hub.snapshot_download(repo, revision=revision, allow_patterns=list(HUB_FILES))
+    except Exception as e:  # not cached / offline / unknown repo or revision / no connection: one message
+        where = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else " and could not be downloaded"
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"{path_or_id!r} is not a local directory and the Hugging Face hub model {repo}"
+            f"{'@' + revision if revision else ''} is not in the local hub cache {cache}{where} "
+            f"({type(e).__name__}: {why}); download it with `hf download {repo}"
+            f"{' --revision ' + revision if revision else ''}` (older huggingface_hub: `huggingface-cli download`) "
+            "on a machine with internet and copy the cache, "
+            "or point HF_HUB_CACHE (or HF_HOME) at a cache that has it") from None
+
+
 def _read_hf_tensors(path: str) -> _LazyTensors:
     single = os.path.join(path, WEIGHTS_FILE)
     index = os.path.join(path, WEIGHTS_INDEX_FILE)
@@ -595,9 +644,10 @@ def _source_dtype(tensors: Mapping) -> str | None:
 def read_hf(path: str, *, cast_to=None, **overrides) -> tuple[PhiConfig, dict, HFMeta]:
     """(PhiConfig, params as numpy arrays, HFMeta) from a transformers Phi directory.
 
-    `cast_to` casts the params (default: keep the file's dtype); `overrides` go to
-    `config_from_hf` (e.g. dtype, param_dtype, attention, remat_policy).
+    `path` may be a hub id (`resolve_model_dir`). `cast_to` casts the params (default: keep the
+    file's dtype); `overrides` go to `config_from_hf` (e.g. dtype, param_dtype, attention, remat_policy).
     """
+    path = resolve_model_dir(path)
     cfg_path = os.path.join(path, CONFIG_FILE)
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"no {CONFIG_FILE} in {path}")
@@ -617,7 +667,7 @@ def hf_meta_of(model) -> HFMeta:
 
 
 def load_hf(path: str, dtype=None, *, param_dtype="float32", **overrides):
-    """A `phijax.model.Phi` with the weights of a transformers Phi checkpoint directory.
+    """A `phijax.model.Phi` with the weights of a transformers Phi checkpoint directory (or hub id).
 
     `dtype` is the compute dtype (PhiConfig.dtype, default float32); parameters are kept in
     `param_dtype` (default float32: fp32/fp16/bf16 files load exactly). The file's dtype and
@@ -896,7 +946,7 @@ def main(argv=None) -> int:
     parser = cli.ArgumentParser(description="Convert between Hugging Face Phi checkpoints and phijax/orbax.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("hf-to-orbax", help="transformers Phi directory -> orbax parameter export")
-    p.add_argument("--hf_dir", required=True)
+    p.add_argument("--hf_dir", required=True, help="a Hugging Face Phi directory or hub id (microsoft/phi-1)")
     p.add_argument("--out_dir", "--out", dest="out", required=True, help="the export directory to write")
     p.add_argument("--dtype", default=None, help="export dtype (default: the checkpoint's own)")
     p = sub.add_parser("orbax-to-hf", help="orbax export or training checkpoints -> transformers Phi directory")

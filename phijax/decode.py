@@ -64,11 +64,12 @@ class InferenceModel:
 def load_for_inference(path: str, tokenizer_path: str | None = None, *, dtype: str | None = None,
                        param_dtype: str | None = None, step: int | None = None,
                        **config_overrides) -> InferenceModel:
-    """The model at `path`: a transformers PhiForCausalLM directory (config.json + safetensors), a
+    """The model at `path`: a transformers PhiForCausalLM directory (config.json + safetensors) or
+    Hugging Face hub id (`microsoft/phi-1`, from the local hub cache: `convert.resolve_model_dir`), a
     phijax parameter export (`checkpoint.export_params`), or training checkpoints (MODEL_DIR or
     MODEL_DIR/checkpoints; newest step unless `step`).
 
-    The tokenizer is `tokenizer_path`, else `path/tokenizer.json` if present (HF directories carry
+    The tokenizer is `tokenizer_path`, else `path/tokenizer.json` if present (HF directories and hub ids carry
     one; `export_params(tokenizer_path=...)` copies one into an export), else None (then only
     `generate_tokens` works). `dtype` is the compute dtype (default: the config's; float32 for HF
     dirs), `param_dtype` the dtype the weights are kept in (default: the config's);
@@ -77,6 +78,7 @@ def load_for_inference(path: str, tokenizer_path: str | None = None, *, dtype: s
     from phijax import convert
     from phijax.data import vocab
 
+    path = convert.resolve_model_dir(path)  # a hub id (microsoft/phi-1) -> its cached snapshot
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such model directory (expected a Hugging Face Phi directory, "
                                 "a phijax parameter export or a training MODEL_DIR)")

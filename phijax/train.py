@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from phijax import checkpoint as ckpt_lib
+from phijax import checkpoint as ckpt_lib, convert
 from phijax import distributed, metrics as metrics_lib, train_eval, train_setup
 from phijax import gin_bindings  # noqa: F401  (registers what the gin files name)
 from phijax.config import PhiConfig
@@ -62,7 +62,8 @@ def check_settings() -> None:
 
     Raises ValueError naming each bad setting: an integer that is not one (e.g. a quoted
     `TRAIN_STEPS = '4'`) or is out of range, an unknown export dtype, an `init_params_from`
-    that is neither a phijax export nor a Hugging Face directory, a MODEL_DIR that cannot be
+    that is neither a phijax export nor a Hugging Face directory (or a hub id in the local hub
+    cache), a MODEL_DIR that cannot be
     created or written. Nothing is created unless every setting is good.
     """
     problems = []
@@ -83,11 +84,17 @@ def check_settings() -> None:
         except TypeError:
             problems.append(f"{label} = {dtype!r} is not a dtype (e.g. 'bfloat16', 'float32', or None: no export)")
     label, init = _setting("init_params_from")
-    if _plain(init) and init is not None and not (epath.Path(init, ckpt_lib.EXPORT_INFO_FILE).exists()
-                                                 or epath.Path(init, "config.json").exists()):
-        what = "is neither a phijax export (export_info.json) nor a Hugging Face directory (config.json)" \
-            if epath.Path(init).exists() else "does not exist"
-        problems.append(f"{label} = {init!r} {what}")
+    if _plain(init) and init is not None:
+        try:
+            init_dir = convert.resolve_model_dir(init)  # a hub id (microsoft/phi-1) -> its cached snapshot
+        except ValueError as e:
+            problems.append(f"{label} = {e}")
+        else:
+            if not (epath.Path(init_dir, ckpt_lib.EXPORT_INFO_FILE).exists()
+                    or epath.Path(init_dir, "config.json").exists()):
+                what = "is neither a phijax export (export_info.json) nor a Hugging Face directory (config.json)" \
+                    if epath.Path(init_dir).exists() else "does not exist"
+                problems.append(f"{label} = {init!r} {what}")
     label, model_dir = _setting("model_dir")
     if _plain(model_dir) and not (isinstance(model_dir, str) and model_dir):
         problems.append(f"{label} = {model_dir!r} must be a directory path")
@@ -205,9 +212,10 @@ def train(run: RunConfig, *, gin_config_str: str | None = None) -> dict:
 
 
 def _load_params(path: str, abstract_params):
-    """Parameters from a phijax export (checkpoint.export_params) or a Hugging Face directory."""
+    """Parameters from a phijax export (checkpoint.export_params) or a Hugging Face directory or hub id."""
+    path = convert.resolve_model_dir(path)
     if epath.Path(path, "config.json").exists():
-        from phijax import convert, model as model_lib
+        from phijax import model as model_lib
         _, params, _ = model_lib.split(convert.load_hf(path))
         return jax.tree.map(lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding), params, abstract_params)
     return ckpt_lib.load_params(path, abstract_params)

