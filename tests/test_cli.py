@@ -11,10 +11,19 @@ import sys
 import tomllib
 from pathlib import Path
 
+import gin
 import pytest
 
 from phijax import cli as phijax_cli
 from phijax.util import cli
+
+
+@pytest.fixture(autouse=True)
+def _gin_unlocked():
+    """Importing a command's module registers its gin configurables, which gin refuses once an
+    earlier test in this process has parsed (and so locked) a config."""
+    with gin.unlock_config():
+        yield
 
 REPO = Path(__file__).resolve().parent.parent
 # What TensorFlow / absl / XLA print from C++ (or Python) at start-up: none of it may reach the user.
