@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phijax.util.files import atomic_write_text, is_url  # noqa: F401  (metrics.is_url: the one test for gs:// paths)
+from phijax.util.files import atomic_write_text, is_url
 from etils import epath
 
 # Published dense bf16 peak FLOP/s per device (per chip for TPU).

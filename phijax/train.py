@@ -100,7 +100,7 @@ def check_settings() -> None:
         problems.append(f"{label} = {model_dir!r} must be a directory path")
     if problems:
         raise ValueError("; ".join(problems))
-    if isinstance(model_dir, str) and not metrics_lib.is_url(model_dir):  # gs://: orbax/etils create them
+    if isinstance(model_dir, str) and not files.is_url(model_dir):  # gs://: orbax/etils create them
         try:
             os.makedirs(model_dir, exist_ok=True)
         except OSError as e:
@@ -121,7 +121,7 @@ def train(run: RunConfig, *, gin_config_str: str | None = None) -> dict:
     s = train_setup.setup(run)
     cfg, mesh, rules, train_steps = s.cfg, s.mesh, s.rules, run.train_steps
     model_dir = run.model_dir
-    if not metrics_lib.is_url(model_dir):  # remote (gs://) model dirs are handled by orbax/etils
+    if not files.is_url(model_dir):  # remote (gs://) model dirs are handled by orbax/etils
         model_dir = os.path.abspath(model_dir)
         os.makedirs(model_dir, exist_ok=True)
 
