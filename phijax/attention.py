@@ -20,11 +20,13 @@ from phijax.sharding import constrain
 
 def make_mask(q_len: int, kv_len: int, q_segment_ids=None, kv_segment_ids=None, causal: bool = True,
               q_offset=0):
-    """Boolean [batch or 1, 1, q_len, kv_len] mask, True where attention is allowed."""
-    q_pos = jnp.arange(q_len)[:, None] + q_offset
+    """Boolean [batch or 1, 1, q_len, kv_len] mask, True where attention is allowed. `q_offset`
+    (the first query's position) is a scalar or one per row ([batch]: continuous batching)."""
+    q_offset = jnp.asarray(q_offset)
+    q_pos = jnp.arange(q_len)[:, None] + q_offset[..., None, None]  # [q_len, 1] or [batch, q_len, 1]
     kv_pos = jnp.arange(kv_len)[None, :]
     mask = (kv_pos <= q_pos) if causal else jnp.ones((q_len, kv_len), bool)
-    mask = mask[None, None]
+    mask = mask[:, None] if mask.ndim == 3 else mask[None, None]
     if q_segment_ids is not None:
         same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
         mask = mask & same[:, None]

@@ -46,7 +46,8 @@ from phijax import sharding
 from phijax.config import PhiConfig
 # HumanEval stop sequences, the default of Sampler.complete (a stdlib-only module: no gin, no jax).
 
-__all__ = ["InferenceModel", "load_for_inference", "Sampler", "cut_at_stop"]
+__all__ = ["InferenceModel", "load_for_inference", "Sampler", "cut_at_stop", "place_params", "sample_tokens",
+           "row_keys", "top_p_filter"]
 
 log = logging.getLogger("phijax.decode")
 
@@ -137,9 +138,9 @@ class _State:
     keys: jax.Array  # [batch] per-row PRNG keys
 
 
-def _top_p_filter(logits, top_p):
+def top_p_filter(logits, top_p):
     """Keeps the smallest set of highest-probability tokens whose mass reaches top_p (ties at the
-    cut-off are kept); everything else gets -inf."""
+    cut-off are kept); everything else gets -inf. top_p: a scalar or [batch, 1]."""
     desc = -jnp.sort(-logits, axis=-1)
     probs = jax.nn.softmax(desc, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
@@ -147,14 +148,38 @@ def _top_p_filter(logits, top_p):
     return jnp.where(logits >= cutoff, logits, -jnp.inf)
 
 
-def _sample(logits, keys, step, temperature, top_p, greedy: bool):
+def row_keys(seed, prompt_ids, sample_ids):
+    """[batch] PRNG keys fold_in(fold_in(key(seed), prompt index), sample index): a row's samples
+    depend on its seed, prompt index and sample index only (phijax.serve derives the same keys)."""
+    base = jax.random.key(seed)
+    return jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(base, i), j))(prompt_ids, sample_ids)
+
+
+def sample_tokens(logits, keys, step, temperature, top_p, greedy: bool | None = None):
+    """Next tokens [batch] from fp32 logits [batch, vocab]: the key of a row at a step is
+    fold_in(its key, step). temperature, top_p: scalars or [batch] (runtime values). greedy=True
+    (argmax) or False (sampling) decides for every row at trace time; None decides per row
+    (temperature 0 = argmax), skipping the sort of top-p and the draw when no row needs them."""
+    argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
-    # top_p is a runtime value (one program for every top_p); 1.0 skips the filter exactly.
-    logits = jax.lax.cond(top_p < 1.0, _top_p_filter, lambda x, _: x, logits, top_p)
-    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
-    return jax.vmap(jax.random.categorical)(step_keys, logits).astype(jnp.int32)
+        return argmax
+    b = logits.shape[0]
+    temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (b,))
+    top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (b,))
+    step = jnp.broadcast_to(jnp.asarray(step, jnp.int32), (b,))
+
+    def draw(logits):
+        scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+        # top_p is a runtime value (one program for every top_p); 1.0 skips the filter exactly.
+        nucleus = jax.lax.cond(jnp.any(top_p < 1.0), lambda x: top_p_filter(x, top_p[:, None]), lambda x: x, scaled)
+        scaled = jnp.where((top_p < 1.0)[:, None], nucleus, scaled)
+        step_keys = jax.vmap(jax.random.fold_in)(keys, step)
+        return jax.vmap(jax.random.categorical)(step_keys, scaled).astype(jnp.int32)
+
+    if greedy is False:
+        return draw(logits)
+    sampled = jax.lax.cond(jnp.any(temperature > 0), draw, lambda x: argmax, logits)
+    return jnp.where(temperature > 0, sampled, argmax)
 
 
 def _replicate_outputs(state: _State) -> _State:
@@ -170,6 +195,18 @@ def _place(x, dtype, sharding=None):
     if isinstance(x, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct(x.shape, dtype, sharding=sharding)
     return jax.device_put(x if x.dtype == dtype else x.astype(dtype), sharding)
+
+
+def place_params(model: InferenceModel, mesh=None, rules=None):
+    """model.params in cfg.param_dtype on the default device, or on `mesh` sharded by the logical
+    rules (default sharding.DEFAULT_RULES). Abstract params stay abstract (see _place)."""
+    pd = jnp.dtype(model.cfg.param_dtype)
+    if mesh is None:
+        return jax.tree.map(lambda x: _place(x, pd), model.params)
+    _, _, axes = model_lib.abstract(model.cfg)
+    rules = tuple(rules if rules is not None else sharding.DEFAULT_RULES)
+    shardings = sharding.tree_shardings(axes, model.params, rules, mesh)
+    return jax.tree.map(lambda x, s: _place(x, pd, s), model.params, shardings)
 
 
 class Sampler:
@@ -192,21 +229,17 @@ class Sampler:
         self.eos_id = eos_id if eos_id is not None else (tok.eos_id if tok is not None else None)
         self.pad_id = tok.pad_id if tok is not None else 0
         self.mesh, self.rules = mesh, tuple(rules if rules is not None else sharding.DEFAULT_RULES)
-        pd = jnp.dtype(self.cfg.param_dtype)
-        params = model.params
         if mesh is not None:
             dp = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
             if batch_size % dp:
                 raise ValueError(f"batch_size={batch_size} is not divisible by the mesh's data-parallel size {dp} "
                                  "(data x fsdp)")
-            _, _, axes = model_lib.abstract(self.cfg)
-            shardings = sharding.tree_shardings(axes, params, self.rules, mesh)
-            self.params = jax.tree.map(lambda x, s: _place(x, pd, s), params, shardings)
+            self.params = place_params(model, mesh, self.rules)
             self._row_sharding = sharding.named_sharding(("activation_batch",), self.rules, mesh, (batch_size,))
             self._tok_sharding = sharding.named_sharding(("activation_batch", None), self.rules, mesh,
                                                          (batch_size, 1))
         else:
-            self.params = jax.tree.map(lambda x: _place(x, pd), params)
+            self.params = place_params(model)
             self._row_sharding = self._tok_sharding = None
         self.traces: collections.Counter = collections.Counter()  # Python traces = compilations
         self.last_steps: list[int] = []
@@ -229,11 +262,10 @@ class Sampler:
         first = (p - lengths)[:, None]  # slot of each row's first real token
         segments = (slot >= first).astype(jnp.int32)
         positions = jnp.maximum(slot - first, 0)
-        base = jax.random.key(seed)
-        keys = jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(base, i), j))(prompt_ids, sample_ids)
+        keys = row_keys(seed, prompt_ids, sample_ids)
         cache = model.init_cache(b, p + new_bucket)
         logits, cache = model.decode_step(tokens, cache, positions=positions, segment_ids=segments)
-        tok = _sample(logits, keys, 0, temperature, top_p, greedy)
+        tok = sample_tokens(logits, keys, 0, temperature, top_p, greedy)
         out = jnp.full((b, new_bucket), -1, jnp.int32).at[:, 0].set(jnp.where(done, -1, tok))
         return _replicate_outputs(_State(cache=cache, tokens=out, last=tok, pos=lengths, step=jnp.ones((), jnp.int32),
                                          done=done | (tok == eos), keys=keys))
@@ -248,7 +280,7 @@ class Sampler:
         def body(s):
             fed = jnp.where(s.done, 0, s.last)
             logits, cache = model.decode_step(fed[:, None], s.cache, positions=s.pos[:, None])
-            tok = _sample(logits, s.keys, s.step, temperature, top_p, greedy)
+            tok = sample_tokens(logits, s.keys, s.step, temperature, top_p, greedy)
             col = jnp.where(s.done, -1, tok)[:, None]
             out = jax.lax.dynamic_update_slice(s.tokens, col, (0, s.step))
             return _State(cache=cache, tokens=out, last=tok, pos=s.pos + 1, step=s.step + 1,

@@ -139,8 +139,11 @@ class KVCache:
 class LayerCache:
     """One layer's view of the stacked cache inside the layer scan: k, v are the whole stacked
     buffers (the scan carry), `layer` (int32 scalar) the layer running. `index` is the slot of the
-    first new token; `segment_ids` [batch, slots] already covers the new tokens (unwritten slots
-    lie after them, so the causal mask hides them; padding has its own segment id)."""
+    first new token: a scalar (every row writes the same slots: `phijax.decode`) or one per row
+    ([batch]: `phijax.serve`'s continuous batching, where each row is a request at its own length;
+    a row whose index is `slots` writes nothing). `segment_ids` [batch, slots] already covers the
+    new tokens (unwritten slots lie after them, so the causal mask hides them; padding has its own
+    segment id)."""
 
     k: jax.Array
     v: jax.Array
@@ -150,7 +153,15 @@ class LayerCache:
 
     def write(self, k, v) -> "LayerCache":
         """Stores k, v [batch, t, kv_heads, head_dim] in this layer's slots index .. index + t - 1:
-        one dynamic_update_slice of the carried buffer, which XLA does in place."""
+        one dynamic_update_slice of the carried buffer, which XLA does in place (a scatter of one
+        token per row with per-row indices)."""
+        if self.index.ndim == 1:
+            rows = jnp.arange(k.shape[0])[:, None]
+            cols = self.index[:, None] + jnp.arange(k.shape[1])  # [batch, t]
+            # k[layer, rows, :, cols, :] is [batch, t, kv_heads, head_dim]: the layout k comes in.
+            k = self.k.at[self.layer, rows, :, cols, :].set(k.astype(self.k.dtype), mode="drop")
+            v = self.v.at[self.layer, rows, :, cols, :].set(v.astype(self.v.dtype), mode="drop")
+            return dataclasses.replace(self, k=constrain(k, CACHE_AXES), v=constrain(v, CACHE_AXES))
         at = (self.layer, 0, 0, self.index, 0)
         k = jnp.swapaxes(k, 1, 2)[None].astype(self.k.dtype)
         v = jnp.swapaxes(v, 1, 2)[None].astype(self.v.dtype)
@@ -314,12 +325,14 @@ class Phi(nnx.Module):
         k, v = (constrain(jnp.zeros(shape, dtype), CACHE_AXES) for _ in range(2))
         return KVCache(k=k, v=v, segment_ids=jnp.zeros((batch, slots), jnp.int32), index=jnp.zeros((), jnp.int32))
 
-    def decode_step(self, tokens, cache: KVCache, *, positions, segment_ids=None):
-        """Runs `tokens` [batch, t] into cache slots cache.index .. cache.index + t - 1, attending
-        to every earlier filled slot of the same segment. Returns (fp32 logits of the last
-        position [batch, vocab], the cache advanced by t). `positions` [batch, t] are the RoPE
-        positions; `segment_ids` (default 1) must differ between padding and real tokens.
-        Prefill is one call with the whole (left-padded) prompt, then one call per new token.
+    def decode_step(self, tokens, cache: KVCache, *, positions, segment_ids=None, logits_at=None):
+        """Runs `tokens` [batch, t] into cache slots cache.index .. cache.index + t - 1 (index: a
+        scalar, or one per row), attending to every earlier filled slot of the same segment.
+        Returns (fp32 logits, the cache advanced by t): of the last position [batch, vocab], or
+        with `logits_at` of the positions it names (within t: [batch] -> [batch, vocab], [batch, k]
+        -> [batch, k, vocab]). `positions` [batch, t] are the RoPE positions; `segment_ids`
+        (default 1) must differ between padding and real tokens. Prefill is one call with the
+        whole (left-padded) prompt, then one call per new token.
 
         The layers run in the layer scan (`scan_layers`) with the stacked k/v buffers in its
         carry: each layer writes its new keys/values into them in place and reads its own block.
@@ -329,7 +342,11 @@ class Phi(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
         segment_ids = segment_ids.astype(jnp.int32)
-        kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index))
+        if cache.index.ndim == 1:
+            cols = cache.index[:, None] + jnp.arange(t)
+            kv_segments = cache.segment_ids.at[jnp.arange(b)[:, None], cols].set(segment_ids, mode="drop")
+        else:
+            kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index))
         x = self.embed(tokens)
         cos, sin = rotary_tables(positions, self.cfg.rotary_dim, self.cfg.rope_base)
 
@@ -342,7 +359,13 @@ class Phi(nnx.Module):
         # run may set to n_layers for step time): a phi-1 bucket compiles in seconds.
         x, k, v = self.scan_layers(run_layer, (x, cache.k, cache.v), jnp.arange(self.cfg.n_layers, dtype=jnp.int32),
                                    unroll=1)
-        logits = self.logits(self.final_layernorm(x[:, -1:]))[:, 0]
+        if logits_at is None:
+            logits = self.logits(self.final_layernorm(x[:, -1:]))[:, 0]
+        else:
+            at = jnp.asarray(logits_at, jnp.int32)
+            picked = jnp.take_along_axis(x, at.reshape(b, -1)[..., None], axis=1)  # [batch, k, d]
+            logits = self.logits(self.final_layernorm(picked))
+            logits = logits[:, 0] if at.ndim == 1 else logits
         return logits, KVCache(k, v, kv_segments, cache.index + t)
 
 

@@ -167,7 +167,7 @@ def test_top_p_filter_keeps_the_smallest_nucleus():
     logits = np.log(np.array([[0.05, 0.5, 0.15, 0.3]], np.float32))
 
     def kept(p):
-        return np.isfinite(np.asarray(decode._top_p_filter(logits, p)))[0].tolist()
+        return np.isfinite(np.asarray(decode.top_p_filter(logits, p)))[0].tolist()
 
     assert kept(0.5) == [False, True, False, False]
     assert kept(0.79) == [False, True, False, True]

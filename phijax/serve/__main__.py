@@ -1,0 +1,5 @@
+import sys
+
+from phijax.serve.server import main
+
+sys.exit(main())

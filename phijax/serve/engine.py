@@ -1,0 +1,542 @@
+"""Continuous batching over one KV cache: the engine behind `phijax.serve`.
+
+    engine = Engine(load_for_inference(path), slots=8)
+    engine.compile()          # every program, timed; else each compiles on first use (logged)
+    engine.start()            # the engine thread
+    seqs = engine.submit(prompt_ids, SamplingParams(max_tokens=64, temperature=0), n=1,
+                         on_event=lambda seq, event: ...)   # called from the engine thread
+    engine.cancel(seqs); engine.shutdown()
+
+How it runs (docs/serving.md):
+  * One cache [layers, slots, kv_heads, max_len, head_dim] (k and v) holds every running
+    sequence, one slot (row) each, tokens at their own positions: slot s holds its sequence's
+    token p at column p. A decode step feeds every slot's last token at its own position (the
+    cache index is one per row) and samples each row with its own temperature, top-p and key;
+    idle slots get index max_len, which writes nothing. Shapes never change, so a request's
+    tokens do not depend on what else runs: rows are independent computations.
+  * A new sequence takes a free slot and is prefilled in chunks of at most `prefill_chunk`
+    tokens (buckets: powers of two from `min_prefill_bucket`), one sequence per call, into its
+    row; at most `prefill_chunk` prompt tokens are prefilled between two decode steps while other
+    sequences are decoding, so a long prompt delays running requests by one chunk at a time. The
+    last chunk samples the first token; the sequence then joins the next decode step.
+  * The host turns tokens into text incrementally, checks stop sequences, end-of-text and
+    `max_tokens` after every step, and frees the slot of a finished (or cancelled) sequence at
+    once; the next waiting sequence takes it at the next step.
+  * Keys: fold_in(fold_in(key(seed), prompt index), choice index), then fold_in(step), as in
+    `phijax.decode.Sampler`: the same request with the same seed gives the same tokens.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import itertools
+import logging
+import os
+import threading
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from phijax import decode, sharding
+from phijax import model as model_lib
+from phijax.serve.text import StopScanner
+
+log = logging.getLogger("phijax.serve")
+
+FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED, FINISH_ERROR = "stop", "length", "cancelled", "error"
+
+
+class QueueFull(Exception):
+    """More sequences waiting for a slot than the engine's max_queued."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """One sequence's settings. logprobs: None, or k >= 0 (the chosen token's log-probability and
+    the k most likely alternatives, k <= the engine's max_logprobs). prompt_logprobs: also the
+    prompt tokens' (echo with logprobs). seed: None draws one."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
+    stop_at_eos: bool = True
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely tokens, best first
+
+
+@dataclasses.dataclass
+class Event:
+    """What a sequence produced since its last event: new text (never past a stop sequence;
+    text that could start one is held back until it cannot), the tokens generated, their
+    logprobs if asked, and at the end finish_reason ('stop', 'length', 'cancelled', 'error')."""
+
+    text: str = ""
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with the first event, if asked
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+_ids = itertools.count()
+
+
+class Seq:
+    """One sequence (a prompt x one choice) from submit to finish."""
+
+    def __init__(self, prompt_ids, params: SamplingParams, prompt_index: int, choice: int, seed: int,
+                 on_event: Callable[["Seq", Event], None], scanner: StopScanner):
+        self.id = next(_ids)
+        self.prompt_ids, self.params, self.prompt_index, self.choice = list(prompt_ids), params, prompt_index, choice
+        self.seed, self.on_event, self.scanner = seed, on_event, scanner
+        self.generated: list[int] = []
+        self.slot: int | None = None
+        self.prefilled = 0
+        self.prompt_lps: list[TokenLogprob | None] = [None]
+        self.finish_reason: str | None = None
+        self.cancelled = False
+        self.t_submit = time.perf_counter()
+        self.t_first: float | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.generated)
+
+
+def _bucket(n: int, minimum: int) -> int:
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+class Engine:
+    """Continuous batching of one model on one mesh (None: the default device). See the module
+    docstring. `max_len`: the cache's length (prompt + max_tokens of any sequence), default the
+    model's; a multiple of `prefill_chunk` (a power of two)."""
+
+    def __init__(self, model: decode.InferenceModel, *, slots: int = 8, max_len: int | None = None,
+                 prefill_chunk: int = 256, min_prefill_bucket: int = 16, max_queued: int = 256,
+                 max_logprobs: int = 20, mesh=None, rules=None, eos_id: int | None = None,
+                 compiler_options: dict | None = None):
+        cfg = model.cfg
+        self.model, self.cfg, self.slots = model, cfg, slots
+        self.max_len = max_len or cfg.max_len
+        if slots < 1:
+            raise ValueError(f"slots={slots} must be >= 1")
+        if not 0 < self.max_len <= cfg.max_len:
+            raise ValueError(f"max_len={self.max_len} must be in [1, the model's max_len={cfg.max_len}]")
+        for name, v in (("prefill_chunk", prefill_chunk), ("min_prefill_bucket", min_prefill_bucket)):
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"{name}={v} must be a power of two")
+        if min_prefill_bucket > prefill_chunk or self.max_len % prefill_chunk:
+            raise ValueError(f"max_len={self.max_len} must be a multiple of prefill_chunk={prefill_chunk}, which "
+                             f"must be >= min_prefill_bucket={min_prefill_bucket}")
+        if max_queued < 0 or max_logprobs < 0:
+            raise ValueError(f"max_queued={max_queued} and max_logprobs={max_logprobs} must be >= 0")
+        self.prefill_chunk, self.min_prefill_bucket, self.max_queued = prefill_chunk, min_prefill_bucket, max_queued
+        self.max_logprobs = max_logprobs
+        tok = model.tokenizer
+        self.eos_id = eos_id if eos_id is not None else (tok.eos_id if tok is not None else None)
+        self.pad_id = tok.pad_id if tok is not None else 0
+        self.mesh, self.rules = mesh, tuple(rules if rules is not None else sharding.DEFAULT_RULES)
+        if mesh is not None:
+            dp = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+            if slots % dp:
+                raise ValueError(f"slots={slots} is not divisible by the mesh's data-parallel size {dp} (data x fsdp)")
+        self.params = decode.place_params(model, mesh, self.rules)
+        shape = (cfg.n_layers, slots, cfg.kv_heads, self.max_len, cfg.head_dim)
+        self._cache_struct = jax.ShapeDtypeStruct(shape, jnp.dtype(cfg.dtype), sharding=self._sharding(
+            model_lib.CACHE_AXES, shape))
+        self._jit_kw = dict(compiler_options=compiler_options)
+        self._programs: dict[tuple, object] = {}  # (kind, bucket, prompt_logprobs) -> compiled
+        self.compile_seconds: dict[str, float] = {}
+        self.cache = None  # (k, v), allocated by start()
+        # Host-side slot state, sent with every step: token fed, its position (max_len: idle), steps
+        # generated, key data, temperature, top-p.
+        self._tok = np.zeros(slots, np.int32)
+        self._pos = np.full(slots, self.max_len, np.int32)
+        self._step = np.zeros(slots, np.int32)
+        self._keys = np.zeros((slots,) + self._key_shape(), np.uint32)
+        self._temp = np.zeros(slots, np.float32)
+        self._top_p = np.ones(slots, np.float32)
+        self._owner: list[Seq | None] = [None] * slots
+        self._waiting: collections.deque[Seq] = collections.deque()
+        self._prefilling: collections.deque[Seq] = collections.deque()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.error: str | None = None
+        self.stats = collections.Counter()  # decode_steps, prefill_calls, prefill_tokens, tokens
+
+    # ------------------------------------------------------------------ set-up
+
+    @staticmethod
+    def _key_shape():
+        return jax.random.key_data(jax.random.key(0)).shape
+
+    def _sharding(self, axes, shape):
+        if self.mesh is None:
+            return None
+        return sharding.named_sharding(axes, self.rules, self.mesh, shape)
+
+    def _context(self):
+        return sharding.use_mesh_rules(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext()
+
+    def _struct(self, shape, dtype):
+        """An abstract host input: replicated on a mesh."""
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=self._sharding((None,) * len(shape), shape))
+
+    def _put(self, x):
+        x = np.asarray(x)
+        if self.mesh is None:
+            return jnp.asarray(x)
+        return jax.device_put(x, self._sharding((None,) * x.ndim, x.shape))
+
+    @property
+    def prefill_buckets(self) -> list[int]:
+        b, out = self.min_prefill_bucket, []
+        while b <= self.prefill_chunk:
+            out.append(b)
+            b *= 2
+        return out
+
+    def _program(self, kind: str, bucket: int = 0, prompt_logprobs: bool = False):
+        """The compiled program, compiled (and timed) on first use."""
+        key = (kind, bucket, prompt_logprobs)
+        if key in self._programs:
+            return self._programs[key]
+        cache = (self._cache_struct, self._cache_struct)
+        S, K = self.slots, self.max_logprobs
+        t0 = time.perf_counter()
+        with self._context():
+            if kind == "decode":
+                fn = jax.jit(self._decode_fn, donate_argnums=(1,), **self._jit_kw)
+                lowered = fn.lower(self.params, cache, self._struct((S,), jnp.int32), self._struct((S,), jnp.int32),
+                                   self._struct((S,), jnp.int32), self._struct(self._keys.shape, jnp.uint32),
+                                   self._struct((S,), jnp.float32), self._struct((S,), jnp.float32))
+            else:
+                fn = jax.jit(self._prefill_fn, donate_argnums=(1,), static_argnames=("prompt_logprobs",),
+                             **self._jit_kw)
+                i32, f32 = self._struct((), jnp.int32), self._struct((), jnp.float32)
+                lowered = fn.lower(self.params, cache, self._struct((1, bucket), jnp.int32),
+                                   self._struct((1, bucket), jnp.int32), i32, i32, i32, i32,
+                                   self._struct(self._key_shape(), jnp.uint32), f32, f32,
+                                   prompt_logprobs=prompt_logprobs)
+            compiled = lowered.compile()
+        seconds = time.perf_counter() - t0
+        name = kind if kind == "decode" else f"prefill {bucket}" + (" +prompt logprobs" if prompt_logprobs else "")
+        self.compile_seconds[name] = seconds
+        log.info("compiled %s in %.2f s%s", name, seconds, "" if self._thread is None else " (first use)")
+        self._programs[key] = compiled
+        del K
+        return compiled
+
+    def compile(self) -> dict[str, float]:
+        """Compiles the decode step and every prefill bucket now; {program: seconds}."""
+        self._program("decode")
+        for b in self.prefill_buckets:
+            self._program("prefill", b)
+        return dict(self.compile_seconds)
+
+    # ------------------------------------------------------------------ compiled parts
+
+    def _choose(self, logits, keys, step, temperature, top_p):
+        """Next token per row, its log-probability under the model (before temperature and
+        top-p) and the max_logprobs most likely tokens."""
+        tok = decode.sample_tokens(logits, keys, step, temperature, top_p)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        chosen = jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
+        top_lp, top_ids = jax.lax.top_k(logp, max(self.max_logprobs, 1))
+        return tok, chosen, top_ids.astype(jnp.int32), top_lp
+
+    def _decode_fn(self, params, cache, tokens, pos, step, key_data, temperature, top_p):
+        model = nnx.merge(self.model.graphdef, params)
+        k, v = cache
+        ones = jnp.ones((self.slots, self.max_len), jnp.int32)  # one segment: the causal mask does the rest
+        logits, kv = model.decode_step(tokens[:, None], model_lib.KVCache(k, v, ones, pos), positions=pos[:, None])
+        keys = jax.vmap(jax.random.wrap_key_data)(key_data)
+        return (kv.k, kv.v), self._choose(logits, keys, step, temperature, top_p)
+
+    def _prefill_fn(self, params, cache, tokens, next_tokens, slot, start, n_valid, step, key_data, temperature,
+                    top_p, *, prompt_logprobs):
+        """tokens [1, C] (right-padded) into row `slot` at columns start.. of the cache; samples
+        from the logits of token n_valid - 1. With prompt_logprobs also the log-probabilities of
+        next_tokens [1, C] (each position's following prompt token)."""
+        model = nnx.merge(self.model.graphdef, params)
+        k, v = cache
+        c = tokens.shape[1]
+        row = model_lib.KVCache(jax.lax.dynamic_slice_in_dim(k, slot, 1, axis=1),
+                                jax.lax.dynamic_slice_in_dim(v, slot, 1, axis=1),
+                                jnp.ones((1, self.max_len), jnp.int32), start)
+        positions = start + jnp.arange(c, dtype=jnp.int32)[None]
+        at = jnp.arange(c, dtype=jnp.int32)[None] if prompt_logprobs else (n_valid - 1)[None]
+        logits, row = model.decode_step(tokens, row, positions=positions, logits_at=at)
+        k = jax.lax.dynamic_update_slice_in_dim(k, row.k, slot, axis=1)
+        v = jax.lax.dynamic_update_slice_in_dim(v, row.v, slot, axis=1)
+        last = jax.lax.dynamic_index_in_dim(logits[0], n_valid - 1, keepdims=True) if prompt_logprobs else logits
+        key = jax.random.wrap_key_data(key_data)[None]
+        first = self._choose(last, key, step, temperature, top_p)
+        extra = ()
+        if prompt_logprobs:
+            logp = jax.nn.log_softmax(logits[0], axis=-1)  # [C, vocab]
+            chosen = jnp.take_along_axis(logp, jnp.maximum(next_tokens[0], 0)[:, None], axis=-1)[:, 0]
+            top_lp, top_ids = jax.lax.top_k(logp, max(self.max_logprobs, 1))
+            extra = (chosen, top_ids.astype(jnp.int32), top_lp)
+        return (k, v), first, extra
+
+    # ------------------------------------------------------------------ requests
+
+    def check(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        """Raises ValueError naming what is wrong with this prompt and these settings."""
+        n = len(prompt_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty (phi has no BOS token: give at least one token)")
+        if params.max_tokens < 1:
+            raise ValueError(f"max_tokens={params.max_tokens} must be >= 1")
+        if n + params.max_tokens > self.max_len:
+            raise ValueError(f"this model's maximum context length is {self.max_len} tokens; the prompt has {n} "
+                             f"tokens and max_tokens is {params.max_tokens} ({n + params.max_tokens} in all)")
+        bad = [t for t in prompt_ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"token ids outside [0, {self.cfg.vocab_size}): {bad[:5]}")
+        if not params.temperature >= 0:
+            raise ValueError(f"temperature={params.temperature} must be >= 0")
+        if not 0 < params.top_p <= 1:
+            raise ValueError(f"top_p={params.top_p} must be in (0, 1]")
+        if params.logprobs is not None and not 0 <= params.logprobs <= self.max_logprobs:
+            raise ValueError(f"logprobs={params.logprobs} must be in [0, {self.max_logprobs}]")
+        if params.seed is not None and not 0 <= params.seed < 2**32:
+            raise ValueError(f"seed={params.seed} must be in [0, 2**32)")
+
+    def submit(self, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int,
+               on_event: Callable[[Seq, Event], None]) -> list[Seq]:
+        """Queues n choices of every prompt (a list of token-id lists); returns their Seqs in the
+        order prompt-major, choice-minor. Raises ValueError (bad input), QueueFull, or
+        RuntimeError if the engine has stopped."""
+        for p in prompts:
+            self.check(p, params)
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
+        tok = self.model.tokenizer
+        seqs = [Seq(p, params, i, j, seed, on_event, StopScanner(tok, params.stop))
+                for i, p in enumerate(prompts) for j in range(n)]
+        with self._cv:
+            if self.error is not None or self._stopping:
+                raise RuntimeError(self.error or "the engine is shutting down")
+            if len(self._waiting) + len(seqs) > self.max_queued:
+                raise QueueFull(f"{len(self._waiting)} sequences are waiting for a slot and this request adds "
+                                f"{len(seqs)}; the limit is {self.max_queued}")
+            self._waiting.extend(seqs)
+            self._cv.notify()
+        return seqs
+
+    def cancel(self, seqs: Sequence[Seq]) -> None:
+        """Ends these sequences (finish_reason 'cancelled' unless already finished); their slots
+        are free before the next step."""
+        with self._cv:
+            for s in seqs:
+                s.cancelled = True
+            self._cv.notify()
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return sum(o is not None for o in self._owner)
+
+    # ------------------------------------------------------------------ the loop
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("the engine is already started")
+        zeros = jax.jit(lambda: jnp.zeros(self._cache_struct.shape, self._cache_struct.dtype),
+                        out_shardings=self._cache_struct.sharding)
+        self.cache = (zeros(), zeros())
+        self._thread = threading.Thread(target=self._loop, name="phijax-serve-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float | None = 60.0) -> None:
+        """Cancels whatever still waits or runs and stops the engine thread."""
+        with self._cv:
+            self._stopping = True
+            for s in list(self._waiting) + [o for o in self._owner if o is not None]:
+                s.cancelled = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    def _loop(self):
+        try:
+            while True:
+                with self._cv:
+                    self._reap()
+                    self._admit()
+                    if self._stopping and not self._waiting and self.running == 0:
+                        return
+                    if not self._prefilling and not self._decoding():
+                        self._cv.wait()
+                        continue
+                # Prefill: a chunk's worth of prompt tokens between decode steps while others decode.
+                budget = self.prefill_chunk if self._decoding() else float("inf")
+                while self._prefilling and budget > 0 and not self._prefilling[0].cancelled:
+                    budget -= self._prefill_chunk(self._prefilling[0])
+                if self._decoding():
+                    self._decode_step()
+        except Exception as e:  # a device error: fail every sequence, report through /health
+            log.exception("the serving engine stopped")
+            with self._cv:
+                self.error = f"{type(e).__name__}: {e}"
+                for s in list(self._waiting) + [o for o in self._owner if o is not None]:
+                    self._finish(s, FINISH_ERROR, error=self.error)
+                self._waiting.clear()
+
+    def _decoding(self) -> bool:
+        return any(o is not None and o.prefilled == o.prompt_tokens for o in self._owner)
+
+    def _reap(self):
+        for s in [s for s in self._waiting if s.cancelled]:
+            self._waiting.remove(s)
+            self._finish(s, FINISH_CANCELLED)
+        for o in self._owner:
+            if o is not None and o.cancelled:
+                self._finish(o, FINISH_CANCELLED)
+
+    def _admit(self):
+        for slot in range(self.slots):
+            if not self._waiting:
+                return
+            if self._owner[slot] is None:
+                s = self._waiting.popleft()
+                s.slot = slot
+                self._owner[slot] = s
+                self._prefilling.append(s)
+
+    def _free(self, s: Seq):
+        if s.slot is not None:
+            self._owner[s.slot] = None
+            self._pos[s.slot] = self.max_len
+            self._temp[s.slot] = 0.0
+            s.slot = None
+        if s in self._prefilling:
+            self._prefilling.remove(s)
+
+    def _finish(self, s: Seq, reason: str, event: Event | None = None, error: str | None = None):
+        if s.finish_reason is not None:
+            return
+        self._free(s)
+        s.finish_reason = reason
+        event = event or Event()
+        if reason in (FINISH_STOP, FINISH_LENGTH):
+            event.text += s.scanner.flush()
+        event.finish_reason, event.error = reason, error
+        s.on_event(s, event)
+
+    def _key_data(self, s: Seq) -> np.ndarray:
+        key = decode.row_keys(np.uint32(s.seed), jnp.asarray([s.prompt_index]), jnp.asarray([s.choice]))[0]
+        return np.asarray(jax.random.key_data(key))
+
+    def _prefill_chunk(self, s: Seq) -> int:
+        """Runs the next chunk of s's prompt; the last one samples its first token. Returns the
+        chunk's prompt tokens."""
+        start, total = s.prefilled, s.prompt_tokens
+        n = min(self.prefill_chunk, total - start)
+        c = _bucket(n, self.min_prefill_bucket)
+        tokens = np.full((1, c), self.pad_id, np.int32)
+        tokens[0, :n] = s.prompt_ids[start:start + n]
+        nxt = np.full((1, c), -1, np.int32)
+        follow = s.prompt_ids[start + 1:start + n + 1]
+        nxt[0, :len(follow)] = follow
+        p = s.params
+        if start == 0:
+            self._keys[s.slot] = self._key_data(s)
+        prog = self._program("prefill", c, p.prompt_logprobs)
+        with self._context():
+            self.cache, first, extra = prog(
+                self.params, self.cache, self._put(tokens), self._put(nxt), self._put(np.int32(s.slot)),
+                self._put(np.int32(start)), self._put(np.int32(n)), self._put(np.int32(0)),
+                self._put(self._keys[s.slot]), self._put(np.float32(p.temperature)), self._put(np.float32(p.top_p)))
+        s.prefilled = start + n
+        self.stats["prefill_calls"] += 1
+        self.stats["prefill_tokens"] += n
+        if p.prompt_logprobs:
+            chosen, top_ids, top_lp = jax.device_get(extra)
+            for i in range(len(follow)):
+                s.prompt_lps.append(self._logprob(follow[i], chosen[i], top_ids[i], top_lp[i], p.logprobs))
+        if s.prefilled < total:
+            return n
+        self._prefilling.remove(s)
+        tok, chosen, top_ids, top_lp = jax.device_get(first)
+        slot = s.slot
+        self._temp[slot], self._top_p[slot] = p.temperature, p.top_p
+        self._take(s, int(tok[0]), chosen[0], top_ids[0], top_lp[0], position=total)
+        return n
+
+    def _decode_step(self):
+        prog = self._program("decode")
+        with self._context():
+            self.cache, out = prog(self.params, self.cache, self._put(self._tok), self._put(self._pos),
+                                   self._put(self._step), self._put(self._keys), self._put(self._temp),
+                                   self._put(self._top_p))
+        tok, chosen, top_ids, top_lp = jax.device_get(out)
+        self.stats["decode_steps"] += 1
+        for slot, s in enumerate(self._owner):
+            if s is not None and s.prefilled == s.prompt_tokens and s.generated:
+                self._take(s, int(tok[slot]), chosen[slot], top_ids[slot], top_lp[slot],
+                           position=int(self._pos[slot]) + 1)
+
+    def _logprob(self, token, chosen, top_ids, top_lp, k) -> TokenLogprob:
+        k = k or 0
+        return TokenLogprob(int(token), float(chosen), [(int(i), float(x)) for i, x in zip(top_ids[:k], top_lp[:k])])
+
+    def _take(self, s: Seq, token: int, chosen, top_ids, top_lp, *, position: int):
+        """Host side of one generated token: text, stop checks, the event; the slot's next input."""
+        with self._cv:
+            if s.cancelled:
+                self._finish(s, FINISH_CANCELLED)
+                return
+        if s.t_first is None:
+            s.t_first = time.perf_counter()
+        s.generated.append(token)
+        self.stats["tokens"] += 1
+        p = s.params
+        event = Event(tokens=[token])
+        if s.completion_tokens == 1 and p.prompt_logprobs:
+            event.prompt_logprobs = s.prompt_lps
+        reason = None
+        if p.stop_at_eos and token == self.eos_id:
+            reason = FINISH_STOP
+        else:
+            if p.logprobs is not None:
+                event.logprobs.append(self._logprob(token, chosen, top_ids, top_lp, p.logprobs))
+            event.text, stopped = s.scanner.add(token)
+            if stopped:
+                reason = FINISH_STOP
+        if reason is None and s.completion_tokens >= p.max_tokens:
+            reason = FINISH_LENGTH
+        if reason is not None:
+            self._finish(s, reason, event)
+            return
+        s.on_event(s, event)
+        slot = s.slot
+        self._tok[slot], self._pos[slot], self._step[slot] = token, position, s.completion_tokens
