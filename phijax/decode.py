@@ -430,8 +430,8 @@ class Sampler:
     def complete(self, prompts: Sequence[str], max_new_tokens: int = 512, *, temperature: float = 0.0,
                  top_p: float = 1.0, num_samples: int = 1, seed: int = 0,
                  stop: Sequence[str] = (), fit_context: bool = False) -> list[list[str]]:
-        """num_samples completions per prompt: the text after the prompt, cut before the first stop
-        sequence or end-of-text. The stop sequences are the caller's (a benchmark's prompt format
+        """num_samples completions per prompt: the text after the prompt (special tokens left out),
+        cut before the first stop sequence or end-of-text. The stop sequences are the caller's (a benchmark's prompt format
         has its own: phijax.evaluate.problems.STOP). fit_context: as in generate_tokens."""
         tok = self.model.tokenizer
         if tok is None:
@@ -444,8 +444,8 @@ class Sampler:
         rows, n = self._rows(prompts_ids, num_samples, temperature)
         eos = self.eos_id
 
-        def text(ids):
-            return tok.decode([t for t in ids if t != eos])
+        def text(ids):  # special tokens (end-of-text, <|pad|>) are not text: phijax.serve leaves them out too
+            return tok.decode([t for t in ids if t != eos], skip_special_tokens=True)
 
         stop_fn = (lambda ids: cut_at_stop(text(ids), stop)[1]) if stop else None
         ids = self._run(rows, max_new_tokens, temperature, top_p, seed, eos, stop_fn, room)

@@ -182,7 +182,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.error: str | None = None
-        self.stats = collections.Counter()  # decode_steps, prefill_calls, prefill_tokens, tokens
+        self.stats = collections.Counter()  # decode_steps, prefill_calls, prefill_tokens, tokens, finish reasons
 
     # ------------------------------------------------------------------ set-up
 
@@ -338,9 +338,10 @@ class Engine:
         with self._cv:
             if self.error is not None or self._stopping:
                 raise RuntimeError(self.error or "the engine is shutting down")
-            if len(self._waiting) + len(seqs) > self.max_queued:
-                raise QueueFull(f"{len(self._waiting)} sequences are waiting for a slot and this request adds "
-                                f"{len(seqs)}; the limit is {self.max_queued}")
+            free = self.slots - self.running
+            if len(self._waiting) + len(seqs) - free > self.max_queued:
+                raise QueueFull(f"{max(0, len(self._waiting) - free)} sequences are waiting for a slot and this "
+                                f"request adds {len(seqs)}; the limit is {self.max_queued}")
             self._waiting.extend(seqs)
             self._cv.notify()
         return seqs
@@ -446,6 +447,7 @@ class Engine:
             return
         self._free(s)
         s.finish_reason = reason
+        self.stats[reason] += 1
         event = event or Event()
         if reason in (FINISH_STOP, FINISH_LENGTH):
             event.text += s.scanner.flush()

@@ -43,6 +43,7 @@ class Request:
     seed: int | None = None
     logprobs: int | None = None  # completions: top alternatives; chat: top_logprobs (when logprobs=true)
     echo: bool = False
+    ignore_eos: bool = False
     stream: bool = False
     include_usage: bool = False
 
@@ -95,7 +96,8 @@ def _neutral(body, name, ok):
 
 
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "stream_options", "user",
-           "presence_penalty", "frequency_penalty", "logit_bias"}
+           "presence_penalty", "frequency_penalty", "logit_bias",
+           "ignore_eos"}  # vLLM's extension: run to max_tokens (load generators want fixed lengths)
 COMPLETION_KEYS = _COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"}
 CHAT_KEYS = _COMMON | {"messages", "logprobs", "top_logprobs", "max_completion_tokens", "response_format",
                        "tools", "tool_choice", "parallel_tool_calls", "stream_options", "metadata", "store"}
@@ -132,6 +134,7 @@ def parse(raw: bytes, *, chat: bool, max_logprobs: int, max_n: int) -> Request:
                   n=n, stop=_stop(g("stop")),
                   seed=None if g("seed") is None else _int("seed", g("seed"), 0, 2**32 - 1),
                   stream=_bool("stream", g("stream")) if g("stream") is not None else False)
+    req.ignore_eos = _bool("ignore_eos", g("ignore_eos")) if g("ignore_eos") is not None else False
     opts = g("stream_options")
     if opts is not None:
         if not isinstance(opts, dict) or set(opts) - {"include_usage", "continuous_usage_stats"}:
@@ -140,7 +143,9 @@ def parse(raw: bytes, *, chat: bool, max_logprobs: int, max_n: int) -> Request:
     if chat:
         _neutral(body, "tools", lambda v: v == [])
         _neutral(body, "tool_choice", lambda v: v == "none")
-        _neutral(body, "response_format", lambda v: v == {"type": "text"})
+        # json_object is taken as a hint, not enforced (no constrained decoding): callers that ask
+        # for JSON parse and re-ask anyway (data_gen.annotate does).
+        _neutral(body, "response_format", lambda v: v in ({"type": "text"}, {"type": "json_object"}))
         req.prompts = [_messages(g("messages"))]
         if g("logprobs") is not None and _bool("logprobs", g("logprobs")):
             req.logprobs = _int("top_logprobs", g("top_logprobs") or 0, 0, max_logprobs)

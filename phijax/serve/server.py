@@ -17,6 +17,7 @@ import contextlib
 import hmac
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -173,7 +174,8 @@ class Server:
                                    code="context_length_exceeded")
             params = engine_lib.SamplingParams(
                 max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop,
-                logprobs=req.logprobs, prompt_logprobs=req.echo and req.logprobs is not None)
+                logprobs=req.logprobs, prompt_logprobs=req.echo and req.logprobs is not None,
+                stop_at_eos=not req.ignore_eos)
             pending = _Request(asyncio.get_running_loop())
             try:
                 pending.seqs = self.engine.submit(ids, params, req.n, pending.on_event)
@@ -457,12 +459,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("serving %r on http://%s:%d/v1 (%d slots, max_len %d)", server.model_name, host, port, engine.slots,
              engine.max_len)
     print(f"phijax.serve: ready on http://{host}:{port}/v1", flush=True)
+    # uvicorn drains on the first Ctrl-C (SIGINT or SIGTERM), cancels what still runs after
+    # --drain_timeout, then raises the signal again: KeyboardInterrupt here.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    interrupted = False
     try:
         uv.run(sockets=[sock])
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         engine.shutdown()
     log.info("stopped: %d tokens generated in %d decode steps", engine.stats["tokens"], engine.stats["decode_steps"])
-    return cli.EXIT_INTERRUPTED if uv.should_exit and getattr(uv, "force_exit", False) else cli.EXIT_OK
+    return cli.EXIT_INTERRUPTED if interrupted else cli.EXIT_OK
 
 
 if __name__ == "__main__":

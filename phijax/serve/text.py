@@ -15,8 +15,8 @@ class StopScanner:
     * the text never reaches into a stop sequence: once one occurs, the text ends before it
       (stopped=True); text that could be the start of one is held back until it cannot.
 
-    The concatenated pieces plus `flush()` equal the whole completion decoded at once and cut
-    before the first stop sequence (phijax.decode.Sampler.complete's text)."""
+    The concatenated pieces plus `flush()` equal the whole completion decoded at once (special
+    tokens such as <|pad|> left out) and cut before the first stop sequence."""
 
     def __init__(self, tokenizer, stop: Sequence[str] = ()):
         self.tok = tokenizer
@@ -28,12 +28,15 @@ class StopScanner:
         self.done = False
         self._prefix = self._read = 0  # token offsets: decoded window start, end of the clean text
 
+    def _decode(self, ids) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)  # no <|pad|> in text (vLLM's default too)
+
     def add(self, token: int) -> tuple[str, bool]:
         self.ids.append(token)
         if self.done or self.tok is None:
             return "", self.done
-        prefix = self.tok.decode(self.ids[self._prefix:self._read])
-        new = self.tok.decode(self.ids[self._prefix:])
+        prefix = self._decode(self.ids[self._prefix:self._read])
+        new = self._decode(self.ids[self._prefix:])
         if len(new) > len(prefix) and not new.endswith(REPLACEMENT):
             self.text += new[len(prefix):]
             self._prefix, self._read = self._read, len(self.ids)
@@ -64,7 +67,7 @@ class StopScanner:
         if self.done or self.tok is None:
             return ""
         self.done = True
-        text = self.tok.decode(self.ids)
+        text = self._decode(self.ids)
         hits = [i for i in (text.find(s, max(0, self.sent - self.longest)) for s in self.stop) if i >= 0]
         if hits:
             text = text[:min(hits)]
