@@ -150,6 +150,8 @@ class LayerCache:
     segment_ids: jax.Array
     index: jax.Array
     layer: jax.Array
+    # Attention reads only the first `window` slots (None: all); static: each window is its own program.
+    window: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     def write(self, k, v) -> "LayerCache":
         """Stores k, v [batch, t, kv_heads, head_dim] in this layer's slots index .. index + t - 1:
@@ -172,8 +174,16 @@ class LayerCache:
     def read(self):
         """This layer's (k, v), each [batch, kv_heads, slots, head_dim]. (A dynamic slice: XLA:CPU
         copies it before the attention matmuls read it, one layer's block per token.)"""
-        return (jax.lax.dynamic_index_in_dim(self.k, self.layer, keepdims=False),
-                jax.lax.dynamic_index_in_dim(self.v, self.layer, keepdims=False))
+        if self.window is None:
+            return (jax.lax.dynamic_index_in_dim(self.k, self.layer, keepdims=False),
+                    jax.lax.dynamic_index_in_dim(self.v, self.layer, keepdims=False))
+        size = (1,) + self.k.shape[1:3] + (self.window,) + self.k.shape[4:]
+        at = (self.layer, 0, 0, 0, 0)
+        return jax.lax.dynamic_slice(self.k, at, size)[0], jax.lax.dynamic_slice(self.v, at, size)[0]
+
+    @property
+    def read_segment_ids(self):
+        return self.segment_ids if self.window is None else self.segment_ids[:, :self.window]
 
 
 class Attention(nnx.Module):
@@ -204,8 +214,8 @@ class Attention(nnx.Module):
         if cache is not None:
             cache = cache.write(k, v)
             k_layer, v_layer = cache.read()
-            out = attention.cached_attention(q, k_layer, v_layer, q_offset=cache.index,
-                                             q_segment_ids=segment_ids, kv_segment_ids=cache.segment_ids)
+            out = attention.cached_attention(q, k_layer, v_layer, q_offset=cache.index, q_segment_ids=segment_ids,
+                                             kv_segment_ids=cache.read_segment_ids)
             out = constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
             return self.dense(out), cache
         out = attention.get_backend(cfg.attention)(
@@ -325,14 +335,21 @@ class Phi(nnx.Module):
         k, v = (constrain(jnp.zeros(shape, dtype), CACHE_AXES) for _ in range(2))
         return KVCache(k=k, v=v, segment_ids=jnp.zeros((batch, slots), jnp.int32), index=jnp.zeros((), jnp.int32))
 
-    def decode_step(self, tokens, cache: KVCache, *, positions, segment_ids=None, logits_at=None):
+    def decode_step(self, tokens, cache: KVCache, *, positions, segment_ids=None, logits_at=None,
+                    window: int | None = None, layer_params: list | None = None):
         """Runs `tokens` [batch, t] into cache slots cache.index .. cache.index + t - 1 (index: a
         scalar, or one per row), attending to every earlier filled slot of the same segment.
         Returns (fp32 logits, the cache advanced by t): of the last position [batch, vocab], or
         with `logits_at` of the positions it names (within t: [batch] -> [batch, vocab], [batch, k]
         -> [batch, k, vocab]). `positions` [batch, t] are the RoPE positions; `segment_ids`
         (default 1) must differ between padding and real tokens. Prefill is one call with the
-        whole (left-padded) prompt, then one call per new token.
+        whole (left-padded) prompt, then one call per new token. `window`: attention reads
+        only the first `window` slots (phijax.serve's window buckets). `layer_params` (from
+        `unstack_layers`): the layers run one after the other from their own weight arrays and
+        the cache's k, v are tuples of per-layer buffers [1, batch, kv_heads, slots, head_dim]:
+        nothing is sliced out of stacked arrays, so nothing is copied per token (the layer scan's
+        XLA:CPU/GPU copies of each layer's weights and cache block), at the price of compile time
+        growing with depth and a second copy of the layer weights.
 
         The layers run in the layer scan (`scan_layers`) with the stacked k/v buffers in its
         carry: each layer writes its new keys/values into them in place and reads its own block.
@@ -352,13 +369,22 @@ class Phi(nnx.Module):
 
         def run_layer(layer, carry, i):
             x, k, v = carry
-            x, lc = layer(x, cos, sin, segment_ids, None, cache=LayerCache(k, v, kv_segments, cache.index, i))
+            x, lc = layer(x, cos, sin, segment_ids, None, cache=LayerCache(k, v, kv_segments, cache.index, i, window))
             return x, lc.k, lc.v
 
-        # One layer per scan iteration whatever the training setting (cfg.scan_unroll, which a GPU
-        # run may set to n_layers for step time): a phi-1 bucket compiles in seconds.
-        x, k, v = self.scan_layers(run_layer, (x, cache.k, cache.v), jnp.arange(self.cfg.n_layers, dtype=jnp.int32),
-                                   unroll=1)
+        if layer_params is not None:
+            graphdef = nnx.split(self.layers)[0]
+            ks, vs = [], []
+            for p, k, v in zip(layer_params, cache.k, cache.v):
+                x, k, v = run_layer(nnx.merge(graphdef, p), (x, k, v), jnp.int32(0))
+                ks.append(k)
+                vs.append(v)
+            k, v = tuple(ks), tuple(vs)
+        else:
+            # One layer per scan iteration whatever the training setting (cfg.scan_unroll, which a
+            # GPU run may set to n_layers for step time): a phi-1 bucket compiles in seconds.
+            x, k, v = self.scan_layers(run_layer, (x, cache.k, cache.v),
+                                       jnp.arange(self.cfg.n_layers, dtype=jnp.int32), unroll=1)
         if logits_at is None:
             logits = self.logits(self.final_layernorm(x[:, -1:]))[:, 0]
         else:
@@ -367,6 +393,13 @@ class Phi(nnx.Module):
             logits = self.logits(self.final_layernorm(picked))
             logits = logits[:, 0] if at.ndim == 1 else logits
         return logits, KVCache(k, v, kv_segments, cache.index + t)
+
+
+def unstack_layers(params) -> list:
+    """Per-layer weights (a list of n_layers dicts) of a params dict's stacked layers, for
+    `Phi.decode_step(layer_params=...)`."""
+    n = jax.tree.leaves(params["layers"])[0].shape[0]
+    return [jax.tree.map(lambda x: x[i], params["layers"]) for i in range(n)]
 
 
 def init(cfg: PhiConfig, seed: int = 0) -> Phi:

@@ -312,6 +312,24 @@ def test_sharded_engine_matches_single_device(model, client):
         eng.shutdown()
 
 
+def test_unrolled_layers_and_attention_windows_give_the_same_tokens(model, client):
+    """layers='unrolled' (per-layer weights and cache buffers) with attention windows: the same
+    greedy text as the module's engine (layer scan, whole cache)."""
+    eng = Engine(model, slots=4, max_len=256, prefill_chunk=64, layers="unrolled", batch_invariant=False)
+    assert eng.windows == [128, 256] and len(eng.cache_struct_leaves()) == 2 * model.cfg.n_layers
+    eng.start()
+    try:
+        srv = serve_lib.Server(eng, model_name=NAME, chat_template=serve_lib.ChatTemplate())
+        with serve_lib.running(srv) as base:
+            c = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
+            for ids in PROMPTS.values():
+                kw = dict(model=NAME, prompt=ids, max_tokens=40, temperature=0)
+                assert c.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
+        assert eng.stats["decode_steps"] > 0
+    finally:
+        eng.shutdown()
+
+
 @pytest.mark.slow
 def test_command_serves_an_export_and_drains_on_ctrl_c(model, hf_dir, tmp_path):  # noqa: F811
     """`python -m phijax.serve --model <export>` answers the openai client; Ctrl-C lets the

@@ -109,8 +109,8 @@ def test_data_gen_annotate(served, tmp_path, monkeypatch):
     docs = [{"id": f"doc{i}", "text": f"def scale_{i}(xs):\n    return [x * {i} for x in xs]\n"} for i in range(2)]
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    # json_mode=False: phijax.serve takes response_format only as {"type": "text"} (a 400 otherwise)
-    cfg = annotate.AnnotateConfig(max_tokens=MAX_TOKENS, json_mode=False, max_parse_retries=1)
+    # json_mode (the default) sends response_format json_object: phijax.serve takes it as a hint
+    cfg = annotate.AnnotateConfig(max_tokens=MAX_TOKENS, json_mode=True, max_parse_retries=1)
     ecfg = engine_lib.EngineConfig(model=MODEL, base_url=url, api_key_env="SERVE_CLIENTS_KEY", concurrency=4,
                                    progress=False)
     out = tmp_path / "ann"

@@ -125,7 +125,7 @@ def phijax_argv(args, slots: int) -> list[str]:
         argv += ["--max_len", str(args.max_len)]
     if args.dtype:
         argv += ["--dtype", args.dtype]
-    return argv
+    return argv + args.serve_args.split()
 
 
 def transformers_argv(args, hf_dir: str) -> list[str]:
@@ -366,6 +366,8 @@ def main(argv=None):
     p.add_argument("--continuous_batching", action=argparse.BooleanOptionalAction,
                    default=True, help="transformers serve --continuous-batching (else sequential generate)")
     p.add_argument("--torch_device", default="cpu", help="transformers serve --device")
+    p.add_argument("--serve_args", default="", help="more phijax.serve flags, space-separated (e.g. "
+                                                    "'--layers unrolled --attention_windows')")
     p.add_argument("--transformers_args", default="", help="more `transformers serve` flags, space-separated "
                                                            "(e.g. '--cb-num-blocks 512')")
     p.add_argument("--startup_timeout", type=float, default=900.0, help="seconds a server may take to be ready")

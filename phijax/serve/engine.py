@@ -12,8 +12,10 @@ How it runs (docs/serving.md):
     sequence, one slot (row) each, tokens at their own positions: slot s holds its sequence's
     token p at column p. A decode step feeds every slot's last token at its own position (the
     cache index is one per row) and samples each row with its own temperature, top-p and key;
-    idle slots get index max_len, which writes nothing. Shapes never change, so a request's
-    tokens do not depend on what else runs: rows are independent computations.
+    idle slots get index max_len, which writes nothing. No shape depends on the other requests
+    and rows are independent computations, so a request's tokens do not depend on what else
+    runs (batch_invariant=False trades that for attention windows sized to the longest running
+    sequence).
   * A new sequence takes a free slot and is prefilled in chunks of at most `prefill_chunk`
     tokens (buckets: powers of two from `min_prefill_bucket`), one sequence per call, into its
     row; at most `prefill_chunk` prompt tokens are prefilled between two decode steps while other
@@ -30,6 +32,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -128,12 +131,12 @@ def _bucket(n: int, minimum: int) -> int:
 class Engine:
     """Continuous batching of one model on one mesh (None: the default device). See the module
     docstring. `max_len`: the cache's length (prompt + max_tokens of any sequence), default the
-    model's; a multiple of `prefill_chunk` (a power of two)."""
+    model's; a multiple of `prefill_chunk` (a power of two). batch_invariant: see __init__."""
 
     def __init__(self, model: decode.InferenceModel, *, slots: int = 8, max_len: int | None = None,
                  prefill_chunk: int = 256, min_prefill_bucket: int = 16, max_queued: int = 256,
-                 max_logprobs: int = 20, mesh=None, rules=None, eos_id: int | None = None,
-                 compiler_options: dict | None = None):
+                 max_logprobs: int = 20, batch_invariant: bool = True, layers: str = "scan", mesh=None, rules=None,
+                 eos_id: int | None = None, compiler_options: dict | None = None):
         cfg = model.cfg
         self.model, self.cfg, self.slots = model, cfg, slots
         self.max_len = max_len or cfg.max_len
@@ -151,6 +154,13 @@ class Engine:
             raise ValueError(f"max_queued={max_queued} and max_logprobs={max_logprobs} must be >= 0")
         self.prefill_chunk, self.min_prefill_bucket, self.max_queued = prefill_chunk, min_prefill_bucket, max_queued
         self.max_logprobs = max_logprobs
+        # Batch-invariant (the default): every decode step attends over the whole cache, so no
+        # shape depends on the other requests. Otherwise over the shortest window (128, 256, ...
+        # max_len columns) covering every running sequence: faster for short sequences, but a
+        # different window changes the logits' last bits, so a near-tie may go the other way.
+        self.batch_invariant = batch_invariant
+        self.windows = [self.max_len] if batch_invariant else sorted(
+            {min(128 << i, self.max_len) for i in range(self.max_len.bit_length())})
         tok = model.tokenizer
         self.eos_id = eos_id if eos_id is not None else (tok.eos_id if tok is not None else None)
         self.pad_id = tok.pad_id if tok is not None else 0
@@ -160,9 +170,18 @@ class Engine:
             if slots % dp:
                 raise ValueError(f"slots={slots} is not divisible by the mesh's data-parallel size {dp} (data x fsdp)")
         self.params = decode.place_params(model, mesh, self.rules)
-        shape = (cfg.n_layers, slots, cfg.kv_heads, self.max_len, cfg.head_dim)
-        self._cache_struct = jax.ShapeDtypeStruct(shape, jnp.dtype(cfg.dtype), sharding=self._sharding(
-            model_lib.CACHE_AXES, shape))
+        # layers='scan': the layer scan over stacked weights and one stacked cache (compile time
+        # flat in depth); 'unrolled': each layer from its own arrays (Phi.decode_step's
+        # layer_params), faster per token where the scan's per-layer copies dominate (small models,
+        # CPU), compile time growing with depth, twice the layer weights' memory.
+        if layers not in ("scan", "unrolled"):
+            raise ValueError(f"layers={layers!r}: 'scan' or 'unrolled'")
+        self.layers = layers
+        self.layer_params = model_lib.unstack_layers(self.params) if layers == "unrolled" else None
+        per_layer = layers == "unrolled"
+        shape = (1 if per_layer else cfg.n_layers, slots, cfg.kv_heads, self.max_len, cfg.head_dim)
+        one = jax.ShapeDtypeStruct(shape, jnp.dtype(cfg.dtype), sharding=self._sharding(model_lib.CACHE_AXES, shape))
+        self._cache_struct = tuple([one] * cfg.n_layers) if per_layer else one
         self._jit_kw = dict(compiler_options=compiler_options)
         self._programs: dict[tuple, object] = {}  # (kind, bucket, prompt_logprobs) -> compiled
         self.compile_seconds: dict[str, float] = {}
@@ -202,11 +221,16 @@ class Engine:
         """An abstract host input: replicated on a mesh."""
         return jax.ShapeDtypeStruct(shape, dtype, sharding=self._sharding((None,) * len(shape), shape))
 
-    def _put(self, x):
-        x = np.asarray(x)
-        if self.mesh is None:
-            return jnp.asarray(x)
-        return jax.device_put(x, self._sharding((None,) * x.ndim, x.shape))
+    def _put(self, *xs):
+        """Host arrays onto the device(s) in one call (replicated on a mesh). (jnp.asarray would
+        dispatch a conversion per array: a third of the engine thread's time under load.)"""
+        xs = [np.asarray(x) for x in xs]
+        shardings = [self._sharding((None,) * x.ndim, x.shape) for x in xs] if self.mesh is not None else None
+        return jax.device_put(xs, shardings)
+
+    def cache_struct_leaves(self) -> list:
+        """The cache's arrays (k and v: one stacked buffer each, or one per layer) as shapes."""
+        return jax.tree.leaves((self._cache_struct, self._cache_struct))
 
     @property
     def prefill_buckets(self) -> list[int]:
@@ -222,34 +246,34 @@ class Engine:
         if key in self._programs:
             return self._programs[key]
         cache = (self._cache_struct, self._cache_struct)
-        S, K = self.slots, self.max_logprobs
+        S = self.slots
         t0 = time.perf_counter()
         with self._context():
             if kind == "decode":
-                fn = jax.jit(self._decode_fn, donate_argnums=(1,), **self._jit_kw)
-                lowered = fn.lower(self.params, cache, self._struct((S,), jnp.int32), self._struct((S,), jnp.int32),
+                fn = jax.jit(self._decode_fn, donate_argnums=(2,), static_argnames=("window",), **self._jit_kw)
+                lowered = fn.lower(self.params, self.layer_params, cache, self._struct((S,), jnp.int32), self._struct((S,), jnp.int32),
                                    self._struct((S,), jnp.int32), self._struct(self._keys.shape, jnp.uint32),
-                                   self._struct((S,), jnp.float32), self._struct((S,), jnp.float32))
+                                   self._struct((S,), jnp.float32), self._struct((S,), jnp.float32), window=bucket)
             else:
-                fn = jax.jit(self._prefill_fn, donate_argnums=(1,), static_argnames=("prompt_logprobs",),
+                fn = jax.jit(self._prefill_fn, donate_argnums=(2,), static_argnames=("prompt_logprobs",),
                              **self._jit_kw)
                 i32, f32 = self._struct((), jnp.int32), self._struct((), jnp.float32)
-                lowered = fn.lower(self.params, cache, self._struct((1, bucket), jnp.int32),
+                lowered = fn.lower(self.params, self.layer_params, cache, self._struct((1, bucket), jnp.int32),
                                    self._struct((1, bucket), jnp.int32), i32, i32, i32, i32,
                                    self._struct(self._key_shape(), jnp.uint32), f32, f32,
                                    prompt_logprobs=prompt_logprobs)
             compiled = lowered.compile()
         seconds = time.perf_counter() - t0
-        name = kind if kind == "decode" else f"prefill {bucket}" + (" +prompt logprobs" if prompt_logprobs else "")
+        name = f"{kind} {bucket}" + (" +prompt logprobs" if prompt_logprobs else "")
         self.compile_seconds[name] = seconds
         log.info("compiled %s in %.2f s%s", name, seconds, "" if self._thread is None else " (first use)")
         self._programs[key] = compiled
-        del K
         return compiled
 
     def compile(self) -> dict[str, float]:
-        """Compiles the decode step and every prefill bucket now; {program: seconds}."""
-        self._program("decode")
+        """Compiles the decode step of every window and every prefill bucket now; {program: seconds}."""
+        for w in self.windows:
+            self._program("decode", w)
         for b in self.prefill_buckets:
             self._program("prefill", b)
         return dict(self.compile_seconds)
@@ -265,30 +289,30 @@ class Engine:
         top_lp, top_ids = jax.lax.top_k(logp, max(self.max_logprobs, 1))
         return tok, chosen, top_ids.astype(jnp.int32), top_lp
 
-    def _decode_fn(self, params, cache, tokens, pos, step, key_data, temperature, top_p):
+    def _decode_fn(self, params, layer_params, cache, tokens, pos, step, key_data, temperature, top_p, *, window):
         model = nnx.merge(self.model.graphdef, params)
         k, v = cache
         ones = jnp.ones((self.slots, self.max_len), jnp.int32)  # one segment: the causal mask does the rest
-        logits, kv = model.decode_step(tokens[:, None], model_lib.KVCache(k, v, ones, pos), positions=pos[:, None])
+        logits, kv = model.decode_step(tokens[:, None], model_lib.KVCache(k, v, ones, pos), positions=pos[:, None],
+                                       window=None if window == self.max_len else window, layer_params=layer_params)
         keys = jax.vmap(jax.random.wrap_key_data)(key_data)
         return (kv.k, kv.v), self._choose(logits, keys, step, temperature, top_p)
 
-    def _prefill_fn(self, params, cache, tokens, next_tokens, slot, start, n_valid, step, key_data, temperature,
-                    top_p, *, prompt_logprobs):
+    def _prefill_fn(self, params, layer_params, cache, tokens, next_tokens, slot, start, n_valid, step, key_data,
+                    temperature, top_p, *, prompt_logprobs):
         """tokens [1, C] (right-padded) into row `slot` at columns start.. of the cache; samples
         from the logits of token n_valid - 1. With prompt_logprobs also the log-probabilities of
         next_tokens [1, C] (each position's following prompt token)."""
         model = nnx.merge(self.model.graphdef, params)
         k, v = cache
         c = tokens.shape[1]
-        row = model_lib.KVCache(jax.lax.dynamic_slice_in_dim(k, slot, 1, axis=1),
-                                jax.lax.dynamic_slice_in_dim(v, slot, 1, axis=1),
-                                jnp.ones((1, self.max_len), jnp.int32), start)
+        row_of = functools.partial(jax.tree.map, lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=1))
+        row = model_lib.KVCache(row_of(k), row_of(v), jnp.ones((1, self.max_len), jnp.int32), start)
         positions = start + jnp.arange(c, dtype=jnp.int32)[None]
         at = jnp.arange(c, dtype=jnp.int32)[None] if prompt_logprobs else (n_valid - 1)[None]
-        logits, row = model.decode_step(tokens, row, positions=positions, logits_at=at)
-        k = jax.lax.dynamic_update_slice_in_dim(k, row.k, slot, axis=1)
-        v = jax.lax.dynamic_update_slice_in_dim(v, row.v, slot, axis=1)
+        logits, row = model.decode_step(tokens, row, positions=positions, logits_at=at, layer_params=layer_params)
+        k = jax.tree.map(lambda x, r: jax.lax.dynamic_update_slice_in_dim(x, r, slot, axis=1), k, row.k)
+        v = jax.tree.map(lambda x, r: jax.lax.dynamic_update_slice_in_dim(x, r, slot, axis=1), v, row.v)
         last = jax.lax.dynamic_index_in_dim(logits[0], n_valid - 1, keepdims=True) if prompt_logprobs else logits
         key = jax.random.wrap_key_data(key_data)[None]
         first = self._choose(last, key, step, temperature, top_p)
@@ -367,8 +391,8 @@ class Engine:
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("the engine is already started")
-        zeros = jax.jit(lambda: jnp.zeros(self._cache_struct.shape, self._cache_struct.dtype),
-                        out_shardings=self._cache_struct.sharding)
+        zeros = jax.jit(lambda: jax.tree.map(lambda c: jnp.zeros(c.shape, c.dtype), self._cache_struct),
+                        out_shardings=jax.tree.map(lambda c: c.sharding, self._cache_struct))
         self.cache = (zeros(), zeros())
         self._thread = threading.Thread(target=self._loop, name="phijax-serve-engine", daemon=True)
         self._thread.start()
@@ -474,10 +498,9 @@ class Engine:
             self._keys[s.slot] = self._key_data(s)
         prog = self._program("prefill", c, p.prompt_logprobs)
         with self._context():
-            self.cache, first, extra = prog(
-                self.params, self.cache, self._put(tokens), self._put(nxt), self._put(np.int32(s.slot)),
-                self._put(np.int32(start)), self._put(np.int32(n)), self._put(np.int32(0)),
-                self._put(self._keys[s.slot]), self._put(np.float32(p.temperature)), self._put(np.float32(p.top_p)))
+            self.cache, first, extra = prog(self.params, self.layer_params, self.cache, *self._put(
+                tokens, nxt, np.int32(s.slot), np.int32(start), np.int32(n), np.int32(0), self._keys[s.slot],
+                np.float32(p.temperature), np.float32(p.top_p)))
         s.prefilled = start + n
         self.stats["prefill_calls"] += 1
         self.stats["prefill_tokens"] += n
@@ -495,11 +518,12 @@ class Engine:
         return n
 
     def _decode_step(self):
-        prog = self._program("decode")
+        reach = max(int(self._pos[i]) + 1 for i, o in enumerate(self._owner)
+                    if o is not None and o.prefilled == o.prompt_tokens)
+        prog = self._program("decode", next(w for w in self.windows if w >= reach))
         with self._context():
-            self.cache, out = prog(self.params, self.cache, self._put(self._tok), self._put(self._pos),
-                                   self._put(self._step), self._put(self._keys), self._put(self._temp),
-                                   self._put(self._top_p))
+            self.cache, out = prog(self.params, self.layer_params, self.cache, *self._put(self._tok, self._pos, self._step, self._keys,
+                                                                      self._temp, self._top_p))
         tok, chosen, top_ids, top_lp = jax.device_get(out)
         self.stats["decode_steps"] += 1
         for slot, s in enumerate(self._owner):

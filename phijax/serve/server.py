@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from typing import Sequence
 
@@ -55,16 +56,37 @@ class ChatTemplate:
                                 bos_token="")
 
 
+class _Bridge:
+    """Engine events onto the event loop: one wake-up per batch of events (an engine step), not
+    one per token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.pending, self.lock = loop, [], threading.Lock()
+
+    def post(self, queue: asyncio.Queue, item) -> None:  # from the engine thread
+        with self.lock:
+            self.pending.append((queue, item))
+            if len(self.pending) > 1:  # a flush is already scheduled
+                return
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
+            self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self.lock:
+            items, self.pending = self.pending, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 class _Request:
     """One HTTP request's sequences and the queue their engine events arrive on."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop, self.queue = loop, asyncio.Queue()
+    def __init__(self, bridge: _Bridge):
+        self.bridge, self.queue = bridge, asyncio.Queue()
         self.seqs: list = []
 
     def on_event(self, seq, event):  # called from the engine thread
-        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (seq, event))
+        self.bridge.post(self.queue, (seq, event))
 
 
 class Server:
@@ -77,6 +99,7 @@ class Server:
         self.api_key, self.max_n, self.retry_after_s = api_key, max_n, retry_after_s
         self.created = protocol.now()
         self._token_text: dict[int, str] = {}
+        self._bridge: _Bridge | None = None
 
     # ------------------------------------------------------------------ app
 
@@ -176,7 +199,10 @@ class Server:
                 max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop,
                 logprobs=req.logprobs, prompt_logprobs=req.echo and req.logprobs is not None,
                 stop_at_eos=not req.ignore_eos)
-            pending = _Request(asyncio.get_running_loop())
+            loop = asyncio.get_running_loop()
+            if self._bridge is None or self._bridge.loop is not loop:
+                self._bridge = _Bridge(loop)
+            pending = _Request(self._bridge)
             try:
                 pending.seqs = self.engine.submit(ids, params, req.n, pending.on_event)
             except engine_lib.QueueFull as e:
@@ -307,8 +333,6 @@ async def _disconnected(request) -> None:
 def running(server: Server, host: str = "127.0.0.1", port: int = 0):
     """Serves `server` (its engine started) from a background thread; yields the base URL
     (http://host:port/v1). Tests and benchmarks use this; the command line runs uvicorn itself."""
-    import threading
-
     import uvicorn
     sock = socket.socket()
     sock.bind((host, port))
@@ -389,6 +413,13 @@ def build_parser():
     p.add_argument("--mesh", default=None, help="data,fsdp,tensor mesh over the local devices, e.g. 1,1,2")
     p.add_argument("--chat_template", default=PLAIN_TEMPLATE, help="'plain' or a Jinja2 chat template file")
     p.add_argument("--api_key_env", default=None, help="require 'Authorization: Bearer $<this variable>'")
+    p.add_argument("--layers", choices=("scan", "unrolled"), default="scan",
+                   help="decode with the layer scan (compile time flat in depth) or each layer from its own weights "
+                        "(faster per token for small models, e.g. on a CPU; compile time grows with depth)")
+    p.add_argument("--attention_windows", action="store_true",
+                   help="decode steps attend over the shortest window (128, 256, ... max_len) covering the running "
+                        "sequences: faster for short ones, but a request's tokens may then depend on its neighbours "
+                        "in rare near-ties (default: batch-invariant, the whole cache every step)")
     p.add_argument("--lazy_compile", action="store_true", help="compile each prefill bucket on first use "
                                                                "(logged) instead of at start-up")
     p.add_argument("--drain_timeout", type=float, default=30.0, help="Ctrl-C: seconds to let running requests "
@@ -420,7 +451,8 @@ def build(args):
     log.info("loaded %s (%d layers, d_model %d, max_len %d, %s) in %.1f s", args.model, model.cfg.n_layers,
              model.cfg.d_model, model.cfg.max_len, model.cfg.dtype, time.perf_counter() - t0)
     engine = Engine(model, slots=args.slots, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
-                    max_queued=args.max_queued, mesh=mesh)
+                    max_queued=args.max_queued, batch_invariant=not args.attention_windows, layers=args.layers,
+                    mesh=mesh)
     template.eos_token = model.tokenizer.decode([engine.eos_id]) if engine.eos_id is not None else ""
     server = Server(engine, model_name=args.model_name or args.model, chat_template=template, api_key=api_key,
                     max_n=args.max_n)
