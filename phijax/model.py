@@ -399,7 +399,11 @@ def unstack_layers(params) -> list:
     """Per-layer weights (a list of n_layers dicts) of a params dict's stacked layers, for
     `Phi.decode_step(layer_params=...)`."""
     n = jax.tree.leaves(params["layers"])[0].shape[0]
-    return [jax.tree.map(lambda x: x[i], params["layers"]) for i in range(n)]
+
+    def take(x, i):  # abstract weights (ShapeDtypeStructs) stay abstract: compile-time benchmarks
+        return jax.ShapeDtypeStruct(x.shape[1:], x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x[i]
+
+    return [jax.tree.map(lambda x: take(x, i), params["layers"]) for i in range(n)]
 
 
 def init(cfg: PhiConfig, seed: int = 0) -> Phi:

@@ -2,6 +2,10 @@
 
     python -m phijax.bench.decode_compile --config phi1 --dtype bfloat16 \\
         [--batch 16] [--prompt_bucket 512] [--new_bucket 256] [--sampling] [--json out.json]
+    python -m phijax.bench.decode_compile --config phi1 --dtype bfloat16 --serve [--layers unrolled]
+
+--serve: phijax.serve's engine instead (`batch` slots, a cache of prompt_bucket + new_bucket
+columns, prefill chunks up to prompt_bucket): every program it compiles at start-up, each timed.
 
 The Sampler is built on abstract parameters (ShapeDtypeStructs from `model.abstract`), so nothing
 1.3B-sized is allocated and phi-1 compiles on a small CPU too; `Sampler.lower` lowers both programs
@@ -38,6 +42,16 @@ def measure(cfg, batch: int, prompt_bucket: int, new_bucket: int, greedy: bool =
             "total_s": lower_s + prefill_s + decode_s}
 
 
+def measure_serve(cfg, slots: int, max_len: int, prefill_chunk: int, layers: str = "scan") -> dict:
+    """Seconds to lower + compile each program phijax.serve's engine compiles at start-up."""
+    from phijax.serve.engine import Engine
+    graphdef, params, _ = model_lib.abstract(cfg)
+    engine = Engine(decode.InferenceModel(graphdef, params, cfg), slots=slots, max_len=max_len,
+                    prefill_chunk=prefill_chunk, layers=layers, eos_id=0)
+    times = engine.compile()
+    return {"programs": times, "total_s": sum(times.values()), "slowest_s": max(times.values())}
+
+
 def main(argv=None):
     p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="tiny", help="a preset: phi1, phi1_small, tiny, nano")
@@ -46,6 +60,8 @@ def main(argv=None):
     p.add_argument("--prompt_bucket", type=int, default=512)
     p.add_argument("--new_bucket", type=int, default=256)
     p.add_argument("--sampling", action="store_true", help="the sampling programs (default: greedy)")
+    p.add_argument("--serve", action="store_true", help="phijax.serve's engine programs (slots = --batch)")
+    p.add_argument("--layers", default="scan", help="with --serve: scan or unrolled")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args(argv)
     cli.setup_logging()
@@ -55,6 +71,15 @@ def main(argv=None):
     if slots > cfg.max_len:  # the Sampler refuses such prompts; the programs would still compile
         print(f"note: {slots} cache slots exceed {args.config}'s max_len={cfg.max_len}")
     print(f"machine: {os.cpu_count()} cpus, jax {jax.__version__}, devices {jax.devices()}", flush=True)
+    if args.serve:
+        row = {"config": args.config, "dtype": args.dtype, "slots": args.batch, "max_len": slots,
+               "layers": args.layers, "n_layers": cfg.n_layers, "backend": jax.default_backend(),
+               **measure_serve(cfg, args.batch, slots, args.prompt_bucket, args.layers)}
+        each = ", ".join(f"{k} {v:.1f}s" for k, v in row["programs"].items())
+        print(f"{args.config} {args.dtype} phijax.serve engine, {args.batch} slots, max_len {slots}, layers "
+              f"{args.layers}: {each} | slowest {row['slowest_s']:.1f}s, all {row['total_s']:.1f}s", flush=True)
+        save_json(args.json, row)
+        return row
     row = {"config": args.config, "dtype": args.dtype, "batch": args.batch, "prompt_bucket": args.prompt_bucket,
            "new_bucket": args.new_bucket, "greedy": not args.sampling,
            "n_layers": cfg.n_layers, "backend": jax.default_backend(),
