@@ -194,6 +194,7 @@ class Engine:
         self._keys = np.zeros((slots,) + self._key_shape(), np.uint32)
         self._temp = np.zeros(slots, np.float32)
         self._top_p = np.ones(slots, np.float32)
+        self._want = np.zeros(slots, bool)  # wants logprobs
         self._owner: list[Seq | None] = [None] * slots
         self._waiting: collections.deque[Seq] = collections.deque()
         self._prefilling: collections.deque[Seq] = collections.deque()
@@ -253,14 +254,15 @@ class Engine:
                 fn = jax.jit(self._decode_fn, donate_argnums=(2,), static_argnames=("window",), **self._jit_kw)
                 lowered = fn.lower(self.params, self.layer_params, cache, self._struct((S,), jnp.int32), self._struct((S,), jnp.int32),
                                    self._struct((S,), jnp.int32), self._struct(self._keys.shape, jnp.uint32),
-                                   self._struct((S,), jnp.float32), self._struct((S,), jnp.float32), window=bucket)
+                                   self._struct((S,), jnp.float32), self._struct((S,), jnp.float32),
+                                   self._struct((S,), jnp.bool_), window=bucket)
             else:
                 fn = jax.jit(self._prefill_fn, donate_argnums=(2,), static_argnames=("prompt_logprobs",),
                              **self._jit_kw)
                 i32, f32 = self._struct((), jnp.int32), self._struct((), jnp.float32)
                 lowered = fn.lower(self.params, self.layer_params, cache, self._struct((1, bucket), jnp.int32),
                                    self._struct((1, bucket), jnp.int32), i32, i32, i32, i32,
-                                   self._struct(self._key_shape(), jnp.uint32), f32, f32,
+                                   self._struct(self._key_shape(), jnp.uint32), f32, f32, self._struct((), jnp.bool_),
                                    prompt_logprobs=prompt_logprobs)
             compiled = lowered.compile()
         seconds = time.perf_counter() - t0
@@ -280,26 +282,35 @@ class Engine:
 
     # ------------------------------------------------------------------ compiled parts
 
-    def _choose(self, logits, keys, step, temperature, top_p):
-        """Next token per row, its log-probability under the model (before temperature and
-        top-p) and the max_logprobs most likely tokens."""
+    def _choose(self, logits, keys, step, temperature, top_p, wanted):
+        """Next token per row, and where some row wants them (`wanted`), its log-probability under
+        the model (before temperature and top-p) and the max_logprobs most likely tokens."""
         tok = decode.sample_tokens(logits, keys, step, temperature, top_p)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        chosen = jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
-        top_lp, top_ids = jax.lax.top_k(logp, max(self.max_logprobs, 1))
-        return tok, chosen, top_ids.astype(jnp.int32), top_lp
+        k = max(self.max_logprobs, 1)
 
-    def _decode_fn(self, params, layer_params, cache, tokens, pos, step, key_data, temperature, top_p, *, window):
+        def logprobs(logits, tok):
+            logp = jax.nn.log_softmax(logits, axis=-1)
+            top_lp, top_ids = jax.lax.top_k(logp, k)
+            return jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top_lp
+
+        def none(logits, tok):
+            b = logits.shape[0]
+            return jnp.zeros((b,), jnp.float32), jnp.zeros((b, k), jnp.int32), jnp.zeros((b, k), jnp.float32)
+
+        return (tok, *jax.lax.cond(jnp.any(wanted), logprobs, none, logits, tok))
+
+    def _decode_fn(self, params, layer_params, cache, tokens, pos, step, key_data, temperature, top_p, wanted, *,
+                   window):
         model = nnx.merge(self.model.graphdef, params)
         k, v = cache
         ones = jnp.ones((self.slots, self.max_len), jnp.int32)  # one segment: the causal mask does the rest
         logits, kv = model.decode_step(tokens[:, None], model_lib.KVCache(k, v, ones, pos), positions=pos[:, None],
                                        window=None if window == self.max_len else window, layer_params=layer_params)
         keys = jax.vmap(jax.random.wrap_key_data)(key_data)
-        return (kv.k, kv.v), self._choose(logits, keys, step, temperature, top_p)
+        return (kv.k, kv.v), self._choose(logits, keys, step, temperature, top_p, wanted)
 
     def _prefill_fn(self, params, layer_params, cache, tokens, next_tokens, slot, start, n_valid, step, key_data,
-                    temperature, top_p, *, prompt_logprobs):
+                    temperature, top_p, wanted, *, prompt_logprobs):
         """tokens [1, C] (right-padded) into row `slot` at columns start.. of the cache; samples
         from the logits of token n_valid - 1. With prompt_logprobs also the log-probabilities of
         next_tokens [1, C] (each position's following prompt token)."""
@@ -315,7 +326,7 @@ class Engine:
         v = jax.tree.map(lambda x, r: jax.lax.dynamic_update_slice_in_dim(x, r, slot, axis=1), v, row.v)
         last = jax.lax.dynamic_index_in_dim(logits[0], n_valid - 1, keepdims=True) if prompt_logprobs else logits
         key = jax.random.wrap_key_data(key_data)[None]
-        first = self._choose(last, key, step, temperature, top_p)
+        first = self._choose(last, key, step, temperature, top_p, wanted)
         extra = ()
         if prompt_logprobs:
             logp = jax.nn.log_softmax(logits[0], axis=-1)  # [C, vocab]
@@ -462,6 +473,7 @@ class Engine:
             self._owner[s.slot] = None
             self._pos[s.slot] = self.max_len
             self._temp[s.slot] = 0.0
+            self._want[s.slot] = False
             s.slot = None
         if s in self._prefilling:
             self._prefilling.remove(s)
@@ -500,7 +512,7 @@ class Engine:
         with self._context():
             self.cache, first, extra = prog(self.params, self.layer_params, self.cache, *self._put(
                 tokens, nxt, np.int32(s.slot), np.int32(start), np.int32(n), np.int32(0), self._keys[s.slot],
-                np.float32(p.temperature), np.float32(p.top_p)))
+                np.float32(p.temperature), np.float32(p.top_p), np.bool_(p.logprobs is not None)))
         s.prefilled = start + n
         self.stats["prefill_calls"] += 1
         self.stats["prefill_tokens"] += n
@@ -513,7 +525,7 @@ class Engine:
         self._prefilling.remove(s)
         tok, chosen, top_ids, top_lp = jax.device_get(first)
         slot = s.slot
-        self._temp[slot], self._top_p[slot] = p.temperature, p.top_p
+        self._temp[slot], self._top_p[slot], self._want[slot] = p.temperature, p.top_p, p.logprobs is not None
         self._take(s, int(tok[0]), chosen[0], top_ids[0], top_lp[0], position=total)
         return n
 
@@ -523,7 +535,7 @@ class Engine:
         prog = self._program("decode", next(w for w in self.windows if w >= reach))
         with self._context():
             self.cache, out = prog(self.params, self.layer_params, self.cache, *self._put(self._tok, self._pos, self._step, self._keys,
-                                                                      self._temp, self._top_p))
+                                                                      self._temp, self._top_p, self._want))
         tok, chosen, top_ids, top_lp = jax.device_get(out)
         self.stats["decode_steps"] += 1
         for slot, s in enumerate(self._owner):
