@@ -168,3 +168,12 @@ def test_train_starts_from_a_hub_id_and_an_unknown_one_fails_fast(offline_cache,
     _, want, _ = convert.read_hf(str(snap))
     _, got, _ = convert.load_orbax(str(run))
     assert jax.tree.all(jax.tree.map(lambda x, y: np.array_equal(np.asarray(x, np.float32), y), got, want))
+
+
+def test_serve_takes_a_hub_id(offline_cache):
+    """phijax.serve --model owner/name: weights and tokenizer from the hub cache."""
+    from phijax.serve import server as serve_lib
+    args = serve_lib.build_parser().parse_args(["--model", HUB_ID, "--max_len", "256", "--prefill_chunk", "64"])
+    srv, engine = serve_lib.build(args)
+    assert srv.model_name == HUB_ID and engine.model.cfg.vocab_size == VOCAB
+    assert engine.model.tokenizer.encode("def f():") == srv.tok.encode("def f():") != []

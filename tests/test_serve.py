@@ -39,7 +39,7 @@ def model(hf_dir):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def engine(model):
-    eng = Engine(model, slots=4, max_len=256, prefill_chunk=64, max_queued=16, max_logprobs=5)
+    eng = Engine(model, slots=4, max_len=256, prefill_chunk=64, max_queued=16, max_logprobs=5, layers="scan")
     eng.compile()
     eng.start()
     yield eng
@@ -363,6 +363,22 @@ def test_command_serves_an_export_and_drains_on_ctrl_c(model, hf_dir, tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_model_dir_best_and_latest(model, hf_dir, tmp_path):  # noqa: F811
+    """--model MODEL_DIR --checkpoint best serves MODEL_DIR/best (tokenizer found there); a step
+    that is not a training checkpoint is an error naming it."""
+    md = tmp_path / "run"
+    ckpt_lib.export_params(model.params, str(md / "best"), config=model.cfg.to_dict(),
+                           tokenizer_path=os.path.join(hf_dir, "tokenizer.json"))
+    parse = serve_lib.build_parser().parse_args
+    srv, eng = serve_lib.build(parse(["--model", str(md), "--checkpoint", "best", "--max_len", "256",
+                                      "--prefill_chunk", "64"]))
+    assert eng.model.tokenizer is not None and eng.model.cfg == model.cfg
+    with pytest.raises(FileNotFoundError, match="best"):
+        serve_lib.build(parse(["--model", str(tmp_path / "empty"), "--checkpoint", "best"]))
+    with pytest.raises(ValueError, match="'latest', 'best' or a step"):
+        serve_lib.build(parse(["--model", str(md), "--checkpoint", "newest"]))
 
 
 def test_command_rejects_bad_flags(tmp_path):

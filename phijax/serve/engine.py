@@ -54,6 +54,9 @@ log = logging.getLogger("phijax.serve")
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED, FINISH_ERROR = "stop", "length", "cancelled", "error"
 
 
+UNROLL_MAX_LAYERS = 8  # layers='auto': unrolled up to this depth, the layer scan beyond
+
+
 class QueueFull(Exception):
     """More sequences waiting for a slot than the engine's max_queued."""
 
@@ -135,7 +138,7 @@ class Engine:
 
     def __init__(self, model: decode.InferenceModel, *, slots: int = 8, max_len: int | None = None,
                  prefill_chunk: int = 256, min_prefill_bucket: int = 16, max_queued: int = 256,
-                 max_logprobs: int = 20, batch_invariant: bool = True, layers: str = "scan", mesh=None, rules=None,
+                 max_logprobs: int = 20, batch_invariant: bool = True, layers: str = "auto", mesh=None, rules=None,
                  eos_id: int | None = None, compiler_options: dict | None = None):
         cfg = model.cfg
         self.model, self.cfg, self.slots = model, cfg, slots
@@ -172,10 +175,12 @@ class Engine:
         self.params = decode.place_params(model, mesh, self.rules)
         # layers='scan': the layer scan over stacked weights and one stacked cache (compile time
         # flat in depth); 'unrolled': each layer from its own arrays (Phi.decode_step's
-        # layer_params), faster per token where the scan's per-layer copies dominate (small models,
-        # CPU), compile time growing with depth, twice the layer weights' memory.
-        if layers not in ("scan", "unrolled"):
-            raise ValueError(f"layers={layers!r}: 'scan' or 'unrolled'")
+        # layer_params), faster per token where the scan's per-layer copies dominate (1.3-1.5x on
+        # the CPU demo model), compile time growing with depth, twice the layer weights' memory.
+        if layers not in ("auto", "scan", "unrolled"):
+            raise ValueError(f"layers={layers!r}: 'auto', 'scan' or 'unrolled'")
+        if layers == "auto":  # compile time only matters with depth: phi-1's 24 layers scan
+            layers = "unrolled" if cfg.n_layers <= UNROLL_MAX_LAYERS else "scan"
         self.layers = layers
         self.layer_params = model_lib.unstack_layers(self.params) if layers == "unrolled" else None
         per_layer = layers == "unrolled"

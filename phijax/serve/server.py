@@ -413,9 +413,9 @@ def build_parser():
     p.add_argument("--mesh", default=None, help="data,fsdp,tensor mesh over the local devices, e.g. 1,1,2")
     p.add_argument("--chat_template", default=PLAIN_TEMPLATE, help="'plain' or a Jinja2 chat template file")
     p.add_argument("--api_key_env", default=None, help="require 'Authorization: Bearer $<this variable>'")
-    p.add_argument("--layers", choices=("scan", "unrolled"), default="scan",
+    p.add_argument("--layers", choices=("auto", "scan", "unrolled"), default="auto",
                    help="decode with the layer scan (compile time flat in depth) or each layer from its own weights "
-                        "(faster per token for small models, e.g. on a CPU; compile time grows with depth)")
+                        "(faster per token; compile time grows with depth); auto: unrolled up to 8 layers")
     p.add_argument("--attention_windows", action="store_true",
                    help="decode steps attend over the shortest window (128, 256, ... max_len) covering the running "
                         "sequences: faster for short ones, but a request's tokens may then depend on its neighbours "
