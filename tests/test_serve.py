@@ -312,10 +312,12 @@ def test_sharded_engine_matches_single_device(model, client):
         eng.shutdown()
 
 
-def test_unrolled_layers_and_attention_windows_give_the_same_tokens(model, client):
-    """layers='unrolled' (per-layer weights and cache buffers) with attention windows: the same
-    greedy text as the module's engine (layer scan, whole cache)."""
-    eng = Engine(model, slots=4, max_len=256, prefill_chunk=64, layers="unrolled", batch_invariant=False)
+def test_unrolled_layers_windows_and_multi_step_calls_give_the_same_tokens(model, client):
+    """layers='unrolled' (per-layer weights and cache buffers), attention windows and 3 tokens per
+    decode call: the same greedy text (and usage) as the module's engine (layer scan, whole cache,
+    one token per call)."""
+    eng = Engine(model, slots=4, max_len=256, prefill_chunk=64, layers="unrolled", batch_invariant=False,
+                 decode_steps=3)
     assert eng.windows == [128, 256] and len(eng.cache_struct_leaves()) == 2 * model.cfg.n_layers
     eng.start()
     try:
@@ -323,8 +325,11 @@ def test_unrolled_layers_and_attention_windows_give_the_same_tokens(model, clien
         with serve_lib.running(srv) as base:
             c = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
             for ids in PROMPTS.values():
-                kw = dict(model=NAME, prompt=ids, max_tokens=40, temperature=0)
-                assert c.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
+                for kw in (dict(model=NAME, prompt=ids, max_tokens=40, temperature=0),
+                           dict(model=NAME, prompt=ids, max_tokens=20, temperature=0.8, seed=5, stop=["e"])):
+                    got, want = c.completions.create(**kw), client.completions.create(**kw)
+                    assert got.choices[0].text == want.choices[0].text
+                    assert got.usage.completion_tokens == want.usage.completion_tokens
         assert eng.stats["decode_steps"] > 0
     finally:
         eng.shutdown()

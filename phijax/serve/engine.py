@@ -138,7 +138,7 @@ class Engine:
 
     def __init__(self, model: decode.InferenceModel, *, slots: int = 8, max_len: int | None = None,
                  prefill_chunk: int = 256, min_prefill_bucket: int = 16, max_queued: int = 256,
-                 max_logprobs: int = 20, batch_invariant: bool = True, layers: str = "auto", mesh=None, rules=None,
+                 max_logprobs: int = 20, batch_invariant: bool = True, decode_steps: int = 1, layers: str = "auto", mesh=None, rules=None,
                  eos_id: int | None = None, compiler_options: dict | None = None):
         cfg = model.cfg
         self.model, self.cfg, self.slots = model, cfg, slots
@@ -157,6 +157,12 @@ class Engine:
             raise ValueError(f"max_queued={max_queued} and max_logprobs={max_logprobs} must be >= 0")
         self.prefill_chunk, self.min_prefill_bucket, self.max_queued = prefill_chunk, min_prefill_bucket, max_queued
         self.max_logprobs = max_logprobs
+        # Tokens per decode call: more means fewer host round trips and fewer, larger stream
+        # chunks; a finished sequence's slot waits for the end of the call (up to decode_steps - 1
+        # wasted tokens), a new one joins at the next call.
+        if decode_steps < 1:
+            raise ValueError(f"decode_steps={decode_steps} must be >= 1")
+        self.decode_steps = decode_steps
         # Batch-invariant (the default): every decode step attends over the whole cache, so no
         # shape depends on the other requests. Otherwise over the shortest window (128, 256, ...
         # max_len columns) covering every running sequence: faster for short sequences, but a
@@ -306,13 +312,22 @@ class Engine:
 
     def _decode_fn(self, params, layer_params, cache, tokens, pos, step, key_data, temperature, top_p, wanted, *,
                    window):
+        """`decode_steps` tokens per row: outputs [decode_steps, slots, ...]. A row that ends inside
+        the call runs on to its end (the host drops those tokens; idle rows write nothing)."""
         model = nnx.merge(self.model.graphdef, params)
-        k, v = cache
         ones = jnp.ones((self.slots, self.max_len), jnp.int32)  # one segment: the causal mask does the rest
-        logits, kv = model.decode_step(tokens[:, None], model_lib.KVCache(k, v, ones, pos), positions=pos[:, None],
-                                       window=None if window == self.max_len else window, layer_params=layer_params)
         keys = jax.vmap(jax.random.wrap_key_data)(key_data)
-        return (kv.k, kv.v), self._choose(logits, keys, step, temperature, top_p, wanted)
+
+        def one(carry, _):
+            (k, v), tokens, pos, step = carry
+            logits, kv = model.decode_step(tokens[:, None], model_lib.KVCache(k, v, ones, pos),
+                                           positions=pos[:, None], window=None if window == self.max_len else window,
+                                           layer_params=layer_params)
+            out = self._choose(logits, keys, step, temperature, top_p, wanted)
+            return ((kv.k, kv.v), out[0], pos + 1, step + 1), out
+
+        (cache, *_), outs = jax.lax.scan(one, (cache, tokens, pos, step), None, length=self.decode_steps)
+        return cache, outs
 
     def _prefill_fn(self, params, layer_params, cache, tokens, next_tokens, slot, start, n_valid, step, key_data,
                     temperature, top_p, wanted, *, prompt_logprobs):
@@ -531,39 +546,47 @@ class Engine:
         tok, chosen, top_ids, top_lp = jax.device_get(first)
         slot = s.slot
         self._temp[slot], self._top_p[slot], self._want[slot] = p.temperature, p.top_p, p.logprobs is not None
-        self._take(s, int(tok[0]), chosen[0], top_ids[0], top_lp[0], position=total)
+        event = Event()
+        if not self._take(s, int(tok[0]), chosen[0], top_ids[0], top_lp[0], position=total, event=event):
+            s.on_event(s, event)
         return n
 
     def _decode_step(self):
-        reach = max(int(self._pos[i]) + 1 for i, o in enumerate(self._owner)
+        reach = max(int(self._pos[i]) + self.decode_steps for i, o in enumerate(self._owner)
                     if o is not None and o.prefilled == o.prompt_tokens)
-        prog = self._program("decode", next(w for w in self.windows if w >= reach))
+        prog = self._program("decode", next((w for w in self.windows if w >= reach), self.max_len))
         with self._context():
             self.cache, out = prog(self.params, self.layer_params, self.cache, *self._put(self._tok, self._pos, self._step, self._keys,
                                                                       self._temp, self._top_p, self._want))
         tok, chosen, top_ids, top_lp = jax.device_get(out)
-        self.stats["decode_steps"] += 1
+        self.stats["decode_steps"] += self.decode_steps
         for slot, s in enumerate(self._owner):
             if s is not None and s.prefilled == s.prompt_tokens and s.generated:
-                self._take(s, int(tok[slot]), chosen[slot], top_ids[slot], top_lp[slot],
-                           position=int(self._pos[slot]) + 1)
+                event, pos = Event(), int(self._pos[slot])
+                for j in range(self.decode_steps):
+                    if self._take(s, int(tok[j, slot]), chosen[j, slot], top_ids[j, slot], top_lp[j, slot],
+                                  position=pos + j + 1, event=event):
+                        break
+                else:
+                    s.on_event(s, event)
 
     def _logprob(self, token, chosen, top_ids, top_lp, k) -> TokenLogprob:
         k = k or 0
         return TokenLogprob(int(token), float(chosen), [(int(i), float(x)) for i, x in zip(top_ids[:k], top_lp[:k])])
 
-    def _take(self, s: Seq, token: int, chosen, top_ids, top_lp, *, position: int):
-        """Host side of one generated token: text, stop checks, the event; the slot's next input."""
+    def _take(self, s: Seq, token: int, chosen, top_ids, top_lp, *, position: int, event: Event) -> bool:
+        """Host side of one generated token: its text, logprobs, stop checks into `event`; the
+        slot's next input. Returns True once s has finished (its last event then sent)."""
         with self._cv:
             if s.cancelled:
-                self._finish(s, FINISH_CANCELLED)
-                return
+                self._finish(s, FINISH_CANCELLED, event)
+                return True
         if s.t_first is None:
             s.t_first = time.perf_counter()
         s.generated.append(token)
         self.stats["tokens"] += 1
         p = s.params
-        event = Event(tokens=[token])
+        event.tokens.append(token)
         if s.completion_tokens == 1 and p.prompt_logprobs:
             event.prompt_logprobs = s.prompt_lps
         reason = None
@@ -572,14 +595,15 @@ class Engine:
         else:
             if p.logprobs is not None:
                 event.logprobs.append(self._logprob(token, chosen, top_ids, top_lp, p.logprobs))
-            event.text, stopped = s.scanner.add(token)
+            text, stopped = s.scanner.add(token)
+            event.text += text
             if stopped:
                 reason = FINISH_STOP
         if reason is None and s.completion_tokens >= p.max_tokens:
             reason = FINISH_LENGTH
         if reason is not None:
             self._finish(s, reason, event)
-            return
-        s.on_event(s, event)
+            return True
         slot = s.slot
         self._tok[slot], self._pos[slot], self._step[slot] = token, position, s.completion_tokens
+        return False

@@ -416,6 +416,9 @@ def build_parser():
     p.add_argument("--layers", choices=("auto", "scan", "unrolled"), default="auto",
                    help="decode with the layer scan (compile time flat in depth) or each layer from its own weights "
                         "(faster per token; compile time grows with depth); auto: unrolled up to 8 layers")
+    p.add_argument("--decode_steps", type=int, default=1,
+                   help="tokens per decode call: fewer host round trips and larger stream chunks; a finished "
+                        "sequence's slot is freed (and a waiting one joins) at the end of the call")
     p.add_argument("--attention_windows", action="store_true",
                    help="decode steps attend over the shortest window (128, 256, ... max_len) covering the running "
                         "sequences: faster for short ones, but a request's tokens may then depend on its neighbours "
@@ -451,7 +454,7 @@ def build(args):
     log.info("loaded %s (%d layers, d_model %d, max_len %d, %s) in %.1f s", args.model, model.cfg.n_layers,
              model.cfg.d_model, model.cfg.max_len, model.cfg.dtype, time.perf_counter() - t0)
     engine = Engine(model, slots=args.slots, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
-                    max_queued=args.max_queued, batch_invariant=not args.attention_windows, layers=args.layers,
+                    max_queued=args.max_queued, batch_invariant=not args.attention_windows, layers=args.layers, decode_steps=args.decode_steps,
                     mesh=mesh)
     template.eos_token = model.tokenizer.decode([engine.eos_id]) if engine.eos_id is not None else ""
     server = Server(engine, model_name=args.model_name or args.model, chat_template=template, api_key=api_key,
