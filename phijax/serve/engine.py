@@ -453,8 +453,8 @@ class Engine:
                     if not self._prefilling and not self._decoding():
                         self._cv.wait()
                         continue
-                # Prefill: a chunk's worth of prompt tokens between decode steps while others decode.
-                budget = self.prefill_chunk if self._decoding() else float("inf")
+                # Prefill: a chunk's worth of prompt tokens per decode step while others decode.
+                budget = self.prefill_chunk * self.decode_steps if self._decoding() else float("inf")
                 while self._prefilling and budget > 0 and not self._prefilling[0].cancelled:
                     budget -= self._prefill_chunk(self._prefilling[0])
                 if self._decoding():
