@@ -47,7 +47,7 @@ from phijax.config import PhiConfig
 # HumanEval stop sequences, the default of Sampler.complete (a stdlib-only module: no gin, no jax).
 
 __all__ = ["InferenceModel", "load_for_inference", "Sampler", "cut_at_stop", "place_params", "sample_tokens",
-           "row_keys", "top_p_filter"]
+           "row_keys", "top_p_filter", "decoding_setup"]
 
 log = logging.getLogger("phijax.decode")
 
@@ -197,6 +197,20 @@ def _place(x, dtype, sharding=None):
     return jax.device_put(x if x.dtype == dtype else x.astype(dtype), sharding)
 
 
+def decoding_setup(model: InferenceModel, mesh, rules, eos_id: int | None, **rows: int):
+    """(end-of-text id: `eos_id` or the tokenizer's; pad id; the rules as a tuple) for decoding
+    on `mesh`; raises ValueError if the rows (one keyword: batch_size=8, slots=16) do not split
+    over the mesh's data-parallel size."""
+    tok = model.tokenizer
+    eos = eos_id if eos_id is not None else (tok.eos_id if tok is not None else None)
+    if mesh is not None:
+        dp = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+        (name, n), = rows.items()
+        if n % dp:
+            raise ValueError(f"{name}={n} is not divisible by the mesh's data-parallel size {dp} (data x fsdp)")
+    return eos, tok.pad_id if tok is not None else 0, tuple(rules if rules is not None else sharding.DEFAULT_RULES)
+
+
 def place_params(model: InferenceModel, mesh=None, rules=None):
     """model.params in cfg.param_dtype on the default device, or on `mesh` sharded by the logical
     rules (default sharding.DEFAULT_RULES). Abstract params stay abstract (see _place)."""
@@ -225,15 +239,9 @@ class Sampler:
             raise ValueError(f"chunk_size={chunk_size} must be >= 1")
         self.model, self.cfg, self.batch_size = model, model.cfg, batch_size
         self.min_prompt_bucket, self.min_new_bucket, self.chunk_size = min_prompt_bucket, min_new_bucket, chunk_size
-        tok = model.tokenizer
-        self.eos_id = eos_id if eos_id is not None else (tok.eos_id if tok is not None else None)
-        self.pad_id = tok.pad_id if tok is not None else 0
-        self.mesh, self.rules = mesh, tuple(rules if rules is not None else sharding.DEFAULT_RULES)
+        self.eos_id, self.pad_id, self.rules = decoding_setup(model, mesh, rules, eos_id, batch_size=batch_size)
+        self.mesh = mesh
         if mesh is not None:
-            dp = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
-            if batch_size % dp:
-                raise ValueError(f"batch_size={batch_size} is not divisible by the mesh's data-parallel size {dp} "
-                                 "(data x fsdp)")
             self.params = place_params(model, mesh, self.rules)
             self._row_sharding = sharding.named_sharding(("activation_batch",), self.rules, mesh, (batch_size,))
             self._tok_sharding = sharding.named_sharding(("activation_batch", None), self.rules, mesh,

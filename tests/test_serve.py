@@ -8,6 +8,7 @@ phijax.decode and transformers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -296,20 +297,26 @@ def test_stop_scanner_pieces_equal_the_whole_text(model):
         assert got == want, trial
 
 
-def test_sharded_engine_matches_single_device(model, client):
-    mesh = sharding.make_mesh((2, 1, 2), devices=jax.devices()[:4])
-    eng = Engine(model, slots=4, max_len=256, prefill_chunk=64, mesh=mesh)
-    assert "tensor" in str(eng.params["layers"]["mlp"]["fc1"]["kernel"].sharding.spec)
+@contextlib.contextmanager
+def _serving(eng):
+    """An openai client of `eng` served on loopback (started here, shut down after)."""
     eng.start()
     try:
         srv = serve_lib.Server(eng, model_name=NAME, chat_template=serve_lib.ChatTemplate())
         with serve_lib.running(srv) as base:
-            c = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
-            for ids in PROMPTS.values():
-                kw = dict(model=NAME, prompt=ids, max_tokens=12, temperature=0)
-                assert c.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
+            yield openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
     finally:
         eng.shutdown()
+
+
+def test_sharded_engine_matches_single_device(model, client):
+    mesh = sharding.make_mesh((2, 1, 2), devices=jax.devices()[:4])
+    eng = Engine(model, slots=4, max_len=256, prefill_chunk=64, mesh=mesh)
+    assert "tensor" in str(eng.params["layers"]["mlp"]["fc1"]["kernel"].sharding.spec)
+    with _serving(eng) as c:
+        for ids in PROMPTS.values():
+            kw = dict(model=NAME, prompt=ids, max_tokens=12, temperature=0)
+            assert c.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
 
 
 def test_unrolled_layers_windows_and_multi_step_calls_give_the_same_tokens(model, client):
@@ -319,20 +326,14 @@ def test_unrolled_layers_windows_and_multi_step_calls_give_the_same_tokens(model
     eng = Engine(model, slots=4, max_len=256, prefill_chunk=64, layers="unrolled", batch_invariant=False,
                  decode_steps=3)
     assert eng.windows == [128, 256] and len(eng.cache_struct_leaves()) == 2 * model.cfg.n_layers
-    eng.start()
-    try:
-        srv = serve_lib.Server(eng, model_name=NAME, chat_template=serve_lib.ChatTemplate())
-        with serve_lib.running(srv) as base:
-            c = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
-            for ids in PROMPTS.values():
-                for kw in (dict(model=NAME, prompt=ids, max_tokens=40, temperature=0),
-                           dict(model=NAME, prompt=ids, max_tokens=20, temperature=0.8, seed=5, stop=["e"])):
-                    got, want = c.completions.create(**kw), client.completions.create(**kw)
-                    assert got.choices[0].text == want.choices[0].text
-                    assert got.usage.completion_tokens == want.usage.completion_tokens
-        assert eng.stats["decode_steps"] > 0
-    finally:
-        eng.shutdown()
+    with _serving(eng) as c:
+        for ids in PROMPTS.values():
+            for kw in (dict(model=NAME, prompt=ids, max_tokens=40, temperature=0),
+                       dict(model=NAME, prompt=ids, max_tokens=20, temperature=0.8, seed=5, stop=["e"])):
+                got, want = c.completions.create(**kw), client.completions.create(**kw)
+                assert got.choices[0].text == want.choices[0].text
+                assert got.usage.completion_tokens == want.usage.completion_tokens
+    assert eng.stats["decode_steps"] > 0
 
 
 @pytest.mark.slow

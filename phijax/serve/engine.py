@@ -170,14 +170,8 @@ class Engine:
         self.batch_invariant = batch_invariant
         self.windows = [self.max_len] if batch_invariant else sorted(
             {min(128 << i, self.max_len) for i in range(self.max_len.bit_length())})
-        tok = model.tokenizer
-        self.eos_id = eos_id if eos_id is not None else (tok.eos_id if tok is not None else None)
-        self.pad_id = tok.pad_id if tok is not None else 0
-        self.mesh, self.rules = mesh, tuple(rules if rules is not None else sharding.DEFAULT_RULES)
-        if mesh is not None:
-            dp = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
-            if slots % dp:
-                raise ValueError(f"slots={slots} is not divisible by the mesh's data-parallel size {dp} (data x fsdp)")
+        self.eos_id, self.pad_id, self.rules = decode.decoding_setup(model, mesh, rules, eos_id, slots=slots)
+        self.mesh = mesh
         self.params = decode.place_params(model, mesh, self.rules)
         # layers='scan': the layer scan over stacked weights and one stacked cache (compile time
         # flat in depth); 'unrolled': each layer from its own arrays (Phi.decode_step's

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import importlib
 import logging
 import os
 import signal
@@ -466,8 +467,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging()
     try:
-        import starlette  # noqa: F401
         import uvicorn
+        importlib.import_module("starlette")
     except ImportError as e:
         return cli.fail(f"phijax.serve needs the 'serve' extra (pip install 'phijax[serve]'): {e}")
     try:
