@@ -297,7 +297,7 @@ def main(argv=None):
     ap.add_argument("--speed_config", default="phi1", help="phijax.bench.decode_throughput config")
     ap.add_argument("--greedy_args", default="--rows 16 --new_tokens 64")
     ap.add_argument("--serve_config", default="phi1", help="the serve stage's model preset (random weights)")
-    ap.add_argument("--serve_clients", default="1,8,64")
+    ap.add_argument("--serve_clients", default="64,8,1")  # the target level (64) first: the stage may be cut
     ap.add_argument("--serve_requests", type=int, default=64, help="serve_load --requests (per level)")
     ap.add_argument("--serve_max_tokens", type=int, default=128)
     ap.add_argument("--serve_args", default="--decode_steps 4", help="more phijax.serve flags")
