@@ -223,6 +223,8 @@ def test_bad_input_gets_the_openai_error_shape(client, url):
     assert status == 400 and "999999" in body["message"]
     r = httpx.post(url + "/completions", content=b"{not json", timeout=10)
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = httpx.post(url + "/completions", content=b" " * (17 << 20), timeout=30)  # past the 16 MiB limit
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
     assert httpx.get(url + "/nothing").status_code == 404
 
 

@@ -94,10 +94,11 @@ class Server:
     """The HTTP side of one engine: request checks, prompts, responses."""
 
     def __init__(self, engine, *, model_name: str, chat_template: ChatTemplate, api_key: str | None = None,
-                 max_n: int = 16, retry_after_s: int = 1):
+                 max_n: int = 16, retry_after_s: int = 1, max_body_bytes: int = 16 << 20):
         self.engine, self.model_name, self.template = engine, model_name, chat_template
         self.tok = engine.model.tokenizer
         self.api_key, self.max_n, self.retry_after_s = api_key, max_n, retry_after_s
+        self.max_body_bytes = max_body_bytes
         self.created = protocol.now()
         self._token_text: dict[int, str] = {}
         self._bridge: _Bridge | None = None
@@ -157,6 +158,18 @@ class Server:
         if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
             raise APIError(401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key")
 
+    async def _body(self, request) -> bytes:
+        """The request body, refused (413) past max_body_bytes before it is read whole."""
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise APIError(413, f"the request body has {declared} bytes; the limit is {self.max_body_bytes}")
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > self.max_body_bytes:
+                raise APIError(413, f"the request body exceeds {self.max_body_bytes} bytes")
+        return bytes(body)
+
     def token_text(self, token: int) -> str:
         text = self._token_text.get(token)
         if text is None:
@@ -183,7 +196,7 @@ class Server:
         from phijax.serve import engine as engine_lib
         try:
             self._auth(request)
-            req = protocol.parse(await request.body(), chat=chat, max_logprobs=self.engine.max_logprobs,
+            req = protocol.parse(await self._body(request), chat=chat, max_logprobs=self.engine.max_logprobs,
                                  max_n=self.max_n)
             if req.model != self.model_name:
                 raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
