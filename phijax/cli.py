@@ -45,6 +45,8 @@ COMMANDS: dict[str, Command] = {
                         DATA),
     "exercises": Command("data_gen.exercises", "generate synthetic CodeExercises (OpenAI-compatible endpoint)",
                          DATA),
+    "mine-exercises": Command("data_gen.mine_exercises", "CodeExercises from documented functions of a code "
+                              "corpus (doctests run in the sandbox)", DATA),
     "beam": Command("data_gen.beam_stages", "dedup / score / decontaminate as Apache Beam pipelines", DATA),
 }
 GROUPS = {MODEL: "model", DATA: "data (phi-1's corpus: code-quality filter, synthetic data)"}
