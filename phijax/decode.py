@@ -122,7 +122,8 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text, False) if cut < 0 else (text[:cut], True)
 
 
-def _bucket(n: int, minimum: int) -> int:
+def pow2_bucket(n: int, minimum: int) -> int:
+    """The shape bucket of n: the next power of two, at least `minimum`."""
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
@@ -338,7 +339,7 @@ class Sampler:
         eos = np.int32(-1 if eos_id is None else eos_id)
         scalars = (np.float32(max(temperature, 1e-6)), np.float32(top_p), eos)
         cap = [max_new_tokens if room is None else room[pi] for _, pi, _ in rows]
-        nb = _bucket(max(cap), self.min_new_bucket)
+        nb = pow2_bucket(max(cap), self.min_new_bucket)
         chunk = self.chunk_size if stop_fn is not None else max_new_tokens
         order = sorted(range(len(rows)), key=lambda r: len(rows[r][0]))
         results: list[list[int] | None] = [None] * len(rows)
@@ -351,7 +352,7 @@ class Sampler:
             row_cap[:n] = [cap[r] for r in idx]
             most = int(row_cap.max())
             longest = max(len(rows[r][0]) for r in idx)
-            p = _bucket(longest, self.min_prompt_bucket)
+            p = pow2_bucket(longest, self.min_prompt_bucket)
             tokens = np.full((B, p), self.pad_id, np.int32)
             lengths = np.ones(B, np.int32)  # filler rows: one pad token
             pids, sids = np.zeros(B, np.int32), np.zeros(B, np.int32)
@@ -439,8 +440,9 @@ class Sampler:
                  top_p: float = 1.0, num_samples: int = 1, seed: int = 0,
                  stop: Sequence[str] = (), fit_context: bool = False) -> list[list[str]]:
         """num_samples completions per prompt: the text after the prompt (special tokens left out),
-        cut before the first stop sequence or end-of-text. The stop sequences are the caller's (a benchmark's prompt format
-        has its own: phijax.evaluate.problems.STOP). fit_context: as in generate_tokens."""
+        cut before the first stop sequence or end-of-text. The stop sequences are the caller's (a
+        benchmark's prompt format has its own: phijax.evaluate.problems.STOP). fit_context: as in
+        generate_tokens."""
         tok = self.model.tokenizer
         if tok is None:
             raise ValueError("this model has no tokenizer: pass tokenizer_path= to load_for_inference")

@@ -115,8 +115,6 @@ class Seq:
         self.prompt_lps: list[TokenLogprob | None] = [None]
         self.finish_reason: str | None = None
         self.cancelled = False
-        self.t_submit = time.perf_counter()
-        self.t_first: float | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -127,10 +125,6 @@ class Seq:
         return len(self.generated)
 
 
-def _bucket(n: int, minimum: int) -> int:
-    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
-
-
 class Engine:
     """Continuous batching of one model on one mesh (None: the default device). See the module
     docstring. `max_len`: the cache's length (prompt + max_tokens of any sequence), default the
@@ -138,8 +132,8 @@ class Engine:
 
     def __init__(self, model: decode.InferenceModel, *, slots: int = 8, max_len: int | None = None,
                  prefill_chunk: int = 256, min_prefill_bucket: int = 16, max_queued: int = 256,
-                 max_logprobs: int = 20, batch_invariant: bool = True, decode_steps: int = 1, layers: str = "auto", mesh=None, rules=None,
-                 eos_id: int | None = None, compiler_options: dict | None = None):
+                 max_logprobs: int = 20, batch_invariant: bool = True, decode_steps: int = 1, layers: str = "auto",
+                 mesh=None, rules=None, eos_id: int | None = None, compiler_options: dict | None = None):
         cfg = model.cfg
         self.model, self.cfg, self.slots = model, cfg, slots
         self.max_len = max_len or cfg.max_len
@@ -257,10 +251,10 @@ class Engine:
         with self._context():
             if kind == "decode":
                 fn = jax.jit(self._decode_fn, donate_argnums=(2,), static_argnames=("window",), **self._jit_kw)
-                lowered = fn.lower(self.params, self.layer_params, cache, self._struct((S,), jnp.int32), self._struct((S,), jnp.int32),
-                                   self._struct((S,), jnp.int32), self._struct(self._keys.shape, jnp.uint32),
-                                   self._struct((S,), jnp.float32), self._struct((S,), jnp.float32),
-                                   self._struct((S,), jnp.bool_), window=bucket)
+                i32, f32 = self._struct((S,), jnp.int32), self._struct((S,), jnp.float32)
+                lowered = fn.lower(self.params, self.layer_params, cache, i32, i32, i32,
+                                   self._struct(self._keys.shape, jnp.uint32), f32, f32, self._struct((S,), jnp.bool_),
+                                   window=bucket)
             else:
                 fn = jax.jit(self._prefill_fn, donate_argnums=(2,), static_argnames=("prompt_logprobs",),
                              **self._jit_kw)
@@ -293,16 +287,18 @@ class Engine:
         tok = decode.sample_tokens(logits, keys, step, temperature, top_p)
         k = max(self.max_logprobs, 1)
 
-        def logprobs(logits, tok):
-            logp = jax.nn.log_softmax(logits, axis=-1)
-            top_lp, top_ids = jax.lax.top_k(logp, k)
-            return jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top_lp
-
         def none(logits, tok):
             b = logits.shape[0]
             return jnp.zeros((b,), jnp.float32), jnp.zeros((b, k), jnp.int32), jnp.zeros((b, k), jnp.float32)
 
-        return (tok, *jax.lax.cond(jnp.any(wanted), logprobs, none, logits, tok))
+        return (tok, *jax.lax.cond(jnp.any(wanted), self._logprobs, none, logits, tok))
+
+    def _logprobs(self, logits, tokens):
+        """(log-probability of `tokens` [rows], the max_logprobs most likely ids and theirs) under
+        the model's distribution (before temperature and top-p) for logits [rows, vocab]."""
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        top_lp, top_ids = jax.lax.top_k(logp, max(self.max_logprobs, 1))
+        return jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top_lp
 
     def _decode_fn(self, params, layer_params, cache, tokens, pos, step, key_data, temperature, top_p, wanted, *,
                    window):
@@ -341,12 +337,7 @@ class Engine:
         last = jax.lax.dynamic_index_in_dim(logits[0], n_valid - 1, keepdims=True) if prompt_logprobs else logits
         key = jax.random.wrap_key_data(key_data)[None]
         first = self._choose(last, key, step, temperature, top_p, wanted)
-        extra = ()
-        if prompt_logprobs:
-            logp = jax.nn.log_softmax(logits[0], axis=-1)  # [C, vocab]
-            chosen = jnp.take_along_axis(logp, jnp.maximum(next_tokens[0], 0)[:, None], axis=-1)[:, 0]
-            top_lp, top_ids = jax.lax.top_k(logp, max(self.max_logprobs, 1))
-            extra = (chosen, top_ids.astype(jnp.int32), top_lp)
+        extra = self._logprobs(logits[0], jnp.maximum(next_tokens[0], 0)) if prompt_logprobs else ()
         return (k, v), first, extra
 
     # ------------------------------------------------------------------ requests
@@ -513,7 +504,7 @@ class Engine:
         chunk's prompt tokens."""
         start, total = s.prefilled, s.prompt_tokens
         n = min(self.prefill_chunk, total - start)
-        c = _bucket(n, self.min_prefill_bucket)
+        c = decode.pow2_bucket(n, self.min_prefill_bucket)
         tokens = np.full((1, c), self.pad_id, np.int32)
         tokens[0, :n] = s.prompt_ids[start:start + n]
         nxt = np.full((1, c), -1, np.int32)
@@ -550,8 +541,8 @@ class Engine:
                     if o is not None and o.prefilled == o.prompt_tokens)
         prog = self._program("decode", next((w for w in self.windows if w >= reach), self.max_len))
         with self._context():
-            self.cache, out = prog(self.params, self.layer_params, self.cache, *self._put(self._tok, self._pos, self._step, self._keys,
-                                                                      self._temp, self._top_p, self._want))
+            host = self._put(self._tok, self._pos, self._step, self._keys, self._temp, self._top_p, self._want)
+            self.cache, out = prog(self.params, self.layer_params, self.cache, *host)
         tok, chosen, top_ids, top_lp = jax.device_get(out)
         self.stats["decode_steps"] += self.decode_steps
         for slot, s in enumerate(self._owner):
@@ -575,8 +566,6 @@ class Engine:
             if s.cancelled:
                 self._finish(s, FINISH_CANCELLED, event)
                 return True
-        if s.t_first is None:
-            s.t_first = time.perf_counter()
         s.generated.append(token)
         self.stats["tokens"] += 1
         p = s.params

@@ -177,18 +177,12 @@ class Server:
         return text
 
     def _prompts(self, req: protocol.Request) -> tuple[list[list[int]], list[str]]:
-        """(token ids, prompt text) per prompt."""
-        if req.chat:
-            texts = [self.template.render(req.prompts[0])]
-        else:
-            texts = [p if isinstance(p, str) else self.tok.decode(p) for p in req.prompts]
-        strings = [i for i, p in enumerate(req.prompts) if req.chat or isinstance(p, str)]
-        ids = [None] * len(texts)
-        for i, e in zip(strings, self.tok.encode_batch([texts[i] for i in strings])):
-            ids[i] = e
-        for i, p in enumerate(req.prompts):
-            if ids[i] is None:
-                ids[i] = p
+        """(token ids, prompt text) per prompt: strings (and chat messages, rendered) are encoded
+        in one batch; token-id prompts are taken as they are and decoded for echo."""
+        prompts = [self.template.render(req.prompts[0])] if req.chat else req.prompts
+        encoded = iter(self.tok.encode_batch([p for p in prompts if isinstance(p, str)]))
+        ids = [next(encoded) if isinstance(p, str) else p for p in prompts]
+        texts = [p if isinstance(p, str) else self.tok.decode(p) for p in prompts]
         return ids, texts
 
     async def _handle(self, request, *, chat: bool):
@@ -287,9 +281,7 @@ class Server:
                     c["logprobs"] = protocol.completion_logprobs(entries, self.token_text, 0 if req.echo else
                                                                  len(texts[s.prompt_index]))
             choices.append(c)
-        prompt_tokens = sum(len(ids[p]) for p in range(len(ids)))
-        use = protocol.usage(prompt_tokens, sum(s.completion_tokens for s in pending.seqs))
-        return choices, use, error
+        return choices, _usage(ids, pending), error
 
     async def _stream(self, req, pending: _Request, ids, texts, rid, created):
         def chunk(choices, use=None):
@@ -328,11 +320,15 @@ class Server:
                                                                      self.token_text, 0)
                 yield chunk([c])
             if req.include_usage:
-                use = protocol.usage(sum(map(len, ids)), sum(s.completion_tokens for s in pending.seqs))
-                yield chunk([], use)
+                yield chunk([], _usage(ids, pending))
             yield protocol.sse("[DONE]")
         finally:  # also when the client disconnects (starlette cancels this generator)
             self.engine.cancel([s for s in pending.seqs if s.finish_reason is None])
+
+
+def _usage(ids, pending: _Request) -> dict:
+    """Each prompt's tokens once, every token generated for every choice."""
+    return protocol.usage(sum(map(len, ids)), sum(s.completion_tokens for s in pending.seqs))
 
 
 async def _disconnected(request) -> None:
@@ -468,8 +464,8 @@ def build(args):
     log.info("loaded %s (%d layers, d_model %d, max_len %d, %s) in %.1f s", args.model, model.cfg.n_layers,
              model.cfg.d_model, model.cfg.max_len, model.cfg.dtype, time.perf_counter() - t0)
     engine = Engine(model, slots=args.slots, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
-                    max_queued=args.max_queued, batch_invariant=not args.attention_windows, layers=args.layers, decode_steps=args.decode_steps,
-                    mesh=mesh)
+                    max_queued=args.max_queued, batch_invariant=not args.attention_windows, layers=args.layers,
+                    decode_steps=args.decode_steps, mesh=mesh)
     template.eos_token = model.tokenizer.decode([engine.eos_id]) if engine.eos_id is not None else ""
     server = Server(engine, model_name=args.model_name or args.model, chat_template=template, api_key=api_key,
                     max_n=args.max_n)

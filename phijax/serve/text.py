@@ -42,16 +42,19 @@ class StopScanner:
             self._prefix, self._read = self._read, len(self.ids)
         return self._release()
 
+    def _first_stop(self, text: str) -> int:
+        """Where the first stop sequence starts in text (-1: none); only the text not handed out
+        yet, plus what a stop could share with it, is searched."""
+        start = max(0, self.sent - self.longest)
+        return min((i for i in (text.find(s, start) for s in self.stop) if i >= 0), default=-1)
+
     def _release(self) -> tuple[str, bool]:
         text = self.text
-        if self.stop:
-            start = max(0, self.sent - self.longest)
-            hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
-            if hits:
-                cut = min(hits)
-                piece, self.sent, self.done = text[self.sent:cut], cut, True
-                self.text = text[:cut]
-                return piece, True
+        cut = self._first_stop(text)
+        if cut >= 0:
+            piece, self.sent, self.done = text[self.sent:cut], cut, True
+            self.text = text[:cut]
+            return piece, True
         hold = 0
         for k in range(min(self.longest - 1, len(text) - self.sent), 0, -1):
             if any(s.startswith(text[-k:]) for s in self.stop):
@@ -68,8 +71,8 @@ class StopScanner:
             return ""
         self.done = True
         text = self._decode(self.ids)
-        hits = [i for i in (text.find(s, max(0, self.sent - self.longest)) for s in self.stop) if i >= 0]
-        if hits:
-            text = text[:min(hits)]
+        cut = self._first_stop(text)
+        if cut >= 0:
+            text = text[:cut]
         piece, self.sent = text[self.sent:], len(text)
         return piece
