@@ -166,6 +166,7 @@ def parse_cli(argv: Sequence[str] | None, description: str) -> argparse.Namespac
     p.add_argument("--out_dir", required=True, help="output directory (ledger, responses, shards); rerun to resume")
     p.add_argument("--n_samples", type=int, help="override the config's n_samples")
     p.add_argument("--dry_run", action="store_true", help="estimate tokens and cost; send nothing")
+    p.add_argument("--estimate_json", help="with --dry_run: also write the estimate as JSON to this file")
     p.add_argument("--batch", action="store_true", help="use the Batch API (half price, asynchronous)")
     p.add_argument("--finalize_only", action="store_true", help="only rebuild shards from responses.jsonl")
     p.add_argument("--log_level", default="INFO")
@@ -272,7 +273,10 @@ def main_flow(argv, description: str, name: str, build: Callable[[Any, str], lis
         ecfg = engine_config(args.batch)
         requests = build(cfg, ecfg.model)
         if args.dry_run:
-            run_requests(out_dir, ecfg, requests, dry_run=True)
+            est = run_requests(out_dir, ecfg, requests, dry_run=True)
+            if args.estimate_json:  # read by phijax.recipe's --dry_run
+                stage.write_json(args.estimate_json, dict(dataclasses.asdict(est), model=ecfg.model,
+                                                          max_tokens=cfg.max_tokens))
             return 0
         with lock_lib.hold(out_dir, create=not args.finalize_only):  # finalize_only: the dir must exist
             report = None if args.finalize_only else run_requests(out_dir, ecfg, requests, dry_run=False)

@@ -1,0 +1,5 @@
+import sys
+
+from phijax.recipe.run import main
+
+sys.exit(main())

@@ -1,0 +1,374 @@
+"""The recipe's stages: what each one reads, runs and leaves in ``<out_dir>/<stage>/``.
+
+    teacher          phijax.train              (Recipe.teacher = 'train') the model phijax.serve serves
+    quality_filter   data_gen.quality_filter   raw code -> decontaminate/clean/ (filtered code)
+    textbooks        data_gen.textbook         the teacher's textbook sections -> shards/
+    exercises        data_gen.exercises        the teacher's exercises, run in the sandbox -> shards/
+    mined_exercises  data_gen.mine_exercises   exercises from the filtered code's documented functions
+    decontaminate    data_gen.decontaminate    everything generated or mined vs HumanEval + MBPP ->
+                                               textbooks/clean/, exercises.jsonl (the fine-tuning set)
+    pretrain         phijax.train              filtered code + textbooks (the CodeTextbook mixture)
+    finetune         phijax.train              exercises, from the pretraining export
+    evaluate         phijax.evaluate (+ .solution_loss)   pass@k; held-out loss of canonical solutions
+    report           phijax.recipe.report      report.md, report.json, plots
+
+The recipe passes each child what joins the stages (paths, MODEL_DIR, the tokenizer, the teacher)
+as the last gin bindings or flags; everything else comes from the stage's StageConfig.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from phijax.recipe import config as config_lib
+from phijax.recipe import runner
+from phijax.recipe.config import RecipeError
+from phijax.util import files
+
+log = logging.getLogger("phijax.recipe")
+
+EXERCISES_FILE = "exercises.jsonl"  # decontaminate/: the fine-tuning set, every record with its source
+DEFAULT_GIN = {"quality_filter": ("data/quality_filter.gin",), "textbooks": ("data/textbook.gin",),
+               "exercises": ("data/exercises.gin",), "evaluate": ()}
+GENERATION_MODULES = {"textbooks": "data_gen.textbook", "exercises": "data_gen.exercises"}
+
+
+class Context:
+    """One recipe run: its settings, its directories, the tokenizer and the served teacher."""
+
+    def __init__(self, recipe: config_lib.Recipe, stage_cfgs: dict[str, config_lib.StageConfig],
+                 echo: bool = True):
+        self.recipe, self.cfg, self.echo = recipe, stage_cfgs, echo
+        self.out = Path(recipe.out_dir).expanduser().resolve()
+        self.fps: dict[str, str] = {}
+        self._tokenizer: str | None = None
+        self._teacher: tuple[Any, dict] | None = None
+
+    def dir(self, name: str) -> Path:
+        return self.out / name
+
+    def enabled(self, name: str) -> bool:
+        if name == "teacher":
+            return self.recipe.teacher == "train" and self.cfg[name].enabled
+        return self.cfg[name].enabled
+
+    @property
+    def tokenizer(self) -> str:
+        """The training tokenizer.json (the stdlib BPE is trained once and cached)."""
+        if self._tokenizer is None:
+            if self.recipe.tokenizer:
+                self._tokenizer = str(Path(self.recipe.tokenizer).expanduser().resolve())
+            else:
+                from phijax.data import vocab
+
+                self._tokenizer = str(vocab.stdlib_tokenizer_path(self.recipe.vocab_size))
+        return self._tokenizer
+
+    def tokenizer_key(self) -> str:
+        return (f"file:{files.file_fingerprint(self.tokenizer)}" if self.recipe.tokenizer
+                else f"stdlib-bpe:{self.recipe.vocab_size}")
+
+    # --- the teacher -------------------------------------------------------------------------
+    def teacher_name(self) -> str:
+        """The served teacher's model name: its fingerprint, so that a retrained teacher's requests
+        are new ones (the generators' ledgers key answers by model + prompt)."""
+        fp = self.fps.get("teacher")
+        return f"teacher-{(fp if fp and fp != 'disabled' else runner.digest(self.recipe.teacher))[:8]}"
+
+    def teacher_model(self) -> str:
+        if self.recipe.teacher == "train":
+            return str(self.dir("teacher") / "export")
+        return self.recipe.teacher.removeprefix("serve:")
+
+    def teacher_env(self) -> dict[str, str]:
+        """The env that points data_gen at the teacher: {} for 'endpoint' (the user's own
+        OPENAI_BASE_URL / gin), else phijax.serve started now (once) on loopback."""
+        if not self.recipe.served_teacher:
+            return {}
+        if self._teacher is None:
+            cm = runner.served_model(self.teacher_model(), self.teacher_name(), self.tokenizer,
+                                     self.dir("teacher_server") / runner.LOG_FILE, self.recipe.serve_args)
+            self._teacher = (cm, cm.__enter__())
+        return self._teacher[1]
+
+    def stop_teacher(self) -> None:
+        if self._teacher is not None:
+            cm, self._teacher = self._teacher[0], None
+            cm.__exit__(None, None, None)
+
+    # --- children ----------------------------------------------------------------------------
+    def gin_args(self, name: str, joins: list[str]) -> list[str]:
+        """--gin_file / --gin_param flags: the stage's gin files and params, then the recipe's joins
+        (last, so that they hold)."""
+        c = self.cfg[name]
+        gin_files = c.gin_files or DEFAULT_GIN.get(name, ())
+        if not gin_files and name in config_lib.TRAINING_STAGES:
+            raise RecipeError(f"{name}/phijax.recipe.StageConfig.gin_files is not set: name the experiment gin "
+                              f"(e.g. experiments/phi1_{'finetune' if name == 'finetune' else 'pretrain'}.gin)")
+        return ([f"--gin_file={f}" for f in gin_files] + [f"--gin_param={p}" for p in c.gin_params]
+                + [f"--gin_param={p}" for p in joins])
+
+    def run(self, name: str, module: str, args: list[str], env: dict[str, str] | None = None,
+            log_name: str = runner.LOG_FILE) -> None:
+        runner.run_child(name, module, args, self.dir(name) / log_name, env=env, echo=self.echo)
+
+
+def _q(s: str | os.PathLike) -> str:
+    """A Python/gin string literal."""
+    return repr(str(s))
+
+
+def shard_files(d: Path) -> list[Path]:
+    return sorted(p for p in d.glob("*.jsonl")) if d.is_dir() else []
+
+
+def count_records(paths: list[Path]) -> int:
+    n = 0
+    for p in paths:
+        with open(p, "rb") as f:
+            n += sum(1 for line in f if line.strip())
+    return n
+
+
+# --- the stages -------------------------------------------------------------------------------
+def run_teacher(ctx: Context) -> dict:
+    d = ctx.dir("teacher")
+    ctx.run("teacher", "phijax.train", ctx.gin_args("teacher", [f"MODEL_DIR = {_q(d)}"]))
+    if not (d / "export" / "export_info.json").is_file():
+        raise RecipeError(f"teacher: no export in {d / 'export'} (train.export_dtype must not be None)")
+    return {"export": str(d / "export")}
+
+
+def code_dir(ctx: Context) -> Path:
+    return ctx.dir("quality_filter") / "decontaminate" / "clean"
+
+
+def run_quality_filter(ctx: Context) -> dict:
+    d = ctx.dir("quality_filter")
+    ctx.run("quality_filter", "data_gen.quality_filter",
+            ctx.gin_args("quality_filter", [f"OUT_DIR = {_q(d)}", f"SOURCE = {_q(ctx.recipe.source)}"]))
+    report = json.loads((d / "report.json").read_text())
+    kept = shard_files(code_dir(ctx))
+    return {"documents": count_records(kept), "shards": len(kept), "stages": len(report.get("stages", []))}
+
+
+def run_generation(ctx: Context, name: str) -> dict:
+    d = ctx.dir(name)
+    joins = []
+    if ctx.recipe.served_teacher:  # base_url None: the env's OPENAI_BASE_URL, i.e. the served teacher
+        joins = [f"data_gen.EngineConfig.model = {_q(ctx.teacher_name())}", "data_gen.EngineConfig.base_url = None",
+                 "data_gen.EngineConfig.api_key_env = 'OPENAI_API_KEY'"]
+    env = ctx.teacher_env()
+    ctx.run(name, GENERATION_MODULES[name], ctx.gin_args(name, joins) + [f"--out_dir={d}"], env=env)
+    stats = json.loads((d / "stats.json").read_text())
+    return {"accepted": stats["n_accepted"], "requests": stats["n_requests"], "rejects": stats["rejects"]}
+
+
+def run_mined(ctx: Context) -> dict:
+    d = ctx.dir("mined_exercises")
+    ctx.run("mined_exercises", "data_gen.mine_exercises",
+            ["--inputs", str(code_dir(ctx)), "--out_dir", str(d), *ctx.cfg["mined_exercises"].args])
+    r = json.loads((d / "report.json").read_text())
+    return {"kept": r["kept"], "documents": r["n_documents"]}
+
+
+def decontam_inputs(ctx: Context) -> list[tuple[str, str, list[Path]]]:
+    """(name, text field, shard files) of what the decontaminate stage cleans."""
+    out = []
+    if ctx.enabled("textbooks"):
+        out.append(("textbooks", "text", shard_files(ctx.dir("textbooks") / "shards")))
+    if ctx.enabled("exercises"):
+        out.append(("exercises", "prompt+solution", shard_files(ctx.dir("exercises") / "shards")))
+    if ctx.enabled("mined_exercises"):
+        out.append(("mined_exercises", "prompt+solution", shard_files(ctx.dir("mined_exercises") / "shards")))
+    return out
+
+
+def run_decontaminate(ctx: Context) -> dict:
+    d = ctx.dir("decontaminate")
+    summary: dict[str, Any] = {}
+    for name, field, shards in decontam_inputs(ctx):
+        n = count_records(shards)
+        if n == 0:  # nothing to clean: an empty clean set (the report says so)
+            (d / name / "clean").mkdir(parents=True, exist_ok=True)
+            files.save_json(d / name / "report.json", {"docs": 0, "kept": 0, "removed": 0, "empty_input": True})
+            summary[name] = {"docs": 0, "kept": 0}
+            continue
+        ctx.run("decontaminate", "data_gen.decontaminate",
+                ["--inputs", *map(str, shards), "--text_field", field, "--out_dir", str(d / name),
+                 *ctx.cfg["decontaminate"].args])
+        r = json.loads((d / name / "report.json").read_text())
+        summary[name] = {"docs": r["docs"], "kept": r["kept"]}
+    # The fine-tuning set: generated then mined, in shard order; each record names its source.
+    recs = []
+    for name in ("exercises", "mined_exercises"):
+        for p in shard_files(d / name / "clean"):
+            for line in p.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    r = json.loads(line)
+                    r.setdefault("source", f"generated:{r.get('model', 'teacher')}")
+                    recs.append(r)
+    files.atomic_write_text(d / EXERCISES_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+    summary["exercises_total"] = len(recs)
+    return summary
+
+
+def textbook_sources(ctx: Context) -> list[str]:
+    d = ctx.dir("decontaminate") / "textbooks" / "clean"
+    return [str(d)] if ctx.enabled("textbooks") and count_records(shard_files(d)) else []
+
+
+def run_pretrain(ctx: Context) -> dict:
+    d = ctx.dir("pretrain")
+    code = shard_files(code_dir(ctx))
+    if not count_records(code):
+        raise RecipeError(f"pretrain: the quality filter kept no code ({code_dir(ctx)} is empty): loosen "
+                          f"data_gen.FilterConfig or give a larger source")
+    joins = [f"MODEL_DIR = {_q(d)}", f"CODE_SOURCES = [{_q(code_dir(ctx))}]",
+             f"TEXTBOOK_SOURCES = [{', '.join(map(_q, textbook_sources(ctx)))}]", f"TOKENIZER = {_q(ctx.tokenizer)}",
+             "phijax.tasks.register_codetextbook.content_field = 'text'"]  # data_gen's records hold 'text'
+    ctx.run("pretrain", "phijax.train", ctx.gin_args("pretrain", joins))
+    return _training_summary(d)
+
+
+def run_finetune(ctx: Context) -> dict:
+    d = ctx.dir("finetune")
+    ex = ctx.dir("decontaminate") / EXERCISES_FILE
+    if not count_records([ex]):
+        raise RecipeError(f"finetune: no exercises survived generation, mining and decontamination ({ex} is "
+                          f"empty); see the rejects in {ctx.dir('exercises')} and {ctx.dir('mined_exercises')}")
+    joins = [f"MODEL_DIR = {_q(d)}", f"EXERCISES = {_q(ex)}", f"TOKENIZER = {_q(ctx.tokenizer)}",
+             f"PRETRAINED = {_q(ctx.dir('pretrain') / 'export')}"]
+    ctx.run("finetune", "phijax.train", ctx.gin_args("finetune", joins))
+    return _training_summary(d)
+
+
+def _training_summary(d: Path) -> dict:
+    rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    losses = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    return {"first_loss": losses[0][1] if losses else None, "last_loss": losses[-1][1] if losses else None,
+            "steps": losses[-1][0] if losses else 0}
+
+
+def finetuned_model(ctx: Context) -> Path:
+    d = ctx.dir("finetune")
+    if ctx.recipe.eval_checkpoint == "best" and (d / "best.json").is_file():
+        return Path(json.loads((d / "best.json").read_text())["export"])
+    return d / "export"
+
+
+def eval_runs(ctx: Context) -> list[dict]:
+    """Each phijax.evaluate run of the stage: {label, model, benchmark, output_dir, params}."""
+    r = ctx.recipe
+    models = [("finetuned", None)] + ([("pretrained", ctx.dir("pretrain") / "export")] if r.evaluate_pretrained else [])
+    out = []
+    for label, model in models:
+        for b in r.benchmarks:
+            out.append({"label": label, "model": model, "benchmark": b, "kind": "greedy",
+                        "output_dir": ctx.dir("evaluate") / f"{label}_{b}", "params": []})
+            if r.pass_at_k_samples > 1:
+                out.append({"label": label, "model": model, "benchmark": b, "kind": "sampled",
+                            "output_dir": ctx.dir("evaluate") / f"{label}_{b}_sampled",
+                            "params": [f"evaluate.num_samples = {r.pass_at_k_samples}",
+                                       f"evaluate.temperature = {r.pass_at_k_temperature}",
+                                       f"evaluate.ks = {list(r.pass_at_k_ks)}"]})
+    return out
+
+
+def run_evaluate(ctx: Context) -> dict:
+    c = ctx.cfg["evaluate"]
+    summary = {}
+    for e in eval_runs(ctx):
+        model = e["model"] or finetuned_model(ctx)
+        args = ([f"--gin_file=eval/{e['benchmark']}.gin", *[f"--gin_file={f}" for f in c.gin_files]]
+                + [f"--gin_param={p}" for p in (*c.gin_params, *e["params"], f"evaluate.model_path = {_q(model)}",
+                                                f"evaluate.output_dir = {_q(e['output_dir'])}")])
+        ctx.run("evaluate", "phijax.evaluate", args)
+        s = json.loads((e["output_dir"] / "summary.json").read_text())
+        summary[e["output_dir"].name] = {k: v for k, v in s.items() if k.startswith("pass@")}
+    for b in ctx.recipe.solution_loss:
+        for label, model in (("pretrained", ctx.dir("pretrain") / "export"), ("finetuned", ctx.dir("finetune") / "export")):
+            path = ctx.dir("evaluate") / f"solution_loss_{label}_{b}.json"
+            ctx.run("evaluate", "phijax.evaluate.solution_loss",
+                    ["--model", str(model), "--benchmark", b, "--out", str(path)])
+            summary[path.stem] = json.loads(path.read_text())["loss"]
+    return summary
+
+
+def run_report(ctx: Context) -> dict:
+    from phijax.recipe import report
+
+    r = report.write(ctx)
+    return {"report": str(ctx.dir("report") / report.REPORT_MD), "pass_at_1": r.get("pass_at_1", {})}
+
+
+# --- the table ------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class StageDef:
+    name: str
+    deps: tuple[str, ...]
+    run: Callable[[Context], dict]
+    key: Callable[[Context], dict]  # the recipe settings (beyond its StageConfig) the stage reads
+    fresh_on_change: bool = False  # changed settings: set the old directory aside and start anew
+
+
+def _teacher_key(ctx: Context) -> dict:
+    r = ctx.recipe
+    return {"teacher": r.teacher, "serve_args": r.serve_args,
+            "tokenizer": ctx.tokenizer_key() if r.served_teacher else None}
+
+
+def _source_key(ctx: Context) -> dict:
+    from data_gen import dedup, stage
+
+    src = ctx.recipe.source
+    if src == "stdlib":
+        return {"source": src, "python": sys.version}
+    kind, _, path = src.partition(":")
+    try:  # the files' names, sizes and mtimes: an edited corpus reruns the chain
+        found = dedup.expand_inputs([path]) if kind in ("jsonl", "parquet") else sorted(Path(path).rglob("*.py"))
+    except Exception:  # noqa: BLE001 (the quality filter names a bad source itself)
+        found = []
+    return {"source": src, "files": stage.fingerprint(found, {})}
+
+
+STAGE_DEFS: dict[str, StageDef] = {s.name: s for s in [
+    StageDef("teacher", (), run_teacher, lambda c: {"tokenizer": c.tokenizer_key()}, fresh_on_change=True),
+    StageDef("quality_filter", (), run_quality_filter, _source_key),
+    StageDef("textbooks", ("teacher",), lambda c: run_generation(c, "textbooks"), _teacher_key),
+    StageDef("exercises", ("teacher",), lambda c: run_generation(c, "exercises"), _teacher_key),
+    StageDef("mined_exercises", ("quality_filter",), run_mined, lambda c: {}),
+    StageDef("decontaminate", ("textbooks", "exercises", "mined_exercises"), run_decontaminate,
+             lambda c: {}, fresh_on_change=True),
+    StageDef("pretrain", ("quality_filter", "decontaminate"), run_pretrain,
+             lambda c: {"tokenizer": c.tokenizer_key()}, fresh_on_change=True),
+    StageDef("finetune", ("pretrain", "decontaminate"), run_finetune,
+             lambda c: {"tokenizer": c.tokenizer_key()}, fresh_on_change=True),
+    StageDef("evaluate", ("pretrain", "finetune"), run_evaluate,
+             lambda c: {k: getattr(c.recipe, k) for k in ("benchmarks", "evaluate_pretrained", "eval_checkpoint",
+                                                          "pass_at_k_samples", "pass_at_k_temperature",
+                                                          "pass_at_k_ks", "solution_loss")},
+             fresh_on_change=True),
+    StageDef("report", tuple(s for s in config_lib.STAGES if s != "report"), run_report,
+             lambda c: {"title": c.recipe.title, "note": c.recipe.note}, fresh_on_change=True),
+]}
+assert tuple(STAGE_DEFS) == config_lib.STAGES
+
+
+def fingerprint(ctx: Context, name: str) -> str:
+    """The stage's settings + what it reads from the recipe + its inputs' fingerprints."""
+    if not ctx.enabled(name):
+        return "disabled"
+    s = STAGE_DEFS[name]
+    c = ctx.cfg[name]
+    gin_files = c.gin_files or DEFAULT_GIN.get(name, ())
+    return runner.digest({"stage": name, "config": dataclasses.asdict(c), "key": s.key(ctx),
+                          "gin": runner.gin_digest(gin_files, c.gin_params),
+                          "deps": {d: ctx.fps[d] for d in s.deps}})
+
+
