@@ -25,6 +25,8 @@ MODEL, DATA = "model", "data"
 COMMANDS: dict[str, Command] = {
     "train": Command("phijax.train", "train (or resume) a phi model from gin configs", MODEL),
     "evaluate": Command("phijax.evaluate.run", "HumanEval / MBPP pass@k of a model or a samples file", MODEL),
+    "solution-loss": Command("phijax.evaluate.solution_loss", "held-out loss (nats/token) of the HumanEval / MBPP "
+                             "canonical solutions given their prompts", MODEL),
     "serve": Command("phijax.serve.server", "serve a model over an OpenAI-compatible HTTP API (continuous batching)",
                      MODEL),
     "convert": Command("phijax.convert", "Hugging Face Phi directory <-> phijax/orbax parameters", MODEL),
