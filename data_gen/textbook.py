@@ -48,6 +48,9 @@ class TextbookConfig(generator.SamplingConfig):
     max_tokens: int = 1500
     min_chars: int = 800
     min_code_blocks: int = 1
+    # Keep a section the server cut off at max_tokens (status "length") instead of rejecting it:
+    # off for real runs; the CPU demo's tiny teacher never ends a section by itself.
+    keep_cut_off: bool = False
     refusal_patterns: Sequence[str] = DEFAULT_REFUSALS
     boilerplate_patterns: Sequence[str] = DEFAULT_BOILERPLATE
 
@@ -102,7 +105,8 @@ def make_judge(cfg: TextbookConfig):
         dedup = cfg.near_dup_filter()
         accepted, rejects = [], []
         for req, res in served:
-            if res["status"] != "ok":
+            cut_off = cfg.keep_cut_off and res["status"] == "length"
+            if res["status"] != "ok" and not cut_off:
                 rejects.append(generator.reject(req, res, f"not_served_ok:{res['status']}", res.get("error", "")))
                 continue
             text = res["text"]
@@ -116,7 +120,8 @@ def make_judge(cfg: TextbookConfig):
                                              duplicate_of=dup[0]))
                 continue
             accepted.append({"text": text, "id": req.key, "sample_index": req.sample_index, **req.meta,
-                             "model": req.model, "n_code_blocks": len(python_blocks(text))})
+                             "model": req.model, "n_code_blocks": len(python_blocks(text)),
+                             **({"cut_off": True} if cut_off else {})})
         return accepted, rejects
     return judge
 

@@ -23,6 +23,8 @@ class Command(NamedTuple):
 
 MODEL, DATA = "model", "data"
 COMMANDS: dict[str, Command] = {
+    "recipe": Command("phijax.recipe.run", "the phi-1 recipe end to end: raw code -> filtered, synthetic and "
+                      "mined data -> pretrain -> fine-tune -> pass@k report (resumable)", MODEL),
     "train": Command("phijax.train", "train (or resume) a phi model from gin configs", MODEL),
     "evaluate": Command("phijax.evaluate.run", "HumanEval / MBPP pass@k of a model or a samples file", MODEL),
     "solution-loss": Command("phijax.evaluate.solution_loss", "held-out loss (nats/token) of the HumanEval / MBPP "

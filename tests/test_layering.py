@@ -7,7 +7,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Module (or package) -> layer, as docs/architecture.md's table lists them; anything else is layer 1.
 LAYERS = {"phijax.cli": 5, "phijax.__main__": 5, "phijax.train": 5, "phijax.compile_check": 5, "phijax.bench": 5,
-          "data_gen.bench": 5, "phijax.serve.server": 5, "phijax.serve.__main__": 5,
+          "data_gen.bench": 5, "phijax.serve.server": 5, "phijax.serve.__main__": 5, "phijax.recipe": 5,
           "phijax.train_setup": 4, "phijax.gin_bindings": 4, "phijax.train_eval": 4, "data_gen": 4,
           "phijax.evaluate": 3, "phijax.serve": 3,
           "phijax.train_step": 2, "phijax.decode": 2, "phijax.convert": 2,

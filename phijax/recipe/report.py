@@ -1,7 +1,9 @@
 """The recipe's report: ``report/report.md`` (for a person), ``report.json`` (the same figures) and
 PNG plots, read from what the stages left in their directories.
 
-report.json's figures depend only on the stages' outputs, which are deterministic: a run killed
+`write(out_dir, manifest)`: the manifest (phijax/recipe/stages.py `run_report`) names the stage
+directories and what ran; everything else is read from the directories. report.json's figures
+depend only on the stages' outputs, which are deterministic: a run killed
 and resumed writes the same report.json as one that was not, but for ``timings``.
 """
 from __future__ import annotations
@@ -12,8 +14,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from data_gen.llm import ledger as ledger_lib
 from phijax.recipe import config as config_lib
-from phijax.recipe import runner, stages
+from phijax.recipe import runner
 from phijax.util import files
 
 log = logging.getLogger("phijax.recipe")
@@ -54,13 +57,20 @@ def _metrics(d: Path) -> list[dict]:
     return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.is_file() else []
 
 
-def gather(ctx: stages.Context) -> dict:
-    tokens = _Tokens(ctx.tokenizer)
-    out: dict[str, Any] = {"title": ctx.recipe.title, "note": ctx.recipe.note, "source": ctx.recipe.source,
-                           "teacher": ctx.recipe.teacher, "funnel": [], "generation": {}}
+def _shards(d: Path) -> list[Path]:
+    return sorted(d.glob("*.jsonl")) if d.is_dir() else []
+
+
+def gather(m: dict) -> dict:
+    """The report's figures, from the manifest's stage directories."""
+    tokens = _Tokens(m["tokenizer"])
+    dirs = {k: Path(v) for k, v in m["dirs"].items()}
+    enabled = m["enabled"]
+    out: dict[str, Any] = {k: m[k] for k in ("title", "note", "source", "teacher")}
+    out.update(funnel=[], generation={})
     funnel = out["funnel"]
     # quality filter, per stage
-    qf = _read_json(ctx.dir("quality_filter") / "report.json") or {}
+    qf = _read_json(dirs["quality_filter"] / "report.json") or {}
     for row in qf.get("stages", []):
         funnel.append({"stage": f"quality_filter/{row['stage']}", "docs_in": row.get("docs_in"),
                        "docs_out": row.get("docs_out"), "tokens_in": row.get("tokens_in"),
@@ -75,12 +85,12 @@ def gather(ctx: stages.Context) -> dict:
         out["decontamination"] = {"filtered_code": qf.get("decontaminate", {}).get("filtered_code")}
     # generation
     for name in config_lib.GENERATION_STAGES:
-        if not ctx.enabled(name):
+        if not enabled[name]:
             continue
-        d = ctx.dir(name)
+        d = dirs[name]
         stats = _read_json(d / "stats.json") or {}
         field = (lambda r: r["text"]) if name == "textbooks" else (lambda r: r["prompt"] + r["solution"])
-        accepted = list(_jsonl(stages.shard_files(d / "shards")))
+        accepted = list(_jsonl(_shards(d / "shards")))
         usage = _usage(d)
         eng = stats.get("engine") or {}
         g = {"model": stats.get("model"), "requests": stats.get("n_requests"), "served": stats.get("n_served"),
@@ -91,24 +101,24 @@ def gather(ctx: stages.Context) -> dict:
         out["generation"][name] = g
         funnel.append({"stage": name, "docs_in": g["requests"], "docs_out": g["accepted"], "tokens_in": None,
                        "tokens_out": g["accepted_tokens"], "rejects": g["rejects"]})
-    if ctx.enabled("mined_exercises"):
-        m = _read_json(ctx.dir("mined_exercises") / "report.json") or {}
-        mined = list(_jsonl(stages.shard_files(ctx.dir("mined_exercises") / "shards")))
-        out["mined_exercises"] = {k: m.get(k) for k in ("n_documents", "n_candidates", "kept", "kept_with_doctests",
-                                                        "rejects")}
-        funnel.append({"stage": "mined_exercises", "docs_in": m.get("n_documents"), "docs_out": m.get("kept"),
+    if enabled["mined_exercises"]:
+        mr = _read_json(dirs["mined_exercises"] / "report.json") or {}
+        mined = list(_jsonl(_shards(dirs["mined_exercises"] / "shards")))
+        out["mined_exercises"] = {k: mr.get(k) for k in ("n_documents", "n_candidates", "kept",
+                                                         "kept_with_doctests", "rejects")}
+        funnel.append({"stage": "mined_exercises", "docs_in": mr.get("n_documents"), "docs_out": mr.get("kept"),
                        "tokens_in": None, "tokens_out": tokens(r["prompt"] + r["solution"] for r in mined),
-                       "rejects": m.get("rejects")})
+                       "rejects": mr.get("rejects")})
     # decontamination of what was generated or mined
     dec = out.setdefault("decontamination", {})
-    for name, _, _ in stages.decontam_inputs(ctx):
-        r = _read_json(ctx.dir("decontaminate") / name / "report.json") or {}
+    for name in m["decontaminated"]:
+        r = _read_json(dirs["decontaminate"] / name / "report.json") or {}
         dec[name] = {"docs": r.get("docs"), "removed": r.get("removed"), "kept": r.get("kept"),
                      "ast": {t: v.get("docs") for t, v in (r.get("ast") or {}).items()},
                      "ngram_docs": (r.get("ngram_overlap") or {}).get("docs")}
         funnel.append({"stage": f"decontaminate/{name}", "docs_in": r.get("docs"), "docs_out": r.get("kept"),
                        "tokens_in": None, "tokens_out": None, "rejects": {"benchmark look-alike": r.get("removed")}})
-    ex = ctx.dir("decontaminate") / stages.EXERCISES_FILE
+    ex = Path(m["exercises_file"])
     recs = list(_jsonl([ex])) if ex.is_file() else []
     out["exercises"] = {"total": len(recs), "tokens": tokens(r["prompt"] + r["solution"] for r in recs),
                         "by_source": dict(sorted(Counter(_source_kind(r["source"]) for r in recs).items())),
@@ -116,21 +126,21 @@ def gather(ctx: stages.Context) -> dict:
     # training
     out["training"] = {}
     for name in ("teacher", "pretrain", "finetune"):
-        rows = _metrics(ctx.dir(name))
+        rows = _metrics(dirs[name])
         loss = [(r["step"], r["loss"]) for r in rows if "loss" in r]
         if not loss:
             continue
         out["training"][name] = {"steps": loss[-1][0], "first_loss": loss[0][1], "last_loss": loss[-1][1],
                                  "loss": loss}
-    ft = _metrics(ctx.dir("finetune"))
+    ft = _metrics(dirs["finetune"])
     key = next((k for r in ft for k in r if k.startswith("eval/") and k.endswith("/pass@1")), None)
     out["finetune_pass_at_1"] = {"metric": key, "by_step": [(r["step"], r[key]) for r in ft if key and key in r]}
-    best = _read_json(ctx.dir("finetune") / "best.json")
+    best = _read_json(dirs["finetune"] / "best.json")
     out["finetune_best"] = {k: best.get(k) for k in ("step", "pass@1", "benchmark")} if best else None
     # evaluation
     rows = []
-    for e in stages.eval_runs(ctx):
-        s = _read_json(e["output_dir"] / "summary.json")
+    for e in m["eval_runs"]:
+        s = _read_json(Path(e["output_dir"]) / "summary.json")
         if s is None:
             continue
         rows.append({"model": e["label"], "benchmark": e["benchmark"], "kind": e["kind"],
@@ -140,15 +150,15 @@ def gather(ctx: stages.Context) -> dict:
     out["evaluation"] = rows
     out["pass_at_1"] = {f"{r['model']}/{r['benchmark']}": r.get("pass@1") for r in rows if r["kind"] == "greedy"}
     sl = {}
-    for b in ctx.recipe.solution_loss:
-        before = _read_json(ctx.dir("evaluate") / f"solution_loss_pretrained_{b}.json")
-        after = _read_json(ctx.dir("evaluate") / f"solution_loss_finetuned_{b}.json")
+    for b in m["solution_loss"]:
+        before = _read_json(dirs["evaluate"] / f"solution_loss_pretrained_{b}.json")
+        after = _read_json(dirs["evaluate"] / f"solution_loss_finetuned_{b}.json")
         if before and after:
             sl[b] = {"pretrained": before["loss"], "finetuned": after["loss"], "tokens": after.get("tokens"),
                      "problems": after.get("problems")}
     out["solution_loss"] = sl
-    out["timings"] = {name: (runner.read_marker(ctx.dir(name)) or {}).get("seconds")
-                      for name in config_lib.STAGES if name != "report" and ctx.enabled(name)}
+    out["timings"] = {name: (runner.read_marker(dirs[name]) or {}).get("seconds")
+                      for name in config_lib.STAGES if name != "report" and enabled[name]}
     return out
 
 
@@ -158,8 +168,6 @@ def _source_kind(source: str) -> str:
 
 def _usage(d: Path) -> tuple[int, int]:
     """Prompt and completion tokens of every answer in the generator's ledger (all runs)."""
-    from data_gen.llm import ledger as ledger_lib
-
     p, c = 0, 0
     path = d / ledger_lib.RESPONSES_FILE
     if path.is_file():
@@ -314,10 +322,9 @@ def plot(r: dict, out: Path) -> list[str]:
     return written
 
 
-def write(ctx: stages.Context) -> dict:
-    out = ctx.dir("report")
+def write(out: Path, manifest: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    r = gather(ctx)
+    r = gather(manifest)
     plot(r, out)
     files.atomic_write_text(out / REPORT_JSON, json.dumps(r, indent=2, sort_keys=True) + "\n")
     files.atomic_write_text(out / REPORT_MD, render(r))

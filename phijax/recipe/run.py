@@ -23,6 +23,7 @@ from pathlib import Path
 
 import gin
 
+from data_gen.llm import lock as lock_lib
 from phijax.recipe import config as config_lib
 from phijax.recipe import runner, stages
 from phijax.recipe.config import RecipeError
@@ -51,7 +52,7 @@ def load(gin_files: list[str], gin_params: list[str], out_dir: str | None, searc
         raise RecipeError("required gin macro SOURCE is not set: pass --gin_param=\"SOURCE = 'dir:/path/to/code'\"")
     recipe.validate()
     cfgs = {name: config_lib.stage_config(name) for name in config_lib.STAGES}
-    ctx = stages.Context(recipe, cfgs)
+    ctx = stages.Context(recipe, cfgs, search_paths=tuple(search_paths))
     for name in config_lib.STAGES:  # every gin file a stage names exists (fingerprints read them)
         ctx.fps[name] = stages.fingerprint(ctx, name)
     return ctx
@@ -74,8 +75,6 @@ def _prepare(ctx: stages.Context, name: str, state: str, force: bool) -> None:
 
 def execute(ctx: stages.Context, until: str | None = None, force: tuple[str, ...] = ()) -> dict:
     """Runs every stage not complete; returns {stage: marker}."""
-    from data_gen.llm import lock as lock_lib
-
     ctx.out.mkdir(parents=True, exist_ok=True)
     done: dict[str, dict] = {}
     forced = set()

@@ -53,19 +53,20 @@ _INCLUDE = re.compile(r"^\s*include\s+['\"]([^'\"]+)['\"]", re.M)
 _FILE_REF = re.compile(r"['\"]([\w./-]+\.(?:gin|txt|json|jinja|j2))['\"]")
 
 
-def _search_paths() -> list[str]:
-    return [os.getcwd(), gin_config.REPO_GIN_DIR, os.path.dirname(gin_config.REPO_GIN_DIR)]
+def _search_paths(extra: Sequence[str] = ()) -> list[str]:
+    """Where gin_config.parse looks (the --gin_search_path dirs first)."""
+    return [*extra, os.getcwd(), gin_config.REPO_GIN_DIR, os.path.dirname(gin_config.REPO_GIN_DIR)]
 
 
-def resolve_gin_file(name: str) -> Path | None:
-    for base in ["", *_search_paths()]:
+def resolve_gin_file(name: str, search: Sequence[str] = ()) -> Path | None:
+    for base in ["", *_search_paths(search)]:
         p = Path(base, name) if base else Path(name)
         if p.is_file():
             return p
     return None
 
 
-def gin_digest(names: Sequence[str], bindings: Sequence[str] = ()) -> str:
+def gin_digest(names: Sequence[str], bindings: Sequence[str] = (), search: Sequence[str] = ()) -> str:
     """A digest of gin files (and bindings) with everything they include and the data files they
     name (prompt templates, topic lists): the text a stage's child will read."""
     h = hashlib.sha256()
@@ -75,10 +76,11 @@ def gin_digest(names: Sequence[str], bindings: Sequence[str] = ()) -> str:
         todo += [(m, True) for m in _INCLUDE.findall(b)]
     while todo:
         name, required = todo.pop(0)
-        p = resolve_gin_file(name)
+        p = resolve_gin_file(name, search)
         if p is None:
             if required:
-                raise config_lib.RecipeError(f"gin file not found: {name!r} (searched: ., {', '.join(_search_paths())})")
+                raise config_lib.RecipeError(f"gin file not found: {name!r} (searched: ., "
+                                             f"{', '.join(_search_paths(search))})")
             continue
         p = p.resolve()
         if p in seen:

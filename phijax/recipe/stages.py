@@ -25,8 +25,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from data_gen import dedup, stage
 from phijax.recipe import config as config_lib
-from phijax.recipe import runner
+from phijax.recipe import report, runner
 from phijax.recipe.config import RecipeError
 from phijax.util import files
 
@@ -42,8 +43,9 @@ class Context:
     """One recipe run: its settings, its directories, the tokenizer and the served teacher."""
 
     def __init__(self, recipe: config_lib.Recipe, stage_cfgs: dict[str, config_lib.StageConfig],
-                 echo: bool = True):
+                 echo: bool = True, search_paths: tuple[str, ...] = ()):
         self.recipe, self.cfg, self.echo = recipe, stage_cfgs, echo
+        self.search_paths = tuple(os.path.abspath(p) for p in search_paths)  # --gin_search_path, for children too
         self.out = Path(recipe.out_dir).expanduser().resolve()
         self.fps: dict[str, str] = {}
         self._tokenizer: str | None = None
@@ -110,8 +112,8 @@ class Context:
         if not gin_files and name in config_lib.TRAINING_STAGES:
             raise RecipeError(f"{name}/phijax.recipe.StageConfig.gin_files is not set: name the experiment gin "
                               f"(e.g. experiments/phi1_{'finetune' if name == 'finetune' else 'pretrain'}.gin)")
-        return ([f"--gin_file={f}" for f in gin_files] + [f"--gin_param={p}" for p in c.gin_params]
-                + [f"--gin_param={p}" for p in joins])
+        return ([f"--gin_search_path={p}" for p in self.search_paths] + [f"--gin_file={f}" for f in gin_files]
+                + [f"--gin_param={p}" for p in c.gin_params] + [f"--gin_param={p}" for p in joins])
 
     def run(self, name: str, module: str, args: list[str], env: dict[str, str] | None = None,
             log_name: str = runner.LOG_FILE) -> None:
@@ -285,8 +287,10 @@ def run_evaluate(ctx: Context) -> dict:
     summary = {}
     for e in eval_runs(ctx):
         model = e["model"] or finetuned_model(ctx)
-        args = ([f"--gin_file=eval/{e['benchmark']}.gin", *[f"--gin_file={f}" for f in c.gin_files]]
+        args = ([f"--gin_search_path={p}" for p in ctx.search_paths]
+                + [f"--gin_file=eval/{e['benchmark']}.gin", *[f"--gin_file={f}" for f in c.gin_files]]
                 + [f"--gin_param={p}" for p in (*c.gin_params, *e["params"], f"evaluate.model_path = {_q(model)}",
+                                                f"evaluate.tokenizer_path = {_q(ctx.tokenizer)}",
                                                 f"evaluate.output_dir = {_q(e['output_dir'])}")])
         ctx.run("evaluate", "phijax.evaluate", args)
         s = json.loads((e["output_dir"] / "summary.json").read_text())
@@ -295,15 +299,21 @@ def run_evaluate(ctx: Context) -> dict:
         for label, model in (("pretrained", ctx.dir("pretrain") / "export"), ("finetuned", ctx.dir("finetune") / "export")):
             path = ctx.dir("evaluate") / f"solution_loss_{label}_{b}.json"
             ctx.run("evaluate", "phijax.evaluate.solution_loss",
-                    ["--model", str(model), "--benchmark", b, "--out", str(path)])
+                    ["--model", str(model), "--tokenizer", ctx.tokenizer, "--benchmark", b, "--out", str(path)])
             summary[path.stem] = json.loads(path.read_text())["loss"]
     return summary
 
 
 def run_report(ctx: Context) -> dict:
-    from phijax.recipe import report
-
-    r = report.write(ctx)
+    manifest = {"title": ctx.recipe.title, "note": ctx.recipe.note, "source": ctx.recipe.source,
+                "teacher": ctx.recipe.teacher, "tokenizer": ctx.tokenizer,
+                "dirs": {s: str(ctx.dir(s)) for s in config_lib.STAGES},
+                "enabled": {s: ctx.enabled(s) for s in config_lib.STAGES},
+                "decontaminated": [name for name, _, _ in decontam_inputs(ctx)],
+                "exercises_file": str(ctx.dir("decontaminate") / EXERCISES_FILE),
+                "eval_runs": [dict(e, output_dir=str(e["output_dir"]), model=None) for e in eval_runs(ctx)],
+                "solution_loss": list(ctx.recipe.solution_loss)}
+    r = report.write(ctx.dir("report"), manifest)
     return {"report": str(ctx.dir("report") / report.REPORT_MD), "pass_at_1": r.get("pass_at_1", {})}
 
 
@@ -324,8 +334,6 @@ def _teacher_key(ctx: Context) -> dict:
 
 
 def _source_key(ctx: Context) -> dict:
-    from data_gen import dedup, stage
-
     src = ctx.recipe.source
     if src == "stdlib":
         return {"source": src, "python": sys.version}
@@ -368,7 +376,7 @@ def fingerprint(ctx: Context, name: str) -> str:
     c = ctx.cfg[name]
     gin_files = c.gin_files or DEFAULT_GIN.get(name, ())
     return runner.digest({"stage": name, "config": dataclasses.asdict(c), "key": s.key(ctx),
-                          "gin": runner.gin_digest(gin_files, c.gin_params),
+                          "gin": runner.gin_digest(gin_files, c.gin_params, ctx.search_paths),
                           "deps": {d: ctx.fps[d] for d in s.deps}})
 
 
