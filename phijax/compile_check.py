@@ -251,6 +251,14 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+# The required macros of gin/runs/base.gin and gin/data/{codetextbook,codeexercises}.gin that only
+# the data or the outputs need, and the bindings through which the run would read them.
+_UNUSED_BINDINGS = ("MODEL_DIR = 'unused-by-compile-check'", "CODE_SOURCES = None", "TEXTBOOK_SOURCES = None",
+                    "TOKENIZER = None", "EXERCISES = None", "PRETRAINED = None", "data_source.task_name = None",
+                    "data_source.data_path = None", "data_source.tokenizer_path = None",
+                    "train.init_params_from = None")
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile only: never take a local accelerator
     p = cli.ArgumentParser(description=__doc__.splitlines()[0], exit_codes=cli.DEFAULT_CODES)
@@ -265,9 +273,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         topo = parse_topology(args.topology)
-        # MODEL_DIR is required by the training gin files but unused here.
-        gin_config.parse(args.gin_file, ["MODEL_DIR = 'unused-by-compile-check'", *args.gin_param],
-                        args.gin_search_path)
+        # MODEL_DIR and the data (the experiments' CODE_SOURCES, EXERCISES, PRETRAINED, ...) are
+        # required by the training gin files but unused here: nothing is read, only compiled.
+        gin_config.parse(args.gin_file, [*_UNUSED_BINDINGS, *args.gin_param], args.gin_search_path)
         run = train_lib.configure()
         changes = {k: v for k, v in (("remat_policy", args.remat), ("attention", args.attention)) if v is not None}
         if changes:

@@ -42,13 +42,49 @@ def _setting(name: str):
     """(label, value) of the run setting `name` as gin will pass it: the macro's name and value when
     it is bound through one (e.g. TRAIN_STEPS), else `train.<name>` and its binding or default."""
     default = {f.name: f.default for f in dataclasses.fields(RunConfig)}[name]
-    value = gin.get_bindings("train", resolve_references=False).get(
-        name, gin.REQUIRED if default is dataclasses.MISSING else default)
-    label = f"train.{name}"
+    return _binding("train", name, gin.REQUIRED if default is dataclasses.MISSING else default)
+
+
+def _binding(configurable: str, name: str, default=None):
+    """(label, value) of `<configurable>.<name>` as gin will pass it, through any macros."""
+    try:
+        bindings = gin.get_bindings(configurable, resolve_references=False)
+    except ValueError:  # not registered (its module not imported): nothing bound
+        bindings = {}
+    value = bindings.get(name, default)
+    label = f"{configurable}.{name}"
     while isinstance(value, gin.config.ConfigurableReference) and value.selector == "gin.macro":
         label = value.scoped_selector.rsplit("/", 1)[0]
         value = gin.query_parameter(f"%{label}")
     return label, value
+
+
+# Data paths the run will read, by the binding that names them: (configurable, parameter, a file?).
+# Checked when bound to a local path, so that a typo is refused before MODEL_DIR or any data work.
+_DATA_PATHS = (("data_source", "data_path", True), ("data_source", "tokenizer_path", True),
+               ("phijax.tasks.register_codetextbook", "code", False),
+               ("phijax.tasks.register_codetextbook", "textbook", False),
+               ("phijax.tasks.register_codetextbook", "tokenizer_path", True))
+
+
+def _data_path_problems() -> list[str]:
+    problems = []
+    for configurable, name, is_file in _DATA_PATHS:
+        label, value = _binding(configurable, name)
+        if not _plain(value) or value is None:
+            continue
+        paths = [value] if isinstance(value, (str, os.PathLike)) else value
+        if not isinstance(paths, (list, tuple)):
+            continue
+        for path in paths:
+            if not isinstance(path, (str, os.PathLike)) or files.is_url(str(path)):
+                continue
+            path = os.path.expanduser(str(path))
+            if not os.path.exists(path):
+                problems.append(f"{label}: {path!r} does not exist")
+            elif is_file and not os.path.isfile(path):
+                problems.append(f"{label}: {path!r} is not a file")
+    return problems
 
 
 def _plain(value) -> bool:
@@ -63,8 +99,8 @@ def check_settings() -> None:
     Raises ValueError naming each bad setting: an integer that is not one (e.g. a quoted
     `TRAIN_STEPS = '4'`) or is out of range, an unknown export dtype, an `init_params_from`
     that is neither a phijax export nor a Hugging Face directory (or a hub id in the local hub
-    cache), a MODEL_DIR that cannot be
-    created or written. Nothing is created unless every setting is good.
+    cache), a local data path (data_source.data_path / .tokenizer_path, the CodeTextbook sources
+    and tokenizer) that does not exist, a MODEL_DIR that cannot be created or written. Nothing is created unless every setting is good.
     """
     problems = []
     for name, low in _INT_SETTINGS.items():
@@ -98,6 +134,7 @@ def check_settings() -> None:
     label, model_dir = _setting("model_dir")
     if _plain(model_dir) and not (isinstance(model_dir, str) and model_dir):
         problems.append(f"{label} = {model_dir!r} must be a directory path")
+    problems += _data_path_problems()
     if problems:
         raise ValueError("; ".join(problems))
     if isinstance(model_dir, str) and not files.is_url(model_dir):  # gs://: orbax/etils create them

@@ -43,7 +43,8 @@ def test_phiconfig_field_bindings_override_the_preset():
     assert _train_bindings("cpu_demo.gin")["model_config"] == config.preset("tiny", scan_unroll=4, loss_chunk=32)
     assert _train_bindings("cpu_demo.gin", "phijax.PhiConfig.d_mlp = 256")["model_config"] == \
         config.preset("tiny", scan_unroll=4, loss_chunk=32, d_mlp=256)
-    assert _train_bindings("phi1_pretrain.gin")["model_config"] == config.preset(
+    assert _train_bindings("phi1_pretrain.gin", "CODE_SOURCES = ['unused']", "TEXTBOOK_SOURCES = None",
+                           "TOKENIZER = None")["model_config"] == config.preset(
         "phi1", attn_dropout=0.1, resid_dropout=0.1, dtype="bfloat16", remat_policy="save_dots_no_batch",
         loss_chunk=256)
     # The operative config records the preset's name and the overridden fields.

@@ -587,9 +587,14 @@ def make_batches(source: str, *, seq_len: int, global_batch_size: int, seed: int
         from phijax.data import seqio_tasks as tasks  # noqa: F401  (registers the default tasks)
 
         if task_name in seqio.MixtureRegistry.names():
-            return mixture_batches(task_name, seq_len=seq_len, global_batch_size=global_batch_size,
-                                   seed=seed, process_index=process_index, process_count=process_count,
-                                   cache_dir=cache_dir)
+            batches = mixture_batches(task_name, seq_len=seq_len, global_batch_size=global_batch_size,
+                                      seed=seed, process_index=process_index, process_count=process_count,
+                                      cache_dir=cache_dir)
+            vocabularies = [t.output_features["targets"].vocabulary for t in seqio.get_mixture_or_task(task_name).tasks]
+            paths = {str(getattr(v, "tokenizer_path", None)) for v in vocabularies}
+            if len(paths) == 1 and all(hasattr(v, "tokenizer_path") for v in vocabularies):
+                batches.tokenizer_path = paths.pop()  # one tokenizer: the export and evaluation decode with it
+            return batches
         if source == "mixture":
             raise ValueError(f"{task_name!r} is not a registered seqio Mixture")
         path = build_window_cache(task_name, seq_len, cache_dir)
