@@ -211,7 +211,10 @@ def train(run: RunConfig, *, gin_config_str: str | None = None) -> dict:
             _check_finite(*pending)
         pending = (step, step_metrics)
         done = step + 1
-        if done % run.log_every == 0 or done in (start + 1, train_steps) or checkpointer.should_save(done):
+        # metrics.jsonl holds the steps of the log grid only, so a resumed run's file equals an
+        # uninterrupted one's; the first step after a (re)start is also logged to the console.
+        on_grid = done % run.log_every == 0 or done in (1, train_steps) or checkpointer.should_save(done)
+        if on_grid or done == start + 1:
             m = jax.device_get(step_metrics)
             _check_finite(step, m)
             pending = None
@@ -219,7 +222,8 @@ def train(run: RunConfig, *, gin_config_str: str | None = None) -> dict:
             tok_s = tokens_per_step * (done - last_logged) / max(now - t_window, 1e-9)
             record = {"loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
                       "tokens_per_second": tok_s, "mfu": tok_s * flops_per_token / peak}
-            writer.write(done, record)
+            if on_grid:
+                writer.write(done, record)
             if done == start + 1 and jax.process_index() == 0:  # everything configurable has been read
                 files.atomic_write_text(os.path.join(model_dir, "operative_config.gin"), gin.operative_config_str())
             t_window, last_logged = now, done

@@ -40,16 +40,14 @@ ON_CHANGE = {"teacher": "aside", "pretrain": "aside", "finetune": "aside", "eval
 
 
 def load(gin_files: list[str], gin_params: list[str], out_dir: str | None, search_paths=()) -> stages.Context:
-    gin_config.parse(gin_files, gin_params, search_paths)
+    # --out_dir sets recipes/base.gin's OUT_DIR macro (every recipe gin includes it).
+    extra = [f"OUT_DIR = {str(out_dir)!r}"] if out_dir else []
+    gin_config.parse(gin_files, [*gin_params, *extra], search_paths)
     gin_config.check_macros_used()
     try:
-        recipe = config_lib.Recipe(**({"out_dir": out_dir} if out_dir else {}))
+        recipe = config_lib.Recipe()
     except ValueError as e:
         raise RecipeError(gin_config.explain(e)) from None
-    if recipe.out_dir is gin.REQUIRED:
-        raise RecipeError("no output directory: set OUT_DIR in the recipe gin or pass --out_dir")
-    if recipe.source is gin.REQUIRED:
-        raise RecipeError("required gin macro SOURCE is not set: pass --gin_param=\"SOURCE = 'dir:/path/to/code'\"")
     recipe.validate()
     cfgs = {name: config_lib.stage_config(name) for name in config_lib.STAGES}
     ctx = stages.Context(recipe, cfgs, search_paths=tuple(search_paths))
@@ -104,7 +102,12 @@ def execute(ctx: stages.Context, until: str | None = None, force: tuple[str, ...
                                               "changed": "settings changed: running again",
                                               "complete": "forced: running again"}[state])
                     t0 = time.perf_counter()
-                    summary = stages.STAGE_DEFS[name].run(ctx)
+                    try:
+                        summary = stages.STAGE_DEFS[name].run(ctx)
+                    except runner.StageFailed as e:  # e.g. the served teacher's failure, named by this stage
+                        if e.stage == name:
+                            raise
+                        raise runner.StageFailed(name, e.rc, f"stage {name}: {e}") from None
                     record.update(complete=True, seconds=round(time.perf_counter() - t0, 1), summary=summary,
                                   finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
                     runner.write_marker(d, record)
