@@ -89,7 +89,10 @@ def test_nano_recipe_end_to_end_kill_and_reruns(tmp_path):
     assert len(fine_tuning_set) == ex["total"] and all(r["source"] for r in fine_tuning_set)
     assert rep["training"]["pretrain"]["steps"] == 20 and rep["training"]["finetune"]["steps"] == 4
     assert [s for s, _ in rep["finetune_pass_at_1"]["by_step"]] == [2, 4]
-    assert [(e["model"], e["benchmark"], e["problems"]) for e in rep["evaluation"]] == [("finetuned", "humaneval", 3)]
+    assert [(e["model"], e["benchmark"], e["kind"], e["problems"], e["samples_per_problem"])
+            for e in rep["evaluation"]] == [("finetuned", "humaneval", "greedy", 3, 1),
+                                            ("finetuned", "humaneval", "sampled", 3, 2)]
+    assert {"pass@1", "pass@2"} <= set(rep["evaluation"][1])
     sl = rep["solution_loss"]["humaneval"]
     assert sl["problems"] > 100 and sl["tokens"] > 1000 and 0 < sl["finetuned"] < 20 and 0 < sl["pretrained"] < 20
     md = (a / "report" / "report.md").read_text()
@@ -151,6 +154,10 @@ def test_bad_settings_are_refused_before_any_stage(tmp_path):
         r = _recipe(out, *extra)
         assert r.returncode == 2, (extra, r.stderr[-2000:])
         assert needle in r.stderr and "error:" in r.stderr, (extra, r.stderr[-2000:])
+    # a dry run on a fresh directory: every stage to run, the served teacher free, nothing written
+    states, text = _dry_run_states(out)
+    assert states == {s: "to run" for s in STAGES}, text
+    assert "4 requests (4 to send)" in text and "free: phijax.serve" in text
     r = subprocess.run([sys.executable, "-m", "phijax.recipe", "--gin_file=gin/recipes/base.gin", f"--out_dir={out}"],
                        env=_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "SOURCE" in r.stderr, r.stderr[-2000:]

@@ -70,6 +70,7 @@ class Recipe:
     benchmarks: what the evaluation stage scores (greedy pass@1; and pass@k when
       `pass_at_k_samples` > 1, at `pass_at_k_temperature`, for the `pass_at_k_ks`).
     evaluate_pretrained: also score the pretrained model (the "-base" row of the table).
+    eval_params: per benchmark, phijax.evaluate bindings after the stage's own (e.g. an MBPP prompt format).
     eval_checkpoint: 'best' (the fine-tuning's best by periodic HumanEval, when it kept one) or 'final'.
     solution_loss: the held-out loss of the canonical solutions of these benchmarks, before and after
       fine-tuning.
@@ -88,6 +89,7 @@ class Recipe:
     pass_at_k_temperature: float = 0.8
     pass_at_k_ks: tuple[int, ...] = (1, 10)
     solution_loss: tuple[str, ...] = ("humaneval",)
+    eval_params: dict = dataclasses.field(default_factory=dict)  # benchmark -> phijax.evaluate bindings
     title: str = "phi-1 recipe"
     note: str = ""  # a paragraph the report prints first (e.g. "plumbing, not quality")
 
@@ -111,6 +113,9 @@ class Recipe:
         for b in (*self.benchmarks, *self.solution_loss):
             if b not in BENCHMARKS:
                 problems.append(f"benchmark {b!r}: expected one of {', '.join(BENCHMARKS)}")
+        for b, params in self.eval_params.items():
+            if b not in BENCHMARKS or isinstance(params, str):
+                problems.append(f"Recipe.eval_params: {b!r} -> {params!r}: expected a benchmark -> list of bindings")
         if self.eval_checkpoint not in ("best", "final"):
             problems.append(f"Recipe.eval_checkpoint = {self.eval_checkpoint!r}: expected 'best' or 'final'")
         if self.pass_at_k_samples < 0 or (self.pass_at_k_samples > 1 and

@@ -230,6 +230,11 @@ def render(r: dict) -> str:
     L += ["", "## Fine-tuning exercises", "",
           f"{ex['total']:,} exercises ({_n(ex['tokens'])} tokens) after decontamination, by source: "
           + (", ".join(f"{k}: {v}" for k, v in ex["by_source"].items()) or "none") + "."]
+    mined_files = [(k.removeprefix("mined:"), v) for k, v in ex["by_file"].items() if k.startswith("mined:")]
+    if mined_files:
+        top = sorted(mined_files, key=lambda kv: -kv[1])
+        L.append("Mined from: " + ", ".join(f"`{k}` {v}" for k, v in top[:12])
+                 + (f" and {len(top) - 12} more files (report.json: exercises.by_file)." if len(top) > 12 else "."))
     if r.get("mined_exercises"):
         m = r["mined_exercises"]
         L.append(f"Mined: {_n(m['kept'])} of {_n(m['n_candidates'])} candidate functions in {_n(m['n_documents'])} "

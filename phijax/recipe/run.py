@@ -32,11 +32,6 @@ from phijax.util import cli, files, gin_config
 log = logging.getLogger("phijax.recipe")
 
 OPERATIVE_GIN = "recipe.gin"
-# A stage whose settings changed: 'aside' moves its directory to <out>/stale/ (what was trained
-# is kept), 'delete' removes it (cheap to redo), None reruns in place (its tool resumes by content:
-# the quality filter's stage markers, the generators' ledgers, the miner's fingerprint).
-ON_CHANGE = {"teacher": "aside", "pretrain": "aside", "finetune": "aside", "evaluate": "aside",
-             "decontaminate": "delete", "report": "delete"}
 
 
 def load(gin_files: list[str], gin_params: list[str], out_dir: str | None, search_paths=()) -> stages.Context:
@@ -60,7 +55,7 @@ def _prepare(ctx: stages.Context, name: str, state: str, force: bool) -> None:
     d = ctx.dir(name)
     old = runner.read_marker(d)
     if (state == "changed" or force) and d.exists():
-        policy = ON_CHANGE.get(name)
+        policy = stages.STAGE_DEFS[name].on_change
         if policy == "aside":
             dest = runner.set_aside(d, (old or {}).get("fingerprint", "unknown"))
             log.warning("%s: settings changed; the previous run's directory is kept at %s (delete it when no "
@@ -152,7 +147,7 @@ def dry_run(ctx: stages.Context) -> dict:
             path = Path(tmp, "estimate.json")
             ctx.run(name, stages.GENERATION_MODULES[name], ctx.gin_args(name, joins)
                     + [f"--out_dir={ctx.dir(name)}", "--dry_run", f"--estimate_json={path}"],
-                    log_name="dry_run.log")
+                    log_path=Path(tmp, "dry_run.log"))  # a dry run writes nothing under out_dir
             est = json.loads(path.read_text())
         estimates[name] = est
         free = ctx.recipe.served_teacher
@@ -168,6 +163,9 @@ def dry_run(ctx: stages.Context) -> dict:
         total["usd"] += est["worst_case_usd"]
         total["batch_usd"] += est["batch_worst_case_usd"]
         priced &= est["priced"] or free
+    if ctx.enabled("quality_filter"):
+        print("  (the quality filter's LLM annotation, when an endpoint is configured, is not included: "
+              "python -m data_gen.annotate --dry_run prices it once its input exists)")
     if estimates:
         cost = ("free (served locally)" if ctx.recipe.served_teacher else
                 f"at most ${total['usd']:,.2f} online, ${total['batch_usd']:,.2f} with the Batch API" if priced

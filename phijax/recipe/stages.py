@@ -116,8 +116,8 @@ class Context:
                 + [f"--gin_param={p}" for p in c.gin_params] + [f"--gin_param={p}" for p in joins])
 
     def run(self, name: str, module: str, args: list[str], env: dict[str, str] | None = None,
-            log_name: str = runner.LOG_FILE) -> None:
-        runner.run_child(name, module, args, self.dir(name) / log_name, env=env, echo=self.echo)
+            log_path: Path | None = None) -> None:
+        runner.run_child(name, module, args, log_path or self.dir(name) / runner.LOG_FILE, env=env, echo=self.echo)
 
 
 def _q(s: str | os.PathLike) -> str:
@@ -289,7 +289,8 @@ def run_evaluate(ctx: Context) -> dict:
         model = e["model"] or finetuned_model(ctx)
         args = ([f"--gin_search_path={p}" for p in ctx.search_paths]
                 + [f"--gin_file=eval/{e['benchmark']}.gin", *[f"--gin_file={f}" for f in c.gin_files]]
-                + [f"--gin_param={p}" for p in (*c.gin_params, *e["params"], f"evaluate.model_path = {_q(model)}",
+                + [f"--gin_param={p}" for p in (*c.gin_params, *ctx.recipe.eval_params.get(e["benchmark"], ()),
+                                                *e["params"], f"evaluate.model_path = {_q(model)}",
                                                 f"evaluate.tokenizer_path = {_q(ctx.tokenizer)}",
                                                 f"evaluate.output_dir = {_q(e['output_dir'])}")])
         ctx.run("evaluate", "phijax.evaluate", args)
@@ -324,13 +325,16 @@ class StageDef:
     deps: tuple[str, ...]
     run: Callable[[Context], dict]
     key: Callable[[Context], dict]  # the recipe settings (beyond its StageConfig) the stage reads
-    fresh_on_change: bool = False  # changed settings: set the old directory aside and start anew
+    # Changed settings: 'aside' moves the old directory to <out>/stale/ (what was trained or scored is
+    # kept), 'delete' removes it (cheap to redo), None reruns in place (the tool resumes by content:
+    # the quality filter's stage markers, the generators' ledgers, the miner's fingerprint).
+    on_change: str | None = None
 
 
 def _teacher_key(ctx: Context) -> dict:
     r = ctx.recipe
-    return {"teacher": r.teacher, "serve_args": r.serve_args,
-            "tokenizer": ctx.tokenizer_key() if r.served_teacher else None}
+    # Not serve_args: phijax.serve's answers do not depend on its slots or batching.
+    return {"teacher": r.teacher, "tokenizer": ctx.tokenizer_key() if r.served_teacher else None}
 
 
 def _source_key(ctx: Context) -> dict:
@@ -346,24 +350,23 @@ def _source_key(ctx: Context) -> dict:
 
 
 STAGE_DEFS: dict[str, StageDef] = {s.name: s for s in [
-    StageDef("teacher", (), run_teacher, lambda c: {"tokenizer": c.tokenizer_key()}, fresh_on_change=True),
+    StageDef("teacher", (), run_teacher, lambda c: {"tokenizer": c.tokenizer_key()}, on_change="aside"),
     StageDef("quality_filter", (), run_quality_filter, _source_key),
     StageDef("textbooks", ("teacher",), lambda c: run_generation(c, "textbooks"), _teacher_key),
     StageDef("exercises", ("teacher",), lambda c: run_generation(c, "exercises"), _teacher_key),
     StageDef("mined_exercises", ("quality_filter",), run_mined, lambda c: {}),
     StageDef("decontaminate", ("textbooks", "exercises", "mined_exercises"), run_decontaminate,
-             lambda c: {}, fresh_on_change=True),
+             lambda c: {}, on_change="delete"),
     StageDef("pretrain", ("quality_filter", "decontaminate"), run_pretrain,
-             lambda c: {"tokenizer": c.tokenizer_key()}, fresh_on_change=True),
+             lambda c: {"tokenizer": c.tokenizer_key()}, on_change="aside"),
     StageDef("finetune", ("pretrain", "decontaminate"), run_finetune,
-             lambda c: {"tokenizer": c.tokenizer_key()}, fresh_on_change=True),
+             lambda c: {"tokenizer": c.tokenizer_key()}, on_change="aside"),
     StageDef("evaluate", ("pretrain", "finetune"), run_evaluate,
-             lambda c: {k: getattr(c.recipe, k) for k in ("benchmarks", "evaluate_pretrained", "eval_checkpoint",
-                                                          "pass_at_k_samples", "pass_at_k_temperature",
-                                                          "pass_at_k_ks", "solution_loss")},
-             fresh_on_change=True),
+             lambda c: {k: getattr(c.recipe, k) for k in (
+                 "benchmarks", "evaluate_pretrained", "eval_checkpoint", "eval_params", "pass_at_k_samples",
+                 "pass_at_k_temperature", "pass_at_k_ks", "solution_loss")}, on_change="aside"),
     StageDef("report", tuple(s for s in config_lib.STAGES if s != "report"), run_report,
-             lambda c: {"title": c.recipe.title, "note": c.recipe.note}, fresh_on_change=True),
+             lambda c: {"title": c.recipe.title, "note": c.recipe.note}, on_change="delete"),
 ]}
 assert tuple(STAGE_DEFS) == config_lib.STAGES
 
