@@ -3,6 +3,7 @@
 #
 #   PROJECT=... ZONE=... TPU_NAME=... MODEL_DIR=gs://my-bucket/phi1 \
 #   GIN_FILES="gin/experiments/phi1_pretrain.gin" tpu_scripts/launch.sh [--dry-run] [-- TRAIN_FLAG...]
+#   (phi1_pretrain.gin needs its data macros as TRAIN_FLAGs: --gin_param="CODE_SOURCES = [...]" etc.)
 #
 # Runs `python -m phijax.train --gin_file=F... --gin_param="MODEL_DIR = '$MODEL_DIR'" TRAIN_FLAG...`
 # with PHIJAX_DISTRIBUTED=auto (jax finds the other hosts of the slice). GIN_FILES: space-separated,
