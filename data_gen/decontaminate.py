@@ -836,6 +836,38 @@ def run(inputs: Sequence[str], text_field: str, out_dir: str | os.PathLike,
     return report
 
 
+def prune(inputs: Sequence[str | os.PathLike], text_field: str, flagged: str | os.PathLike,
+          out_dir: str | os.PathLike, tau: float, benchmarks: Sequence[str] = ("humaneval",)) -> dict:
+    """The paper's pruned-data experiment (§5): ``run``'s clean output for ``inputs``, less every
+    document whose AST match with an item of ``benchmarks`` is >= ``tau`` (per ``flagged``, the
+    flagged.jsonl of that run). Writes <out_dir>/<shard>.jsonl; returns the counts."""
+    if not 0.0 < tau <= 1.0:
+        raise DecontamError(f"prune tau must be in (0, 1], got {tau}")
+    removed, pruned = set(), set()
+    for row in iter_jsonl(Path(flagged)) if Path(flagged).exists() else ():
+        key = (Path(row["shard"]).name, row["line"])  # by shard name: the run's directory may have moved
+        if row["removed"]:
+            removed.add(key)
+        elif row["benchmark"] in benchmarks and (row.get("ast_match") or 0.0) >= tau:
+            pruned.add(key)
+    fields = text_fields(text_field)
+    out = Path(out_dir)
+    counts = {"tau": tau, "benchmarks": list(benchmarks), "docs": 0, "pruned": 0, "kept": 0}
+    for p in map(Path, inputs):
+        with stage.AtomicFile(out / _shard_name(p)) as f:
+            for rec in iter_jsonl(p, ReadReport(), required=fields):
+                key = (p.name, rec.pop("_line"))
+                if key in removed:
+                    continue
+                counts["docs"] += 1
+                if key in pruned:
+                    counts["pruned"] += 1
+                    continue
+                counts["kept"] += 1
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    return counts
+
+
 def render_markdown(r: dict) -> str:
     lines = ["# Decontamination report", "",
              f"Documents: {r['docs']} in, {r['removed']} removed, {r['kept']} kept. "

@@ -19,7 +19,7 @@ from phijax.recipe import runner
 
 NANO = "gin/recipes/nano.gin"
 STAGES = ["teacher", "quality_filter", "textbooks", "exercises", "mined_exercises", "decontaminate", "pretrain",
-          "finetune", "evaluate", "report"]
+          "finetune", "evaluate", "pruned", "report"]
 
 
 def _env():
@@ -95,8 +95,16 @@ def test_nano_recipe_end_to_end_kill_and_reruns(tmp_path):
     assert {"pass@1", "pass@2"} <= set(rep["evaluation"][1])
     sl = rep["solution_loss"]["humaneval"]
     assert sl["problems"] > 100 and sl["tokens"] > 1000 and 0 < sl["finetuned"] < 20 and 0 < sl["pretrained"] < 20
+    # the pruned-data experiment at τ = 0.8 against the main run: what was pruned, retrained, scored
+    base, pruned = rep["pruned"]
+    assert base["run"].startswith("unpruned") and base["humaneval"] == rep["pass_at_1"]["finetuned/humaneval"]
+    assert pruned["tau"] == 0.8 and set(pruned["kept"]) >= {"code", "mined_exercises"}
+    assert pruned["humaneval"] is not None and 0 < pruned["solution_loss_humaneval"] < 20
+    code_kept = sum(1 for x in (a / "pruned" / "tau_0.8" / "data" / "code").glob("*.jsonl")
+                    for line in x.read_text().splitlines() if line.strip())
+    assert code_kept == pruned["kept"]["code"] == rep["funnel"][5]["docs_out"] - pruned["pruned"]["code"]
     md = (a / "report" / "report.md").read_text()
-    assert "Plumbing, not quality" in md and "50.6%" in md and "Held-out loss" in md
+    assert "Plumbing, not quality" in md and "50.6%" in md and "Held-out loss" in md and "Pruned-data" in md
     for png in ("loss.png", "finetune_pass_at_1.png", "funnel.png"):
         assert (a / "report" / png).stat().st_size > 1000
     assert (a / "recipe.gin").is_file()
@@ -113,12 +121,12 @@ def test_nano_recipe_end_to_end_kill_and_reruns(tmp_path):
     states, _ = _dry_run_states(a, "--gin_param=textbooks/phijax.recipe.StageConfig.enabled = False")
     assert states["textbooks"] == "disabled"
     assert [s for s in STAGES if states[s] not in ("complete", "disabled")] == [
-        "decontaminate", "pretrain", "finetune", "evaluate", "report"]
+        "decontaminate", "pretrain", "finetune", "evaluate", "pruned", "report"]
 
     # SIGKILL in the middle of pretraining (after its first checkpoint), then a rerun: the same report.
     b = tmp_path / "b"
     shutil.copytree(a, b, symlinks=True)
-    for s in ("pretrain", "finetune", "evaluate", "report"):
+    for s in ("pretrain", "finetune", "evaluate", "pruned", "report"):
         shutil.rmtree(b / s)
     proc = subprocess.Popen([sys.executable, "-m", "phijax.recipe", f"--gin_file={NANO}", f"--out_dir={b}", "--quiet"],
                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

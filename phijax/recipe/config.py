@@ -18,7 +18,10 @@ import re
 import gin
 
 STAGES = ("teacher", "quality_filter", "textbooks", "exercises", "mined_exercises", "decontaminate",
-          "pretrain", "finetune", "evaluate", "report")
+          "pretrain", "finetune", "evaluate", "pruned", "report")
+# StageConfig scopes that are not stages: the pruned-data experiment's own models (unset: the main
+# pretrain / finetune settings, and the main run is the unpruned baseline).
+EXTRA_SCOPES = ("pruned_pretrain", "pruned_finetune")
 TRAINING_STAGES = ("teacher", "pretrain", "finetune")
 GENERATION_STAGES = ("textbooks", "exercises")  # the stages that pay a teacher
 BENCHMARKS = ("humaneval", "mbpp")
@@ -74,6 +77,8 @@ class Recipe:
     eval_checkpoint: 'best' (the fine-tuning's best by periodic HumanEval, when it kept one) or 'final'.
     solution_loss: the held-out loss of the canonical solutions of these benchmarks, before and after
       fine-tuning.
+    prune_taus: the pruned-data experiment (paper §5): for each τ, retrain on the data less what
+      decontamination flags at AST match >= τ against `prune_benchmarks`, and score those.
     """
 
     out_dir: str = gin.REQUIRED
@@ -90,11 +95,13 @@ class Recipe:
     pass_at_k_ks: tuple[int, ...] = (1, 10)
     solution_loss: tuple[str, ...] = ("humaneval",)
     eval_params: dict = dataclasses.field(default_factory=dict)  # benchmark -> phijax.evaluate bindings
+    prune_taus: tuple[float, ...] = ()
+    prune_benchmarks: tuple[str, ...] = ("humaneval",)
     title: str = "phi-1 recipe"
     note: str = ""  # a paragraph the report prints first (e.g. "plumbing, not quality")
 
     def __post_init__(self):
-        for f in ("serve_args", "benchmarks", "solution_loss", "pass_at_k_ks"):
+        for f in ("serve_args", "benchmarks", "solution_loss", "pass_at_k_ks", "prune_taus", "prune_benchmarks"):
             v = getattr(self, f)
             if isinstance(v, str):
                 raise RecipeError(f"Recipe.{f} must be a list, got the string {v!r}")
@@ -110,7 +117,9 @@ class Recipe:
                             f"parquet:GLOB or stackoverflow:Posts.xml")
         if not (self.teacher in ("endpoint", "train") or self.teacher.startswith("serve:")):
             problems.append(f"Recipe.teacher = {self.teacher!r}: expected 'endpoint', 'train' or 'serve:PATH'")
-        for b in (*self.benchmarks, *self.solution_loss):
+        if not all(isinstance(t, (int, float)) and 0.0 < t <= 1.0 for t in self.prune_taus):
+            problems.append(f"Recipe.prune_taus {list(self.prune_taus)} must lie in (0, 1]")
+        for b in (*self.benchmarks, *self.solution_loss, *self.prune_benchmarks):
             if b not in BENCHMARKS:
                 problems.append(f"benchmark {b!r}: expected one of {', '.join(BENCHMARKS)}")
         for b, params in self.eval_params.items():

@@ -157,9 +157,35 @@ def gather(m: dict) -> dict:
             sl[b] = {"pretrained": before["loss"], "finetuned": after["loss"], "tokens": after.get("tokens"),
                      "problems": after.get("problems")}
     out["solution_loss"] = sl
+    out["pruned"] = _pruned(m, dirs, out)
     out["timings"] = {name: (runner.read_marker(dirs[name]) or {}).get("seconds")
                       for name in config_lib.STAGES if name != "report" and enabled[name]}
     return out
+
+
+def _pruned(m: dict, dirs: dict[str, Path], out: dict) -> list[dict]:
+    """The pruned-data table: the unpruned baseline (its own run, or the main one), then each τ."""
+    if not m["pruned"]:
+        return []
+    rows = []
+    if "unpruned" not in m["pruned"]:
+        sl = out["solution_loss"]
+        rows.append({"run": "unpruned (the main run)", "tau": None,
+                     **{b: out["pass_at_1"].get(f"finetuned/{b}") for b in m["prune_benchmarks"]},
+                     **{f"solution_loss_{b}": sl[b]["finetuned"] for b in m["prune_benchmarks"] if b in sl}})
+    for label in m["pruned"]:
+        r = (runner.read_marker(dirs["pruned"] / label) or {}).get("summary")
+        if not r:
+            continue
+        row = {"run": label.replace("tau_", "τ = "), "tau": r["tau"],
+               "pruned": {k: v["pruned"] for k, v in r["data"].items()},
+               "kept": {k: v["kept"] for k, v in r["data"].items()}, "final_loss": r["training"]["last_loss"]}
+        for b in m["prune_benchmarks"]:
+            row[b] = r[b].get("pass@1")
+            if f"solution_loss_{b}" in r:
+                row[f"solution_loss_{b}"] = r[f"solution_loss_{b}"]
+        rows.append(row)
+    return rows
 
 
 def _source_kind(source: str) -> str:
@@ -267,6 +293,18 @@ def render(r: dict) -> str:
             if b in figs:
                 L.append(f"| {name} (paper) | {b} | greedy | {_pct(figs[b])} | — | "
                          f"{164 if b == 'humaneval' else 500} | |")
+    if r.get("pruned"):
+        bench = [k for k in config_lib.BENCHMARKS if any(k in row for row in r["pruned"])]
+        L += ["", "## Pruned-data experiment (paper §5)", "",
+              "Each run retrains on the data less every document decontamination flags at AST match ≥ τ against "
+              f"{', '.join(bench)} (documents pruned per input), and is scored on it.", "",
+              "| run | documents pruned | " + " | ".join(f"{b} pass@1" for b in bench) + " | "
+              + " | ".join(f"{b} held-out loss" for b in bench) + " |",
+              "| --- | --- | " + " | ".join("---" for _ in bench) + " | " + " | ".join("---" for _ in bench) + " |"]
+        for row in r["pruned"]:
+            pr = ", ".join(f"{k} {v}" for k, v in (row.get("pruned") or {}).items()) or "—"
+            L.append(f"| {row['run']} | {pr} | " + " | ".join(_pct(row.get(b)) for b in bench) + " | "
+                     + " | ".join(_n(row.get(f"solution_loss_{b}")) for b in bench) + " |")
     if r["solution_loss"]:
         L += ["", "## Held-out loss of the canonical solutions", "",
               "Mean loss (nats/token) of each benchmark's canonical solutions given their prompts: it moves "

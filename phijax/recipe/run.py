@@ -44,7 +44,7 @@ def load(gin_files: list[str], gin_params: list[str], out_dir: str | None, searc
     except ValueError as e:
         raise RecipeError(gin_config.explain(e)) from None
     recipe.validate()
-    cfgs = {name: config_lib.stage_config(name) for name in config_lib.STAGES}
+    cfgs = {name: config_lib.stage_config(name) for name in (*config_lib.STAGES, *config_lib.EXTRA_SCOPES)}
     ctx = stages.Context(recipe, cfgs, search_paths=tuple(search_paths))
     for name in config_lib.STAGES:  # every gin file a stage names exists (fingerprints read them)
         ctx.fps[name] = stages.fingerprint(ctx, name)

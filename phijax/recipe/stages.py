@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from data_gen import dedup, stage
+from data_gen import decontaminate, dedup, stage
 from phijax.recipe import config as config_lib
 from phijax.recipe import report, runner
 from phijax.recipe.config import RecipeError
@@ -57,6 +57,8 @@ class Context:
     def enabled(self, name: str) -> bool:
         if name == "teacher":
             return self.recipe.teacher == "train" and self.cfg[name].enabled
+        if name == "pruned":
+            return bool(self.recipe.prune_taus) and self.cfg[name].enabled
         return self.cfg[name].enabled
 
     @property
@@ -206,18 +208,23 @@ def run_decontaminate(ctx: Context) -> dict:
                  *ctx.cfg["decontaminate"].args])
         r = json.loads((d / name / "report.json").read_text())
         summary[name] = {"docs": r["docs"], "kept": r["kept"]}
-    # The fine-tuning set: generated then mined, in shard order; each record names its source.
+    summary["exercises_total"] = merge_exercises([d / n / "clean" for n in ("exercises", "mined_exercises")],
+                                                 d / EXERCISES_FILE)
+    return summary
+
+
+def merge_exercises(dirs: list[Path], out: Path) -> int:
+    """The fine-tuning set: generated then mined, in shard order, each record naming its source."""
     recs = []
-    for name in ("exercises", "mined_exercises"):
-        for p in shard_files(d / name / "clean"):
+    for d in dirs:
+        for p in shard_files(d):
             for line in p.read_text(encoding="utf-8").splitlines():
                 if line.strip():
                     r = json.loads(line)
                     r.setdefault("source", f"generated:{r.get('model', 'teacher')}")
                     recs.append(r)
-    files.atomic_write_text(d / EXERCISES_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
-    summary["exercises_total"] = len(recs)
-    return summary
+    files.atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+    return len(recs)
 
 
 def textbook_sources(ctx: Context) -> list[str]:
@@ -226,28 +233,35 @@ def textbook_sources(ctx: Context) -> list[str]:
 
 
 def run_pretrain(ctx: Context) -> dict:
-    d = ctx.dir("pretrain")
-    code = shard_files(code_dir(ctx))
-    if not count_records(code):
-        raise RecipeError(f"pretrain: the quality filter kept no code ({code_dir(ctx)} is empty): loosen "
-                          f"data_gen.FilterConfig or give a larger source")
-    joins = [f"MODEL_DIR = {_q(d)}", f"CODE_SOURCES = [{_q(code_dir(ctx))}]",
-             f"TEXTBOOK_SOURCES = [{', '.join(map(_q, textbook_sources(ctx)))}]", f"TOKENIZER = {_q(ctx.tokenizer)}",
-             "phijax.tasks.register_codetextbook.content_field = 'text'"]  # data_gen's records hold 'text'
-    ctx.run("pretrain", "phijax.train", ctx.gin_args("pretrain", joins))
-    return _training_summary(d)
+    return pretrain(ctx, "pretrain", "pretrain", ctx.dir("pretrain"), code_dir(ctx), textbook_sources(ctx))
 
 
 def run_finetune(ctx: Context) -> dict:
-    d = ctx.dir("finetune")
-    ex = ctx.dir("decontaminate") / EXERCISES_FILE
-    if not count_records([ex]):
-        raise RecipeError(f"finetune: no exercises survived generation, mining and decontamination ({ex} is "
-                          f"empty); see the rejects in {ctx.dir('exercises')} and {ctx.dir('mined_exercises')}")
-    joins = [f"MODEL_DIR = {_q(d)}", f"EXERCISES = {_q(ex)}", f"TOKENIZER = {_q(ctx.tokenizer)}",
-             f"PRETRAINED = {_q(ctx.dir('pretrain') / 'export')}"]
-    ctx.run("finetune", "phijax.train", ctx.gin_args("finetune", joins))
-    return _training_summary(d)
+    return finetune(ctx, "finetune", "finetune", ctx.dir("finetune"), ctx.dir("decontaminate") / EXERCISES_FILE,
+                    ctx.dir("pretrain") / "export")
+
+
+def pretrain(ctx: Context, stage: str, cfg: str, model_dir: Path, code: Path, textbooks: list[str]) -> dict:
+    """phijax.train with StageConfig `cfg` on the CodeTextbook mixture of `code` + `textbooks`."""
+    if not count_records(shard_files(code)):
+        raise RecipeError(f"{stage}: no code to pretrain on ({code} is empty): loosen data_gen.FilterConfig or "
+                          f"give a larger source")
+    joins = [f"MODEL_DIR = {_q(model_dir)}", f"CODE_SOURCES = [{_q(code)}]",
+             f"TEXTBOOK_SOURCES = [{', '.join(map(_q, textbooks))}]", f"TOKENIZER = {_q(ctx.tokenizer)}",
+             "phijax.tasks.register_codetextbook.content_field = 'text'"]  # data_gen's records hold 'text'
+    ctx.run(stage, "phijax.train", ctx.gin_args(cfg, joins))
+    return _training_summary(model_dir)
+
+
+def finetune(ctx: Context, stage: str, cfg: str, model_dir: Path, exercises: Path, pretrained: Path) -> dict:
+    """phijax.train with StageConfig `cfg` on the exercises JSONL, from the `pretrained` export."""
+    if not count_records([exercises]):
+        raise RecipeError(f"{stage}: no exercises survived generation, mining and decontamination ({exercises} "
+                          f"is empty); see the rejects in {ctx.dir('exercises')} and {ctx.dir('mined_exercises')}")
+    joins = [f"MODEL_DIR = {_q(model_dir)}", f"EXERCISES = {_q(exercises)}", f"TOKENIZER = {_q(ctx.tokenizer)}",
+             f"PRETRAINED = {_q(pretrained)}"]
+    ctx.run(stage, "phijax.train", ctx.gin_args(cfg, joins))
+    return _training_summary(model_dir)
 
 
 def _training_summary(d: Path) -> dict:
@@ -282,26 +296,94 @@ def eval_runs(ctx: Context) -> list[dict]:
     return out
 
 
-def run_evaluate(ctx: Context) -> dict:
+def evaluate(ctx: Context, stage: str, model: Path, benchmark: str, output_dir: Path, params=()) -> dict:
+    """phijax.evaluate of `model` on `benchmark` (the evaluate StageConfig's gin, then the recipe's
+    eval_params for it, then `params`); returns its pass@k figures."""
     c = ctx.cfg["evaluate"]
+    args = ([f"--gin_search_path={p}" for p in ctx.search_paths]
+            + [f"--gin_file=eval/{benchmark}.gin", *[f"--gin_file={f}" for f in c.gin_files]]
+            + [f"--gin_param={p}" for p in (*c.gin_params, *ctx.recipe.eval_params.get(benchmark, ()), *params,
+                                            f"evaluate.model_path = {_q(model)}",
+                                            f"evaluate.tokenizer_path = {_q(ctx.tokenizer)}",
+                                            f"evaluate.output_dir = {_q(output_dir)}")])
+    ctx.run(stage, "phijax.evaluate", args)
+    s = json.loads((output_dir / "summary.json").read_text())
+    return {k: v for k, v in s.items() if k.startswith("pass@")}
+
+
+def solution_loss(ctx: Context, stage: str, model: Path, benchmark: str, path: Path) -> float:
+    ctx.run(stage, "phijax.evaluate.solution_loss",
+            ["--model", str(model), "--tokenizer", ctx.tokenizer, "--benchmark", benchmark, "--out", str(path)])
+    return json.loads(path.read_text())["loss"]
+
+
+def run_evaluate(ctx: Context) -> dict:
     summary = {}
     for e in eval_runs(ctx):
-        model = e["model"] or finetuned_model(ctx)
-        args = ([f"--gin_search_path={p}" for p in ctx.search_paths]
-                + [f"--gin_file=eval/{e['benchmark']}.gin", *[f"--gin_file={f}" for f in c.gin_files]]
-                + [f"--gin_param={p}" for p in (*c.gin_params, *ctx.recipe.eval_params.get(e["benchmark"], ()),
-                                                *e["params"], f"evaluate.model_path = {_q(model)}",
-                                                f"evaluate.tokenizer_path = {_q(ctx.tokenizer)}",
-                                                f"evaluate.output_dir = {_q(e['output_dir'])}")])
-        ctx.run("evaluate", "phijax.evaluate", args)
-        s = json.loads((e["output_dir"] / "summary.json").read_text())
-        summary[e["output_dir"].name] = {k: v for k, v in s.items() if k.startswith("pass@")}
+        summary[e["output_dir"].name] = evaluate(ctx, "evaluate", e["model"] or finetuned_model(ctx), e["benchmark"],
+                                                 e["output_dir"], e["params"])
     for b in ctx.recipe.solution_loss:
         for label, model in (("pretrained", ctx.dir("pretrain") / "export"), ("finetuned", ctx.dir("finetune") / "export")):
             path = ctx.dir("evaluate") / f"solution_loss_{label}_{b}.json"
-            ctx.run("evaluate", "phijax.evaluate.solution_loss",
-                    ["--model", str(model), "--tokenizer", ctx.tokenizer, "--benchmark", b, "--out", str(path)])
-            summary[path.stem] = json.loads(path.read_text())["loss"]
+            summary[path.stem] = solution_loss(ctx, "evaluate", model, b, path)
+    return summary
+
+
+def pruned_variants(ctx: Context) -> list[float | None]:
+    """The runs of the pruned-data experiment: each τ, and an unpruned baseline (None) when the
+    experiment trains its own (smaller) models; otherwise the main run is the baseline."""
+    own = bool(ctx.cfg["pruned_pretrain"].gin_files)
+    return ([None] if own else []) + list(ctx.recipe.prune_taus)
+
+
+def pruned_label(tau: float | None) -> str:
+    return "unpruned" if tau is None else f"tau_{tau}"
+
+
+def run_pruned(ctx: Context) -> dict:
+    """Paper §5: for each τ, the pretraining and fine-tuning data less everything decontamination
+    flags at AST match >= τ against `Recipe.prune_benchmarks`, retrained and scored."""
+    r = ctx.recipe
+    own = bool(ctx.cfg["pruned_pretrain"].gin_files)
+    cfgs = ("pruned_pretrain", "pruned_finetune") if own else ("pretrain", "finetune")
+    summary = {}
+    for tau in pruned_variants(ctx):
+        vd = ctx.dir("pruned") / pruned_label(tau)
+        fp = runner.digest({"pruned": ctx.fps["pruned"], "tau": tau})
+        if runner.status(vd, fp) == "complete":  # a kill between two τ keeps the finished ones
+            summary[vd.name] = runner.read_marker(vd)["summary"]
+            continue
+        runner.write_marker(vd, {"fingerprint": fp, "complete": False})
+        data, counts = vd / "data", {}
+        if tau is None:
+            code, textbooks, exercises = code_dir(ctx), textbook_sources(ctx), ctx.dir("decontaminate") / EXERCISES_FILE
+        else:
+            qf = ctx.dir("quality_filter")
+            counts["code"] = decontaminate.prune(shard_files(qf / "filter" / "shards"), "text",
+                                                 qf / "decontaminate" / "flagged.jsonl", data / "code", tau,
+                                                 r.prune_benchmarks)
+            code, textbooks, ex_dirs = data / "code", [], []
+            for name, field, shards in decontam_inputs(ctx):
+                if not count_records(shards):
+                    continue
+                counts[name] = decontaminate.prune(shards, field, ctx.dir("decontaminate") / name / "flagged.jsonl",
+                                                   data / name, tau, r.prune_benchmarks)
+                if name == "textbooks":
+                    textbooks = [str(data / name)] if counts[name]["kept"] else []
+                else:
+                    ex_dirs.append(data / name)
+            exercises = data / EXERCISES_FILE
+            merge_exercises(ex_dirs, exercises)
+        pretrain(ctx, "pruned", cfgs[0], vd / "pretrain", code, textbooks)
+        finetune(ctx, "pruned", cfgs[1], vd / "finetune", exercises, vd / "pretrain" / "export")
+        result = {"tau": tau, "data": counts, "training": _training_summary(vd / "finetune")}
+        for b in r.prune_benchmarks:
+            result[b] = evaluate(ctx, "pruned", vd / "finetune" / "export", b, vd / "evaluate" / b)
+            if b in r.solution_loss:
+                result[f"solution_loss_{b}"] = solution_loss(ctx, "pruned", vd / "finetune" / "export", b,
+                                                             vd / "evaluate" / f"solution_loss_{b}.json")
+        runner.write_marker(vd, {"fingerprint": fp, "complete": True, "summary": result})
+        summary[vd.name] = result
     return summary
 
 
@@ -313,7 +395,9 @@ def run_report(ctx: Context) -> dict:
                 "decontaminated": [name for name, _, _ in decontam_inputs(ctx)],
                 "exercises_file": str(ctx.dir("decontaminate") / EXERCISES_FILE),
                 "eval_runs": [dict(e, output_dir=str(e["output_dir"]), model=None) for e in eval_runs(ctx)],
-                "solution_loss": list(ctx.recipe.solution_loss)}
+                "solution_loss": list(ctx.recipe.solution_loss),
+                "pruned": [pruned_label(t) for t in pruned_variants(ctx)] if ctx.enabled("pruned") else [],
+                "prune_benchmarks": list(ctx.recipe.prune_benchmarks)}
     r = report.write(ctx.dir("report"), manifest)
     return {"report": str(ctx.dir("report") / report.REPORT_MD), "pass_at_1": r.get("pass_at_1", {})}
 
@@ -365,6 +449,14 @@ STAGE_DEFS: dict[str, StageDef] = {s.name: s for s in [
              lambda c: {k: getattr(c.recipe, k) for k in (
                  "benchmarks", "evaluate_pretrained", "eval_checkpoint", "eval_params", "pass_at_k_samples",
                  "pass_at_k_temperature", "pass_at_k_ks", "solution_loss")}, on_change="aside"),
+    StageDef("pruned", ("quality_filter", "decontaminate", "pretrain", "finetune"), run_pruned,
+             lambda c: {"taus": c.recipe.prune_taus, "benchmarks": c.recipe.prune_benchmarks,
+                        "solution_loss": c.recipe.solution_loss, "eval_params": c.recipe.eval_params,
+                        "evaluate": dataclasses.asdict(c.cfg["evaluate"]),
+                        "own": [(dataclasses.asdict(c.cfg[n]), runner.gin_digest(c.cfg[n].gin_files, c.cfg[n].gin_params,
+                                                                                  c.search_paths))
+                                for n in config_lib.EXTRA_SCOPES],
+                        "tokenizer": c.tokenizer_key()}, on_change="aside"),
     StageDef("report", tuple(s for s in config_lib.STAGES if s != "report"), run_report,
              lambda c: {"title": c.recipe.title, "note": c.recipe.note}, on_change="delete"),
 ]}
