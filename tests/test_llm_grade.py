@@ -38,6 +38,7 @@ def test_unseen_set_schema_canonical_pass_and_empty_fails():
     empty = execution.execute(probs, [{"task_id": p.task_id, "completion": ""} for p in probs])
     assert not any(r["passed"] for r in empty)
     assert "no published pass@1" in problems.comparison_note("unseen", "unseen")
+    assert set(problems.FORMAT_DESCRIPTION) >= {f for fs in problems.BENCHMARKS.values() for f in fs}
 
 
 def _results(tmp_path: Path, n: int = 6) -> Path:

@@ -59,6 +59,7 @@ FORMAT_DESCRIPTION = {
                  "the description and the first test; nothing from the reference solution",
     "bigcode": "the bigcode-evaluation-harness MBPP prompt: a docstring with the description and the first "
                "test, no signature; bigcode's stop sequences; no test setup code",
+    "unseen": "signature + docstring, as HumanEval's (phijax's own unconventional problems)",
 }
 # phi-1's published greedy pass@1 (Gunasekar et al. 2023, Table 1).
 PHI1_PASS_AT_1 = {"humaneval": 0.506, "mbpp": 0.555}
