@@ -12,8 +12,9 @@ canonical solution (rewritten where names change) still passes its tests.
 * ``paraphrase``: prose words replaced by synonyms from `SYNONYMS`, and clause-order rules
   ("Given X, return Y." -> "Return Y, given X."); prose only, as above.
 * ``rename``: the parameters of the functions defined in the prompt renamed (``arg0``..., a
-  synonym, or a short name), consistently in the signatures, the docstrings and the canonical
-  solution (by the positions of the ast's Name / arg nodes, so formatting is kept).
+  synonym, or a short name), consistently in the signatures, the docstrings' examples (and their
+  prose, for identifier-like names such as ``n``; not for English words such as ``numbers``) and the
+  canonical solution (by the positions of the ast's Name / arg nodes, so formatting is kept).
 * ``format``: docstring quotes ``\"\"\"`` -> ``'''``, docstring lines re-indented, blank lines
   added, trailing spaces; the code stays valid and means the same.
 * ``funcname``: the tested function renamed (a snake_case synonym or ``func_<n>``) in the prompt,
