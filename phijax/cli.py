@@ -27,6 +27,8 @@ COMMANDS: dict[str, Command] = {
                       "mined data -> pretrain -> fine-tune -> pass@k report (resumable)", MODEL),
     "train": Command("phijax.train", "train (or resume) a phi model from gin configs", MODEL),
     "evaluate": Command("phijax.evaluate.run", "HumanEval / MBPP pass@k of a model or a samples file", MODEL),
+    "robustness": Command("phijax.evaluate.robustness", "HumanEval pass@1 under perturbed prompts (typos, "
+                          "paraphrases, renamed arguments / function, formatting), ReCode-style", MODEL),
     "solution-loss": Command("phijax.evaluate.solution_loss", "held-out loss (nats/token) of the HumanEval / MBPP "
                              "canonical solutions given their prompts", MODEL),
     "llm-grade": Command("data_gen.llm_grade", "grade an evaluation's completions 0-10 with an LLM (phi-1's rubric; "
