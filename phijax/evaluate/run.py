@@ -114,6 +114,8 @@ def _score(probs, samples, *, ks, workers, timeout_s, sandbox_limits, meta, outp
         "isolation_detail": sandbox.describe_isolation(),
         "timeout_s": timeout_s, "execution_wall_s": round(wall, 2),
     }
+    if any(p.library for p in probs):  # libprobe: pass@k per library probed
+        summary["by_library"] = report.by_library(probs, results, ks)
     if output_dir:
         summary["results_path"] = execution.write_jsonl(results_file, results)
         paths = report.write(output_dir, summary, results)

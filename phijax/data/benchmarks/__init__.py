@@ -9,6 +9,10 @@
 * Unseen (``unseen/``, MIT, written for phijax; see ``unseen/README.md``): ``load_unseen()``,
   25 unconventional problems in HumanEval's schema (task_id ``Unseen/<n>``), phi-1's idea of a
   set no model has seen, for execution and LLM grading.
+* Library-usage probes (``libprobe/``, written for phijax, Apache-2.0): ``load_libprobe()``,
+  HumanEval-schema problems (+ ``library``) whose solutions need a standard-library module
+  absent from HumanEval; ``libprobe_bench_records()`` is the same set as decontamination
+  references (task_id, code), as shipped in ``libprobe/libprobe_bench.jsonl``.
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ MBPP_SANITIZED_SPLIT_SIZES = {"prompt": 7, "test": 257, "validation": 43, "train
 HUMANEVAL_SIZE = 164
 UNSEEN_FILE = Path(__file__).resolve().parent / "unseen" / "unseen.jsonl"
 UNSEEN_SIZE = 25
+LIBPROBE_DIR = Path(__file__).resolve().parent / "libprobe"
+LIBPROBE_FILE = LIBPROBE_DIR / "libprobe.jsonl"
+LIBPROBE_BENCH_FILE = LIBPROBE_DIR / "libprobe_bench.jsonl"  # data_gen.decontaminate --extra_bench
+LIBPROBE_KEYS = ("task_id", "prompt", "canonical_solution", "test", "entry_point", "library")
 
 
 def mbpp_split_of(task_id: int) -> str:
@@ -110,3 +118,22 @@ def load_unseen() -> list[dict]:
     if len(recs) != UNSEEN_SIZE:
         raise AssertionError(f"{UNSEEN_FILE}: {len(recs)} Unseen problems, expected {UNSEEN_SIZE}")
     return recs
+
+
+def load_libprobe(path: str | os.PathLike | None = None) -> list[dict]:
+    """The library-usage probes (keys task_id "LibProbe/<n>", prompt, canonical_solution, test,
+    entry_point -- HumanEval's schema -- and library, the module the solution needs), in file order."""
+    p = Path(path) if path is not None else LIBPROBE_FILE
+    with open(p, encoding="utf-8") as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    for r in recs:
+        missing = [k for k in LIBPROBE_KEYS if not isinstance(r.get(k), str) or not r[k]]
+        if missing:
+            raise ValueError(f"{p}: {r.get('task_id', '?')} lacks {missing}")
+    return recs
+
+
+def libprobe_bench_records(path: str | os.PathLike | None = None) -> list[dict]:
+    """The probes as decontamination references: task_id and code (prompt + canonical solution),
+    the shape of ``data_gen.decontaminate``'s ``--extra_bench`` files (LIBPROBE_BENCH_FILE holds them)."""
+    return [{"task_id": r["task_id"], "code": r["prompt"] + r["canonical_solution"]} for r in load_libprobe(path)]
