@@ -9,15 +9,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gin
 import pytest
 
 from data_gen import llm_grade
 from data_gen.llm import engine as engine_lib
 from data_gen.llm.fake_server import FakeOpenAIServer
+from phijax.data import benchmarks
 from phijax.data.benchmarks import load_unseen
 from phijax.evaluate import execution, problems
 
 KEY = "sk-test-GRADESECRET1234567890abcdef"
+
+
+@pytest.fixture(autouse=True)
+def _unlock_gin():
+    """The CLI parses gin and locks it; later tests in this process register configurables."""
+    yield
+    gin.clear_config()
 
 
 @pytest.fixture
@@ -28,6 +37,8 @@ def no_endpoint(monkeypatch):
 
 def test_unseen_set_schema_canonical_pass_and_empty_fails():
     recs = load_unseen()
+    shipped = [json.loads(x) for x in benchmarks.UNSEEN_BENCH_FILE.read_text().splitlines()]
+    assert shipped == benchmarks.unseen_bench_records()  # regenerate the file when the set changes
     assert [r["task_id"] for r in recs] == [f"Unseen/{i}" for i in range(len(recs))] and 20 <= len(recs) <= 30
     assert all(set(r) == {"task_id", "prompt", "canonical_solution", "test", "entry_point"} for r in recs)
     assert all("def check(candidate)" in r["test"] and f"def {r['entry_point']}(" in r["prompt"] for r in recs)

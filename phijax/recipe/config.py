@@ -77,6 +77,8 @@ class Recipe:
     eval_checkpoint: 'best' (the fine-tuning's best by periodic HumanEval, when it kept one) or 'final'.
     solution_loss: the held-out loss of the canonical solutions of these benchmarks, before and after
       fine-tuning.
+    extra_bench: benchmark files (JSONL: task_id, code) decontamination also cleans every corpus of;
+      None: phijax's library-usage probes and Unseen problems.
     prune_taus: the pruned-data experiment (paper §5): for each τ, retrain on the data less what
       decontamination flags at AST match >= τ against `prune_benchmarks`, and score those.
     """
@@ -95,14 +97,18 @@ class Recipe:
     pass_at_k_ks: tuple[int, ...] = (1, 10)
     solution_loss: tuple[str, ...] = ("humaneval",)
     eval_params: dict = dataclasses.field(default_factory=dict)  # benchmark -> phijax.evaluate bindings
+    extra_bench: tuple[str, ...] | None = None  # None: the probes + Unseen sets (see extra_bench_files)
     prune_taus: tuple[float, ...] = ()
     prune_benchmarks: tuple[str, ...] = ("humaneval",)
     title: str = "phi-1 recipe"
     note: str = ""  # a paragraph the report prints first (e.g. "plumbing, not quality")
 
     def __post_init__(self):
-        for f in ("serve_args", "benchmarks", "solution_loss", "pass_at_k_ks", "prune_taus", "prune_benchmarks"):
+        for f in ("serve_args", "benchmarks", "solution_loss", "pass_at_k_ks", "prune_taus", "prune_benchmarks",
+                  "extra_bench"):
             v = getattr(self, f)
+            if v is None:
+                continue
             if isinstance(v, str):
                 raise RecipeError(f"Recipe.{f} must be a list, got the string {v!r}")
             object.__setattr__(self, f, tuple(v))
@@ -135,6 +141,16 @@ class Recipe:
             problems.append(f"Recipe.vocab_size = {self.vocab_size} must be >= 256")
         if problems:
             raise RecipeError("; ".join(problems))
+
+    def extra_bench_files(self) -> tuple[str, ...]:
+        """What decontamination checks besides HumanEval and MBPP: by default phijax's own sets (the
+        library-usage probes, the Unseen problems), so that no training corpus the recipe builds
+        holds them."""
+        if self.extra_bench is not None:
+            return tuple(str(p) for p in self.extra_bench)
+        from phijax.data import benchmarks
+
+        return (str(benchmarks.LIBPROBE_BENCH_FILE), str(benchmarks.UNSEEN_BENCH_FILE))
 
     @property
     def served_teacher(self) -> bool:

@@ -154,8 +154,10 @@ def code_dir(ctx: Context) -> Path:
 
 def run_quality_filter(ctx: Context) -> dict:
     d = ctx.dir("quality_filter")
+    extra = ", ".join(map(_q, ctx.recipe.extra_bench_files()))
     ctx.run("quality_filter", "data_gen.quality_filter",
-            ctx.gin_args("quality_filter", [f"OUT_DIR = {_q(d)}", f"SOURCE = {_q(ctx.recipe.source)}"]))
+            ctx.gin_args("quality_filter", [f"OUT_DIR = {_q(d)}", f"SOURCE = {_q(ctx.recipe.source)}",
+                                            f"data_gen.DecontamStage.extra_bench = [{extra}]"]))
     report = json.loads((d / "report.json").read_text())
     kept = shard_files(code_dir(ctx))
     return {"documents": count_records(kept), "shards": len(kept), "stages": len(report.get("stages", []))}
@@ -205,6 +207,7 @@ def run_decontaminate(ctx: Context) -> dict:
             continue
         ctx.run("decontaminate", "data_gen.decontaminate",
                 ["--inputs", *map(str, shards), "--text_field", field, "--out_dir", str(d / name),
+                 *(["--extra_bench", *ctx.recipe.extra_bench_files()] if ctx.recipe.extra_bench_files() else []),
                  *ctx.cfg["decontaminate"].args])
         r = json.loads((d / name / "report.json").read_text())
         summary[name] = {"docs": r["docs"], "kept": r["kept"]}
@@ -421,16 +424,20 @@ def _teacher_key(ctx: Context) -> dict:
     return {"teacher": r.teacher, "tokenizer": ctx.tokenizer_key() if r.served_teacher else None}
 
 
+def _bench_key(ctx: Context) -> dict:
+    return {"extra_bench": [(Path(p).name, files.file_fingerprint(p)) for p in ctx.recipe.extra_bench_files()]}
+
+
 def _source_key(ctx: Context) -> dict:
     src = ctx.recipe.source
     if src == "stdlib":
-        return {"source": src, "python": sys.version}
+        return {"source": src, "python": sys.version, **_bench_key(ctx)}
     kind, _, path = src.partition(":")
     try:  # the files' names, sizes and mtimes: an edited corpus reruns the chain
         found = dedup.expand_inputs([path]) if kind in ("jsonl", "parquet") else sorted(Path(path).rglob("*.py"))
     except Exception:  # noqa: BLE001 (the quality filter names a bad source itself)
         found = []
-    return {"source": src, "files": stage.fingerprint(found, {})}
+    return {"source": src, "files": stage.fingerprint(found, {}), **_bench_key(ctx)}
 
 
 STAGE_DEFS: dict[str, StageDef] = {s.name: s for s in [
@@ -439,8 +446,8 @@ STAGE_DEFS: dict[str, StageDef] = {s.name: s for s in [
     StageDef("textbooks", ("teacher",), lambda c: run_generation(c, "textbooks"), _teacher_key),
     StageDef("exercises", ("teacher",), lambda c: run_generation(c, "exercises"), _teacher_key),
     StageDef("mined_exercises", ("quality_filter",), run_mined, lambda c: {}),
-    StageDef("decontaminate", ("textbooks", "exercises", "mined_exercises"), run_decontaminate,
-             lambda c: {}, on_change="delete"),
+    StageDef("decontaminate", ("textbooks", "exercises", "mined_exercises"), run_decontaminate, _bench_key,
+             on_change="delete"),
     StageDef("pretrain", ("quality_filter", "decontaminate"), run_pretrain,
              lambda c: {"tokenizer": c.tokenizer_key()}, on_change="aside"),
     StageDef("finetune", ("pretrain", "decontaminate"), run_finetune,

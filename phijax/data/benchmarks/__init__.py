@@ -34,6 +34,7 @@ MBPP_SANITIZED_SPLIT_SIZES = {"prompt": 7, "test": 257, "validation": 43, "train
 HUMANEVAL_SIZE = 164
 UNSEEN_FILE = Path(__file__).resolve().parent / "unseen" / "unseen.jsonl"
 UNSEEN_SIZE = 25
+UNSEEN_BENCH_FILE = UNSEEN_FILE.parent / "unseen_bench.jsonl"  # data_gen.decontaminate --extra_bench
 LIBPROBE_DIR = Path(__file__).resolve().parent / "libprobe"
 LIBPROBE_FILE = LIBPROBE_DIR / "libprobe.jsonl"
 LIBPROBE_BENCH_FILE = LIBPROBE_DIR / "libprobe_bench.jsonl"  # data_gen.decontaminate --extra_bench
@@ -131,6 +132,11 @@ def load_libprobe(path: str | os.PathLike | None = None) -> list[dict]:
         if missing:
             raise ValueError(f"{p}: {r.get('task_id', '?')} lacks {missing}")
     return recs
+
+
+def unseen_bench_records() -> list[dict]:
+    """The Unseen problems as decontamination references (task_id, code), as UNSEEN_BENCH_FILE holds them."""
+    return [{"task_id": r["task_id"], "code": r["prompt"] + r["canonical_solution"]} for r in load_unseen()]
 
 
 def libprobe_bench_records(path: str | os.PathLike | None = None) -> list[dict]:
