@@ -1,5 +1,5 @@
-"""phijax.evaluate.perturb / robustness: perturbed HumanEval prompts keep a passing canonical solution;
-the robustness CLI end to end on a tiny model."""
+"""phijax.evaluate.perturb / robustness: perturbed HumanEval and MBPP (docstring format) prompts keep a
+passing canonical solution; the robustness CLI end to end on a tiny model."""
 import ast
 import json
 import time
@@ -121,7 +121,9 @@ def test_cli_end_to_end(tmp_path, tiny_hf_dir, capsys):
     (["--classes", "typo,nope"], "unknown class"),
     (["--model", "/no/such/dir"], "--model"),
     (["--variants", "0"], "--variants"),
-    (["--benchmark", "mbpp"], "--benchmark"),
+    (["--benchmark", "unseen"], "--benchmark"),
+    (["--benchmark", "mbpp", "--prompt_format", "mbpp_3shot"], "--prompt_format"),
+    (["--prompt_format", "docstring"], "--prompt_format"),
 ])
 def test_cli_rejects_bad_input(tmp_path, args, match, capsys):
     base = {"--model": str(tmp_path), "--output_dir": str(tmp_path / "o")}
@@ -131,3 +133,101 @@ def test_cli_rejects_bad_input(tmp_path, args, match, capsys):
     assert robustness.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and match in err, err
+
+
+# ------------------------------------------------------------------------------ MBPP, docstring format
+
+@pytest.fixture(scope="module")
+def mbpp_records():
+    return robustness.mbpp_records()
+
+
+@pytest.fixture(scope="module")
+def mbpp_perturbed(mbpp_records):
+    return {cls: robustness.perturbed_records(mbpp_records, cls, seed=0, variant=1) for cls in perturb.CLASSES}
+
+
+def test_mbpp_records_round_trip(mbpp_records, mbpp_perturbed, tmp_path):
+    assert len(mbpp_records) == 500
+    assert robustness.to_problems(mbpp_records) == problems_lib.load_problems("mbpp", "docstring")
+    for cls, recs in mbpp_perturbed.items():
+        path = execution.write_jsonl(str(tmp_path / f"mbpp_{cls}.jsonl"), recs)
+        back = robustness.read_records(path)
+        assert back == recs
+        probs = robustness.to_problems(back)
+        assert all(p.benchmark == "mbpp" and p.prompt_format == "docstring" and p.completion_prefix == p.prompt
+                   and p.stop == problems_lib.STOP["docstring"] for p in probs)
+    with pytest.raises(ValueError, match="format"):
+        robustness.mbpp_records("mbpp_3shot")
+
+
+def test_mbpp_every_perturbed_canonical_solution_passes(mbpp_perturbed):
+    """500 problems x 5 classes, each its own sandbox program: prompt + (renamed) canonical + setup + asserts."""
+    t0 = time.monotonic()
+    keys, programs = [], []
+    for cls, recs in mbpp_perturbed.items():
+        for r, p in zip(recs, robustness.to_problems(recs)):
+            keys.append((cls, r["task_id"]))
+            programs.append(p.program(r["canonical_solution"]))
+    res = sandbox.run_many(programs, workers=4, timeout_s=20)
+    failed = [(k, execution.result_string(r)) for k, r in zip(keys, res) if not r.passed]
+    assert not failed, failed[:5]
+    assert len(keys) == 500 * len(perturb.CLASSES)
+    print(f"{len(keys)} programs in {time.monotonic() - t0:.1f}s")
+
+
+def _doc_test_line(prompt):
+    [line] = [ln for ln in prompt.split("\n") if ln.strip().startswith(">>>")]
+    return line.strip()
+
+
+def test_mbpp_perturbations(mbpp_records, mbpp_perturbed):
+    for cls, recs in mbpp_perturbed.items():
+        changed = sum(a["prompt"] != b["prompt"] for a, b in zip(mbpp_records, recs))
+        assert changed >= 0.9 * len(mbpp_records), (cls, changed)
+        for a, b in zip(mbpp_records, recs):
+            assert b["benchmark"] == "mbpp" and b["prompt_format"] == "docstring" and b["perturbation"]["class"] == cls
+            ast.parse(b["prompt"] + b["canonical_solution"])
+            if cls in ("typo", "paraphrase", "format"):
+                assert (b["canonical_solution"], b["test"], b["entry_point"]) == \
+                    (a["canonical_solution"], a["test"], a["entry_point"])
+            if cls in ("typo", "paraphrase"):  # the description only: signature, test line and closing kept
+                la, lb = a["prompt"].split("\n"), b["prompt"].split("\n")
+                assert len(la) == len(lb) and la[0] == lb[0] and la[2:] == lb[2:], (a["task_id"], lb)
+                assert lb[1].startswith('    """ ')
+    for a, b in zip(mbpp_records, mbpp_perturbed["rename"]):
+        m = b["perturbation"]["renamed"]
+        assert m and all(k.startswith("arg") and v != k for k, v in m.items()), (a["task_id"], m)
+        assert b["prompt"].split("\n")[0] == perturb.rename_code(a["prompt"].split("\n")[0] + " pass", m)[:-5]
+        assert b["test"] == a["test"] and _doc_test_line(b["prompt"]) == _doc_test_line(a["prompt"])
+    for a, b in zip(mbpp_records, mbpp_perturbed["funcname"]):
+        old, new = a["entry_point"], b["entry_point"]
+        assert new != old and b["prompt"].startswith(f"def {new}(") and b["perturbation"]["renamed"] == {old: new}
+        # the test's asserts and the docstring's test line: the tested function renamed as ast names
+        renamed = perturb._RenameAst({old: new})
+        assert ast.dump(ast.parse(b["test"])) == ast.dump(renamed.visit(ast.parse(a["test"])))
+        doc_a, doc_b = _doc_test_line(a["prompt"])[4:], _doc_test_line(b["prompt"])[4:]
+        assert ast.dump(ast.parse(doc_b)) == ast.dump(renamed.visit(ast.parse(doc_a)))
+        assert new in {n.id for n in ast.walk(ast.parse(b["test"])) if isinstance(n, ast.Name)}
+
+
+def test_mbpp_cli_end_to_end(tmp_path, tiny_hf_dir, capsys):
+    out = tmp_path / "rob"
+    rc = robustness.main(["--model", str(tiny_hf_dir), "--benchmark", "mbpp", "--limit", "3", "--variants", "1",
+                          "--max_new_tokens", "16", "--output_dir", str(out), "--workers", "2"])
+    assert rc == 0, capsys.readouterr().err[-3000:]
+    s = json.loads((out / "robustness.json").read_text())
+    assert s["benchmark"] == "mbpp" and s["prompt_format"] == "docstring"
+    assert s["problems"] == 3 and set(s["classes"]) == set(perturb.CLASSES)
+    first3 = robustness.mbpp_records(limit=3)
+    for cls in perturb.CLASSES:
+        recs = robustness.read_records(str(out / "perturbed" / f"mbpp_{cls}_v0.jsonl"))
+        assert [r["task_id"] for r in recs] == ["MBPP/11", "MBPP/12", "MBPP/13"]
+        assert recs == robustness.perturbed_records(first3, cls, seed=0, variant=0)
+    assert "mbpp, docstring prompt format" in (out / "robustness.md").read_text()
+    from phijax import decode
+    plain = run.evaluate_model(decode.load_for_inference(str(tiny_hf_dir)), benchmark="mbpp",
+                               prompt_format="docstring", limit=3, max_new_tokens=16)
+    assert plain["pass@1"] == s["nominal"]["pass@1"]
+    nominal = [json.loads(x) for x in open(out / "samples" / "nominal.jsonl")]
+    assert [r["completion"] for r in plain["results"]] == [r["completion"] for r in nominal]

@@ -21,6 +21,13 @@ canonical solution (rewritten where names change) still passes its tests.
   the canonical solution (recursive calls), helper code and the test; the record's entry_point
   follows, so the program ends with ``check(<new name>)``.
 
+MBPP's ``docstring`` format (problems.signature_prompt: ``def name(arg0, ...)`` + a docstring with
+the description and the first test) is perturbed the same way, on records that carry
+benchmark="mbpp" and prompt_format="docstring" (robustness.mbpp_records): typo / paraphrase touch the
+description only (the ``>>>`` test line is not prose); rename maps ``arg0, ...`` to short letters,
+ordinals or ``a, b, ...``; funcname renames the tested function in the prompt, the docstring's test
+line and the test's asserts by ast positions (the test is setup code + asserts, no ``check``).
+
 Each variant is seeded by (seed, class, task_id, variant); the functions are pure.
 """
 from __future__ import annotations
@@ -75,6 +82,8 @@ NAME_SYNONYMS = {
     "a": "first", "b": "second", "l": "items", "k": "amount", "encode": "encrypt", "decode": "decrypt",
 }
 SHORT_NAMES = ("p", "q", "z", "w", "u", "v", "t", "r")
+MBPP_ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth")
+MBPP_LETTERS = ("a", "b", "c", "d", "e", "f", "g", "h")
 STOP_WORDS = {"a", "an", "i", "in", "is", "or", "and", "to", "of", "on", "at", "as", "it", "be", "by", "if"}
 
 _WORD = re.compile(r"(?<![\w'\"`\\.\[(])([A-Za-z]+)(?![\w'\"`(\]])")
@@ -340,6 +349,31 @@ def _rename_in_docstrings(prompt: str, mapping: dict[str, str]) -> str:
     return _map_docstrings(prompt, fn)
 
 
+_EXAMPLE = re.compile(r"^(\s*>>> )(.*)$")
+
+
+def _rename_in_mbpp_docstring(prompt: str, mapping: dict[str, str]) -> str:
+    """MBPP ``docstring`` prompts: the test line (``>>> assert ...``) renamed by its ast positions,
+    like the test's asserts; the prose as `_rename_in_docstrings` does."""
+    def fn(body):
+        lines, prose = body.split("\n"), prose_lines(body)
+        for i, ln in enumerate(lines):
+            m = _EXAMPLE.match(ln)
+            if m:
+                try:
+                    lines[i] = m[1] + rename_code(m[2], mapping)
+                except (SyntaxError, ValueError):
+                    lines[i] = re.sub(rf"(?<![\w'.])({'|'.join(map(re.escape, mapping))})(?![\w'])",
+                                      lambda x: mapping[x[1]], ln)
+            elif prose[i]:
+                for old, new in mapping.items():
+                    wordlike = old.lower() in STOP_WORDS or (len(old) > 1 and old.isalpha() and old.islower())
+                    if not wordlike:
+                        lines[i] = re.sub(rf"(?<![\w'.])({re.escape(old)})(?![\w'])", new, lines[i])
+        return "\n".join(lines)
+    return _map_docstrings(prompt, fn)
+
+
 def _split_program(prompt: str, solution: str, mapping: dict[str, str]) -> tuple[str, str]:
     """Rename in prompt + solution parsed together (the solution is the body of the prompt's last def)."""
     assert prompt.endswith("\n")
@@ -386,11 +420,25 @@ def _prompt_params(prompt: str) -> list[str]:
     return out
 
 
+def _is_mbpp(rec: dict) -> bool:
+    return rec.get("benchmark") == "mbpp"
+
+
 def rename_params(rec: dict, rng: random.Random) -> tuple[dict, dict[str, str]]:
-    """The parameters of the prompt's functions renamed everywhere (prompt, docstrings, solution)."""
+    """The parameters of the prompt's functions renamed everywhere (prompt, docstrings, solution).
+    MBPP's ``docstring`` prompts already name them ``arg0, arg1, ...``: short letters, ordinals
+    (``first, second, ...``) or ``a, b, c, ...`` instead."""
     params = _prompt_params(rec["prompt"])
     taken = _taken(rec)
-    scheme = rng.choice(("arg", "synonym", "short"))
+    if _is_mbpp(rec):
+        scheme = rng.choice(("short", "ordinal", "letters"))
+        if scheme != "short":
+            names = MBPP_ORDINALS if scheme == "ordinal" else MBPP_LETTERS
+            mapping = {p: _fresh(names[i] if i < len(names) else f"{names[0]}{i}", taken)
+                       for i, p in enumerate(params)}
+            return _renamed_params(rec, mapping), mapping
+    else:
+        scheme = rng.choice(("arg", "synonym", "short"))
     mapping = {}
     shorts = list(SHORT_NAMES)
     rng.shuffle(shorts)
@@ -402,8 +450,13 @@ def rename_params(rec: dict, rng: random.Random) -> tuple[dict, dict[str, str]]:
         else:
             new = shorts[i % len(shorts)] + ("" if i < len(shorts) else str(i))
         mapping[p] = _fresh(new, taken)
+    return _renamed_params(rec, mapping), mapping
+
+
+def _renamed_params(rec: dict, mapping: dict[str, str]) -> dict:
     prompt, solution = _split_program(rec["prompt"], rec["canonical_solution"], mapping)
-    return {**rec, "prompt": _rename_in_docstrings(prompt, mapping), "canonical_solution": solution}, mapping
+    rename_doc = _rename_in_mbpp_docstring if _is_mbpp(rec) else _rename_in_docstrings
+    return {**rec, "prompt": rename_doc(prompt, mapping), "canonical_solution": solution}
 
 
 def rename_function(rec: dict, rng: random.Random) -> tuple[dict, dict[str, str]]:
@@ -414,15 +467,18 @@ def rename_function(rec: dict, rng: random.Random) -> tuple[dict, dict[str, str]
     new = _fresh(syn or f"func_{rng.randrange(1000)}", taken)
     mapping = {old: new}
     prompt, solution = _split_program(rec["prompt"], rec["canonical_solution"], mapping)
-    return {**rec, "prompt": _rename_in_docstrings(prompt, mapping), "canonical_solution": solution,
+    rename_doc = _rename_in_mbpp_docstring if _is_mbpp(rec) else _rename_in_docstrings
+    return {**rec, "prompt": rename_doc(prompt, mapping), "canonical_solution": solution,
             "test": rename_code(rec["test"], mapping), "entry_point": new}, mapping
 
 
 # ------------------------------------------------------------------------------------ entry point
 
 def perturb_record(rec: dict, cls: str, *, seed: int, variant: int) -> dict:
-    """A HumanEval record (task_id, prompt, canonical_solution, test, entry_point) perturbed by
-    `cls`; the result has the same fields plus "perturbation": {class, variant, seed, renamed}."""
+    """A HumanEval record (task_id, prompt, canonical_solution, test, entry_point) -- or an MBPP
+    ``docstring`` record (the same fields plus benchmark="mbpp", prompt_format="docstring"; test =
+    setup code + the three asserts) -- perturbed by `cls`; the result has the same fields plus
+    "perturbation": {class, variant, seed, renamed}."""
     if cls not in CLASSES:
         raise ValueError(f"unknown perturbation class {cls!r}; expected one of {', '.join(CLASSES)}")
     rng = rng_for(seed, cls, rec["task_id"], variant)
@@ -437,6 +493,7 @@ def perturb_record(rec: dict, cls: str, *, seed: int, variant: int) -> dict:
         out, mapping = rename_params(rec, rng)
     else:
         out, mapping = rename_function(rec, rng)
-    keep = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
+    keep = ("task_id", "prompt", "canonical_solution", "test", "entry_point") + \
+        tuple(k for k in ("benchmark", "prompt_format") if k in rec)
     return {**{k: out[k] for k in keep},
             "perturbation": {"class": cls, "variant": variant, "seed": seed, "renamed": mapping}}

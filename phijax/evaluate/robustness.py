@@ -1,7 +1,7 @@
 """`python -m phijax.evaluate.robustness --model PATH --classes typo,paraphrase,rename,format,funcname`
 
 Robustness to prompt variations (ReCode, Wang et al. 2022): greedy pass@1 on the HumanEval
-prompts as shipped and on seeded perturbations of them (phijax/evaluate/perturb.py), one
+prompts as shipped (or MBPP's 500 test problems in the ``docstring`` prompt format: --benchmark mbpp) and on seeded perturbations of them (phijax/evaluate/perturb.py), one
 generation per perturbed prompt, scored in the sandbox as `phijax evaluate` scores. Reports per class:
 
 * pass@1: the mean over the class's variants (and the worst variant), its absolute and relative
@@ -12,7 +12,7 @@ generation per perturbed prompt, scored in the sandbox as `phijax evaluate` scor
   from the unperturbed one.
 
 Writes to --output_dir: perturbed/<benchmark>_<class>_v<k>.jsonl (the perturbed problems,
-HumanEval's schema plus "perturbation"), samples/<set>.jsonl(_results.jsonl), robustness.json and
+HumanEval's schema plus "perturbation"; MBPP's records add benchmark and prompt_format), samples/<set>.jsonl(_results.jsonl), robustness.json and
 robustness.md. The model is a Hugging Face Phi directory / hub id / phijax export / MODEL_DIR
 (--model) or an OpenAI-compatible endpoint (--endpoint, --endpoint_model).
 """
@@ -26,7 +26,7 @@ from phijax.evaluate import endpoint as endpoint_lib
 from phijax.evaluate import execution, perturb, run
 from phijax.evaluate import problems as problems_lib
 
-BENCHMARKS = ("humaneval",)
+BENCHMARKS = {"humaneval": ("humaneval",), "mbpp": ("docstring",)}  # benchmark -> prompt formats perturbed
 NOMINAL = "nominal"
 
 
@@ -43,9 +43,32 @@ def read_records(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def mbpp_records(prompt_format: str = "docstring", limit: int | None = None) -> list[dict]:
+    """MBPP's test problems in `prompt_format` as records perturb_record takes: HumanEval's fields
+    (test = setup code + the three asserts) plus benchmark and prompt_format."""
+    if prompt_format not in BENCHMARKS["mbpp"]:
+        raise ValueError(f"robustness perturbs MBPP in the {BENCHMARKS['mbpp']} format(s), not {prompt_format!r}")
+    return [{"task_id": p.task_id, "prompt": p.prompt, "canonical_solution": p.canonical_solution, "test": p.test,
+             "entry_point": p.entry_point, "benchmark": p.benchmark, "prompt_format": p.prompt_format}
+            for p in problems_lib.load_problems("mbpp", prompt_format, limit=limit)]
+
+
+def to_problem(r: dict) -> problems_lib.Problem:
+    """A record (perturbed or not) -> its Problem: HumanEval's schema, or an MBPP record."""
+    if r.get("benchmark", "humaneval") == "humaneval":
+        return problems_lib._humaneval(r)
+    if r["benchmark"] != "mbpp" or r.get("prompt_format") not in BENCHMARKS["mbpp"]:
+        raise ValueError(f"{r['task_id']}: no robustness records for {r['benchmark']}/{r.get('prompt_format')}")
+    fmt = r["prompt_format"]
+    return problems_lib.Problem(task_id=r["task_id"], benchmark="mbpp", prompt_format=fmt, prompt=r["prompt"],
+                                entry_point=r["entry_point"], test=r["test"],
+                                canonical_solution=r["canonical_solution"], completion_prefix=r["prompt"],
+                                stop=problems_lib.STOP[fmt])
+
+
 def to_problems(records: list[dict]) -> list[problems_lib.Problem]:
-    """HumanEval-schema records (perturbed or not) -> Problems."""
-    return [problems_lib._humaneval(r) for r in records]
+    """Records (perturbed or not; HumanEval's schema or MBPP's) -> Problems."""
+    return [to_problem(r) for r in records]
 
 
 def build_sets(records: list[dict], classes, variants: int, seed: int, out_dir: str | None = None,
@@ -88,7 +111,9 @@ def metrics(passed: dict[str, dict[str, bool]], classes, variants: int) -> dict:
 
 def markdown(summary: dict) -> str:
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
-    lines = [f"# Robustness to prompt variations ({summary['benchmark']})", "",
+    fmt = summary.get("prompt_format")
+    bench = summary["benchmark"] + (f", {fmt} prompt format" if fmt and fmt != summary["benchmark"] else "")
+    lines = [f"# Robustness to prompt variations ({bench})", "",
              f"Model: {summary['source']}; greedy, max_new_tokens={summary['max_new_tokens']}, seed={summary['seed']}, "
              f"{summary['problems']} problems, {summary['variants']} variant(s) per class.", "",
              f"Unperturbed pass@1: **{pct(summary[NOMINAL]['pass@1'])}** ({summary[NOMINAL]['solved']} solved).", "",
@@ -104,12 +129,21 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def robustness(sampler, *, benchmark: str = "humaneval", classes=perturb.CLASSES, variants: int = 3, seed: int = 0,
+def robustness(sampler, *, benchmark: str = "humaneval", prompt_format: str | None = None, classes=perturb.CLASSES, variants: int = 3, seed: int = 0,
                limit: int | None = None, max_new_tokens: int = 512, output_dir: str, workers: int | None = None,
                timeout_s: float = 10.0, source: str = "", humaneval_path: str | None = None) -> dict:
     """Generate (greedy, once per prompt) on the unperturbed and perturbed problems, score, report."""
     from phijax.data.benchmarks import load_humaneval
-    records = list(load_humaneval(humaneval_path))[:limit]
+    if benchmark not in BENCHMARKS:
+        raise RobustnessError(f"benchmark={benchmark!r}: robustness supports {', '.join(BENCHMARKS)}")
+    prompt_format = prompt_format or BENCHMARKS[benchmark][0]
+    if prompt_format not in BENCHMARKS[benchmark]:
+        raise RobustnessError(f"prompt_format={prompt_format!r}: {benchmark} is perturbed in "
+                              f"{', '.join(BENCHMARKS[benchmark])}")
+    if benchmark == "humaneval":
+        records = list(load_humaneval(humaneval_path))[:limit]
+    else:
+        records = mbpp_records(prompt_format, limit)
     sets = build_sets(records, classes, variants, seed, output_dir, benchmark)
     names = list(sets)
     probs = {name: to_problems(recs) for name, recs in sets.items()}
@@ -130,7 +164,7 @@ def robustness(sampler, *, benchmark: str = "humaneval", classes=perturb.CLASSES
                        output_dir=None, results_file=None)
         execution.write_jsonl(execution.results_path(stem), s["results"])
         passed[name] = {r["task_id"]: r["passed"] for r in s["results"]}
-    summary = {"benchmark": benchmark, "source": source, "seed": seed, "variants": variants,
+    summary = {"benchmark": benchmark, "prompt_format": prompt_format, "source": source, "seed": seed, "variants": variants,
                "max_new_tokens": max_new_tokens, "classes_run": list(classes),
                **metrics(passed, classes, variants), "generation_wall_s": round(gen_s, 2),
                "per_problem": {t: {name: passed[name][t] for name in names} for t in passed[NOMINAL]}}
@@ -153,7 +187,8 @@ def main(argv=None) -> int:
     p.add_argument("--endpoint_model", help="the endpoint's model name")
     p.add_argument("--endpoint_api", default="completions", choices=sorted(endpoint_lib.APIS))
     p.add_argument("--endpoint_concurrency", type=int, default=8)
-    p.add_argument("--benchmark", default="humaneval")
+    p.add_argument("--benchmark", default="humaneval", help=f"one of {', '.join(BENCHMARKS)}")
+    p.add_argument("--prompt_format", help="default: humaneval for humaneval, docstring for mbpp (the only ones)")
     p.add_argument("--classes", default=",".join(perturb.CLASSES), help="comma-separated perturbation classes")
     p.add_argument("--variants", type=int, default=3, help="perturbed variants per class and problem")
     p.add_argument("--seed", type=int, default=0)
@@ -169,6 +204,9 @@ def main(argv=None) -> int:
     bad = []
     if args.benchmark not in BENCHMARKS:
         bad.append(f"--benchmark={args.benchmark!r}: robustness supports {', '.join(BENCHMARKS)}")
+    elif args.prompt_format is not None and args.prompt_format not in BENCHMARKS[args.benchmark]:
+        bad.append(f"--prompt_format={args.prompt_format!r}: robustness perturbs {args.benchmark} in "
+                   f"{', '.join(BENCHMARKS[args.benchmark])}")
     unknown = [c for c in classes if c not in perturb.CLASSES]
     if unknown or not classes:
         bad.append(f"--classes: unknown class(es) {unknown or classes}; expected some of {', '.join(perturb.CLASSES)}")
@@ -221,7 +259,7 @@ def main(argv=None) -> int:
         sampler = decode.Sampler(model, batch_size=args.batch_size)
         source = args.model
     try:
-        s = robustness(sampler, benchmark=args.benchmark, classes=classes, variants=args.variants, seed=args.seed,
+        s = robustness(sampler, benchmark=args.benchmark, prompt_format=args.prompt_format, classes=classes, variants=args.variants, seed=args.seed,
                        limit=args.limit, max_new_tokens=args.max_new_tokens, output_dir=args.output_dir,
                        workers=args.workers, timeout_s=args.timeout_s, source=source)
     except (ValueError, endpoint_lib.EndpointError) as e:  # e.g. a prompt longer than the model's context
