@@ -242,18 +242,25 @@ class Prompter:
         user = self.user_t.format(code=shown, note=note).strip()
         if attempt:
             user += "\n\n" + self.cfg.retry_note
-        params: dict[str, Any] = {"max_tokens": self.cfg.max_tokens}
-        if self.cfg.temperature is not None:
-            params["temperature"] = self.cfg.temperature
-        if self.cfg.send_seed:
-            params["seed"] = seed_from_key(f"annotate/{doc_hash}/{attempt}")
-        if self.cfg.json_mode:
-            params["response_format"] = {"type": "json_object"}
+        params = answer_params(self.cfg, f"annotate/{doc_hash}/{attempt}")
         # sample_index names the document in engine log lines: 32 bits of its hash, then the attempt.
         index = int(doc_hash[:8], 16) * 100 + attempt
         return Request(model=self.model, sample_index=index, kind="chat",
                        messages=messages_from(self.sys_t.strip() if self.sys_t else None, user), params=params,
                        meta={"doc": doc_hash[:16], "attempt": attempt, "truncated": truncated})
+
+
+def answer_params(cfg, seed_key: str) -> dict[str, Any]:
+    """A JSON-answer request's parameters (annotation, grading): max_tokens, temperature, a seed
+    per document and attempt (servers that honour it reproduce the answer), JSON mode."""
+    params: dict[str, Any] = {"max_tokens": cfg.max_tokens}
+    if cfg.temperature is not None:
+        params["temperature"] = cfg.temperature
+    if cfg.send_seed:
+        params["seed"] = seed_from_key(seed_key)
+    if cfg.json_mode:
+        params["response_format"] = {"type": "json_object"}
+    return params
 
 
 @dataclasses.dataclass
@@ -434,11 +441,7 @@ def run(inputs: Sequence[str], out_dir: str | os.PathLike, *, n_samples: int, se
         pending = n - n_annotated - len(rejects)
         pending_reasons: dict[str, int] = {}
         if pending_keys:
-            led = ledger_lib.Ledger(out / ledger_lib.LEDGER_FILE)
-            try:
-                pending_reasons = dict(led.why_missing(pending_keys).most_common())
-            finally:
-                led.close()
+            pending_reasons = dict(ledger_lib.why_missing(out, pending_keys).most_common())
         wall, cpu = time.monotonic() - t0, time.process_time() - c0
         report = {"annotator": name, "annotator_choice": why, "heuristic": kind == "heuristic",
                   "inputs": [str(f) for f in files], "fingerprint": fp, "n_input": read_report.n_ok,

@@ -251,11 +251,7 @@ def reject(req: Request, res: dict[str, Any], reason: str, detail: str = "", **e
 
 def missing_line(out_dir: Path, n_requests: int, missing: Sequence[str]) -> str:
     """How many requested samples (``missing``: their keys) have no answer, and why (from the ledger)."""
-    led = ledger_lib.Ledger(out_dir / ledger_lib.LEDGER_FILE)
-    try:
-        why = led.why_missing(missing)
-    finally:
-        led.close()
+    why = ledger_lib.why_missing(out_dir, missing)
     return (f"incomplete: {len(missing)} of {n_requests} samples have no answer: "
             + ", ".join(f"{n} {reason}" for reason, n in why.most_common()) + "; rerun the same command to continue")
 

@@ -49,7 +49,7 @@ from data_gen import annotate, generator, ingest, stage
 from data_gen.llm import engine as engine_lib
 from data_gen.llm import ledger as ledger_lib
 from data_gen.llm import lock as lock_lib
-from data_gen.llm.request import Request, messages_from, seed_from_key
+from data_gen.llm.request import Request, messages_from
 from phijax.evaluate import execution
 from phijax.evaluate import problems as problems_lib
 
@@ -198,13 +198,7 @@ class Prompter:
                                     candidate=cand or "# (empty)").strip()
         if attempt:
             user += "\n\n" + self.cfg.retry_note
-        params: dict[str, Any] = {"max_tokens": self.cfg.max_tokens}
-        if self.cfg.temperature is not None:
-            params["temperature"] = self.cfg.temperature
-        if self.cfg.send_seed:
-            params["seed"] = seed_from_key(f"llm_grade/{p.task_id}/{index}/{attempt}")
-        if self.cfg.json_mode:
-            params["response_format"] = {"type": "json_object"}
+        params = annotate.answer_params(self.cfg, f"llm_grade/{p.task_id}/{index}/{attempt}")
         return Request(model=self.model, sample_index=index * 100 + attempt, kind="chat",
                        messages=messages_from(self.cfg.system_prompt, user), params=params,
                        meta={"task_id": p.task_id, "attempt": attempt})
@@ -346,11 +340,7 @@ def run(results: str | os.PathLike, out_dir: str | os.PathLike, *, config: Grade
                                                                        and g.attempts <= cfg.max_parse_retries)]
         why_missing: dict[str, int] = {}
         if pending:
-            led = ledger_lib.Ledger(out / ledger_lib.LEDGER_FILE)
-            try:
-                why_missing = dict(led.why_missing(pending).most_common())
-            finally:
-                led.close()
+            why_missing = dict(ledger_lib.why_missing(out, pending).most_common())
         grader = f"llm:{ecfg.model}"
         seen: collections.Counter = collections.Counter()
         out_rows = []

@@ -119,6 +119,15 @@ def is_answer(record: dict[str, Any]) -> bool:
     return record.get("status") != "malformed"
 
 
+def why_missing(out_dir: str | os.PathLike, keys: Iterable[str]) -> collections.Counter:
+    """``Ledger.why_missing`` of the ledger in ``out_dir`` (opened and closed here)."""
+    led = Ledger(Path(out_dir) / LEDGER_FILE)
+    try:
+        return led.why_missing(keys)
+    finally:
+        led.close()
+
+
 def iter_answers(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
     """The well-formed answers of a responses.jsonl."""
     return (r for r in iter_results(path) if is_answer(r))
