@@ -245,3 +245,21 @@ def test_mbpp_cli_end_to_end(tmp_path, tiny_hf_dir, capsys):
     assert plain["pass@1"] == s["nominal"]["pass@1"]
     nominal = [json.loads(x) for x in open(out / "samples" / "nominal.jsonl")]
     assert [r["completion"] for r in plain["results"]] == [r["completion"] for r in nominal]
+
+
+@pytest.mark.parametrize("benchmark", ["humaneval", "mbpp"])
+def test_every_variant_of_a_default_run_keeps_a_passing_solution(benchmark, records, mbpp_records):
+    """What `phijax robustness` makes by default (every class, variants 0..2): prompt + (renamed)
+    canonical solution + (adapted) test passes for every problem, one sandbox program per problem
+    running its 15 variants."""
+    recs = records if benchmark == "humaneval" else mbpp_records
+    by_task: dict[str, list] = {}
+    for cls in perturb.CLASSES:
+        for v in range(robustness.DEFAULT_VARIANTS):
+            out = robustness.perturbed_records(recs, cls, seed=0, variant=v)
+            for r, p in zip(out, robustness.to_problems(out)):
+                by_task.setdefault(r["task_id"], []).append((f"{cls}/v{v}", p.program(r["canonical_solution"])))
+    assert len(by_task) == len(recs)
+    res = sandbox.run_many([_BATCH.format(items=v) for v in by_task.values()], workers=4, timeout_s=60)
+    failed = [(t, execution.result_string(r), r.stdout[-600:]) for t, r in zip(by_task, res) if not r.passed]
+    assert not failed, failed[:5]

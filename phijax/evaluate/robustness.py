@@ -26,6 +26,7 @@ from phijax.evaluate import endpoint as endpoint_lib
 from phijax.evaluate import execution, perturb, run
 from phijax.evaluate import problems as problems_lib
 
+DEFAULT_VARIANTS = 3  # per class and problem (the CLI's default; every one is tested to keep a passing solution)
 BENCHMARKS = {"humaneval": ("humaneval",), "mbpp": ("docstring",)}  # benchmark -> prompt formats perturbed
 NOMINAL = "nominal"
 
@@ -190,7 +191,7 @@ def main(argv=None) -> int:
     p.add_argument("--benchmark", default="humaneval", help=f"one of {', '.join(BENCHMARKS)}")
     p.add_argument("--prompt_format", help="default: humaneval for humaneval, docstring for mbpp (the only ones)")
     p.add_argument("--classes", default=",".join(perturb.CLASSES), help="comma-separated perturbation classes")
-    p.add_argument("--variants", type=int, default=3, help="perturbed variants per class and problem")
+    p.add_argument("--variants", type=int, default=DEFAULT_VARIANTS, help="perturbed variants per class and problem")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, help="the first N problems only")
     p.add_argument("--max_new_tokens", type=int, default=512)
