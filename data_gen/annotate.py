@@ -82,7 +82,25 @@ class AnnotateError(generator.GeneratorError):
 
 
 @dataclasses.dataclass(frozen=True)
-class AnnotateConfig:
+class JsonAnswerSettings:
+    """What every prompt that wants a JSON answer back sets (annotation here, data_gen.llm_grade's
+    grading): the request parameters (`answer_params`) and the parse retries."""
+    max_tokens: int = 200
+    temperature: float | None = 0.0
+    send_seed: bool = True  # a seed per (item, attempt): a retry is a different sample
+    json_mode: bool = True  # response_format {"type": "json_object"}
+    max_parse_retries: int = 2
+    retry_note: str = "Your previous answer could not be parsed. Reply with only the JSON object."
+
+    def check_answer_settings(self, error: type[Exception]) -> None:
+        if self.max_tokens < 1:
+            raise error(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0 <= self.max_parse_retries <= MAX_PARSE_RETRIES:
+            raise error(f"max_parse_retries must be in [0, {MAX_PARSE_RETRIES}], got {self.max_parse_retries}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AnnotateConfig(JsonAnswerSettings):
     n_samples: int = 100_000  # the CLI's default; run() takes it as an argument
     seed: int = 0
     annotator: str = "auto"
@@ -91,12 +109,6 @@ class AnnotateConfig:
     prompt_template_file: str = "gin/data/annotate_prompt.txt"
     max_doc_chars: int = 6000  # of the document in the prompt (~1.5K tokens)
     truncation_note: str = "(The file is longer; only its first {chars} characters are shown.)\n\n"
-    max_tokens: int = 200
-    temperature: float | None = 0.0
-    send_seed: bool = True  # a seed per (document, attempt): a retry is a different sample
-    json_mode: bool = True  # response_format {"type": "json_object"}
-    max_parse_retries: int = 2
-    retry_note: str = "Your previous answer could not be parsed. Reply with only the JSON object."
     shard_size: int = 10000
 
     def validate(self) -> None:
@@ -104,11 +116,10 @@ class AnnotateConfig:
             raise AnnotateError(f"n_samples must be >= 1, got {self.n_samples}")
         if self.annotator not in ANNOTATORS:
             raise AnnotateError(f"annotator must be one of {ANNOTATORS}, got {self.annotator!r}")
-        for name in ("max_doc_chars", "max_tokens", "shard_size"):
+        for name in ("max_doc_chars", "shard_size"):
             if getattr(self, name) < 1:
                 raise AnnotateError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.max_parse_retries <= MAX_PARSE_RETRIES:
-            raise AnnotateError(f"max_parse_retries must be in [0, {MAX_PARSE_RETRIES}], got {self.max_parse_retries}")
+        self.check_answer_settings(AnnotateError)
         try:
             self.truncation_note.format(chars=1)
         except (KeyError, IndexError, ValueError) as e:
@@ -250,7 +261,7 @@ class Prompter:
                        meta={"doc": doc_hash[:16], "attempt": attempt, "truncated": truncated})
 
 
-def answer_params(cfg, seed_key: str) -> dict[str, Any]:
+def answer_params(cfg: JsonAnswerSettings, seed_key: str) -> dict[str, Any]:
     """A JSON-answer request's parameters (annotation, grading): max_tokens, temperature, a seed
     per document and attempt (servers that honour it reproduce the answer), JSON mode."""
     params: dict[str, Any] = {"max_tokens": cfg.max_tokens}
@@ -314,13 +325,7 @@ def _annotate_llm(out: Path, sample: Path, n: int, cfg: AnnotateConfig, eng: eng
                     yield req
         reports.append(eng.run_sync(requests(todo, attempt, keys), total=len(todo)))
         assert len(keys) == len(todo), "the engine stopped reading requests early"
-        wanted = set(keys.values())
-        results = {r["key"]: r for r in ledger_lib.iter_answers(out / ledger_lib.RESPONSES_FILE) if r["key"] in wanted}
-        led = ledger_lib.Ledger(out / ledger_lib.LEDGER_FILE)
-        try:
-            failed = {k: led.get(k) for k in led.permanent_failures() & wanted}
-        finally:
-            led.close()
+        results, failed = ledger_lib.answers_and_failures(out, keys.values())
         nxt = set()
         for rank in sorted(todo):
             d, key = docs[rank], keys[rank]

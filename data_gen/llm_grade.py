@@ -70,24 +70,16 @@ class GradeError(generator.GeneratorError):
 
 
 @dataclasses.dataclass(frozen=True)
-class GradeConfig:
+class GradeConfig(annotate.JsonAnswerSettings):  # + max_tokens, temperature, send_seed, json_mode, retries
     prompt_template_file: str = "gin/eval/grade_prompt.txt"   # {problem}, {reference}, {candidate}
     system_prompt: str | None = "You are a strict, fair grader of Python solutions. You answer in JSON."
     max_solution_chars: int = 8000   # of the candidate shown (longer: cut, and the prompt says so)
     max_tokens: int = 300
-    temperature: float | None = 0.0
-    send_seed: bool = True           # a seed per (solution, attempt): a retry is a different sample
-    json_mode: bool = True           # response_format {"type": "json_object"}
-    max_parse_retries: int = 2
-    retry_note: str = "Your previous answer could not be parsed. Reply with only the JSON object."
 
     def validate(self) -> None:
-        for name in ("max_solution_chars", "max_tokens"):
-            if getattr(self, name) < 1:
-                raise GradeError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.max_parse_retries <= annotate.MAX_PARSE_RETRIES:
-            raise GradeError(f"max_parse_retries must be in [0, {annotate.MAX_PARSE_RETRIES}], "
-                             f"got {self.max_parse_retries}")
+        if self.max_solution_chars < 1:
+            raise GradeError(f"max_solution_chars must be >= 1, got {self.max_solution_chars}")
+        self.check_answer_settings(GradeError)
 
 
 GradeConfig = ingest.gin_register(GradeConfig, __name__)
@@ -225,13 +217,7 @@ def _grade_all(out: Path, jobs: list[tuple[problems_lib.Problem, str]], cfg: Gra
             break
         reqs = {i: prompter.request(i, jobs[i][0], jobs[i][1], attempt) for i in todo}
         reports.append(eng.run_sync(iter(reqs.values()), total=len(reqs)))
-        wanted = {r.key for r in reqs.values()}
-        answers = {r["key"]: r for r in ledger_lib.iter_answers(out / ledger_lib.RESPONSES_FILE) if r["key"] in wanted}
-        led = ledger_lib.Ledger(out / ledger_lib.LEDGER_FILE)
-        try:
-            failed = {k: led.get(k) for k in led.permanent_failures() & wanted}
-        finally:
-            led.close()
+        answers, failed = ledger_lib.answers_and_failures(out, [r.key for r in reqs.values()])
         nxt = []
         for i in todo:
             g, key = grades[i], reqs[i].key

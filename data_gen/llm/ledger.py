@@ -119,6 +119,19 @@ def is_answer(record: dict[str, Any]) -> bool:
     return record.get("status") != "malformed"
 
 
+def answers_and_failures(out_dir: str | os.PathLike, keys: Iterable[str]) -> tuple[dict[str, dict], dict[str, Any]]:
+    """For the requests ``keys`` of one round: ({key: its answer} from responses.jsonl, {key: the
+    ledger row} of those that failed for good, i.e. a 4xx the engine does not resend)."""
+    wanted = set(keys)
+    answers = {r["key"]: r for r in iter_answers(Path(out_dir) / RESPONSES_FILE) if r["key"] in wanted}
+    led = Ledger(Path(out_dir) / LEDGER_FILE)
+    try:
+        failed = {k: led.get(k) for k in led.permanent_failures() & wanted}
+    finally:
+        led.close()
+    return answers, failed
+
+
 def why_missing(out_dir: str | os.PathLike, keys: Iterable[str]) -> collections.Counter:
     """``Ledger.why_missing`` of the ledger in ``out_dir`` (opened and closed here)."""
     led = Ledger(Path(out_dir) / LEDGER_FILE)

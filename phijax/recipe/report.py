@@ -33,13 +33,6 @@ def _read_json(p: Path) -> Any:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-def _jsonl(paths: list[Path]):
-    for p in paths:
-        for line in p.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                yield json.loads(line)
-
-
 class _Tokens:
     """Token counts with the training tokenizer."""
 
@@ -50,15 +43,6 @@ class _Tokens:
 
     def __call__(self, texts) -> int:
         return sum(len(self.tok.encode(t)) for t in texts)
-
-
-def _metrics(d: Path) -> list[dict]:
-    p = d / "metrics.jsonl"
-    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.is_file() else []
-
-
-def _shards(d: Path) -> list[Path]:
-    return sorted(d.glob("*.jsonl")) if d.is_dir() else []
 
 
 def gather(m: dict) -> dict:
@@ -90,7 +74,7 @@ def gather(m: dict) -> dict:
         d = dirs[name]
         stats = _read_json(d / "stats.json") or {}
         field = (lambda r: r["text"]) if name == "textbooks" else (lambda r: r["prompt"] + r["solution"])
-        accepted = list(_jsonl(_shards(d / "shards")))
+        accepted = list(runner.read_jsonl(runner.shard_files(d / "shards")))
         usage = _usage(d)
         eng = stats.get("engine") or {}
         g = {"model": stats.get("model"), "requests": stats.get("n_requests"), "served": stats.get("n_served"),
@@ -103,7 +87,7 @@ def gather(m: dict) -> dict:
                        "tokens_out": g["accepted_tokens"], "rejects": g["rejects"]})
     if enabled["mined_exercises"]:
         mr = _read_json(dirs["mined_exercises"] / "report.json") or {}
-        mined = list(_jsonl(_shards(dirs["mined_exercises"] / "shards")))
+        mined = list(runner.read_jsonl(runner.shard_files(dirs["mined_exercises"] / "shards")))
         out["mined_exercises"] = {k: mr.get(k) for k in ("n_documents", "n_candidates", "kept",
                                                          "kept_with_doctests", "rejects")}
         funnel.append({"stage": "mined_exercises", "docs_in": mr.get("n_documents"), "docs_out": mr.get("kept"),
@@ -119,20 +103,20 @@ def gather(m: dict) -> dict:
         funnel.append({"stage": f"decontaminate/{name}", "docs_in": r.get("docs"), "docs_out": r.get("kept"),
                        "tokens_in": None, "tokens_out": None, "rejects": {"benchmark look-alike": r.get("removed")}})
     ex = Path(m["exercises_file"])
-    recs = list(_jsonl([ex])) if ex.is_file() else []
+    recs = list(runner.read_jsonl([ex])) if ex.is_file() else []
     out["exercises"] = {"total": len(recs), "tokens": tokens(r["prompt"] + r["solution"] for r in recs),
                         "by_source": dict(sorted(Counter(_source_kind(r["source"]) for r in recs).items())),
                         "by_file": dict(sorted(Counter(r["source"] for r in recs).items()))}
     # training
     out["training"] = {}
     for name in ("teacher", "pretrain", "finetune"):
-        rows = _metrics(dirs[name])
+        rows = runner.metrics(dirs[name])
         loss = [(r["step"], r["loss"]) for r in rows if "loss" in r]
         if not loss:
             continue
         out["training"][name] = {"steps": loss[-1][0], "first_loss": loss[0][1], "last_loss": loss[-1][1],
                                  "loss": loss}
-    ft = _metrics(dirs["finetune"])
+    ft = runner.metrics(dirs["finetune"])
     key = next((k for r in ft for k in r if k.startswith("eval/") and k.endswith("/pass@1")), None)
     out["finetune_pass_at_1"] = {"metric": key, "by_step": [(r["step"], r[key]) for r in ft if key and key in r]}
     best = _read_json(dirs["finetune"] / "best.json")

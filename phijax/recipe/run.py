@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 import tempfile
 import time
@@ -61,8 +62,6 @@ def _prepare(ctx: stages.Context, name: str, state: str, force: bool) -> None:
             log.warning("%s: settings changed; the previous run's directory is kept at %s (delete it when no "
                         "longer needed)", name, dest)
         elif policy == "delete":
-            import shutil
-
             shutil.rmtree(d)
 
 
@@ -77,7 +76,7 @@ def execute(ctx: stages.Context, until: str | None = None, force: tuple[str, ...
         files.atomic_write_text(ctx.out / OPERATIVE_GIN, gin.config_str())
         try:
             for name in config_lib.STAGES:
-                fp = ctx.fps[name] = stages.fingerprint(ctx, name)
+                fp = ctx.fps[name]  # computed once, by load()
                 if fp == "disabled":
                     log.info("%s: disabled", name)
                     continue
@@ -141,12 +140,10 @@ def dry_run(ctx: stages.Context) -> dict:
     for name in config_lib.GENERATION_STAGES:
         if not ctx.enabled(name):
             continue
-        joins = ([f"data_gen.EngineConfig.model = {stages._q(ctx.teacher_name())}"]
-                 if ctx.recipe.served_teacher else [])
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp, "estimate.json")
-            ctx.run(name, stages.GENERATION_MODULES[name], ctx.gin_args(name, joins)
-                    + [f"--out_dir={ctx.dir(name)}", "--dry_run", f"--estimate_json={path}"],
+            ctx.run(name, stages.GENERATION_MODULES[name],
+                    stages.generation_args(ctx, name) + ["--dry_run", f"--estimate_json={path}"],
                     log_path=Path(tmp, "dry_run.log"))  # a dry run writes nothing under out_dir
             est = json.loads(path.read_text())
         estimates[name] = est

@@ -99,6 +99,35 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# --- shards -------------------------------------------------------------------------------------
+def shard_files(d: Path) -> list[Path]:
+    """The *.jsonl files of a stage's shard directory, sorted ([] when it does not exist)."""
+    return sorted(d.glob("*.jsonl")) if d.is_dir() else []
+
+
+def read_jsonl(paths: Sequence[Path]):
+    """The records of JSONL files written by the stages (blank lines skipped), in order."""
+    for p in paths:
+        with open(p, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    yield json.loads(line)
+
+
+def metrics(model_dir: Path) -> list[dict]:
+    """A training stage's metrics.jsonl rows ([] before its first logged step)."""
+    p = Path(model_dir) / "metrics.jsonl"
+    return list(read_jsonl([p])) if p.is_file() else []
+
+
+def count_records(paths: Sequence[Path]) -> int:
+    n = 0
+    for p in paths:
+        with open(p, "rb") as f:
+            n += sum(1 for line in f if line.strip())
+    return n
+
+
 # --- markers ------------------------------------------------------------------------------------
 def read_marker(stage_dir: Path) -> dict | None:
     try:

@@ -127,18 +127,6 @@ def _q(s: str | os.PathLike) -> str:
     return repr(str(s))
 
 
-def shard_files(d: Path) -> list[Path]:
-    return sorted(p for p in d.glob("*.jsonl")) if d.is_dir() else []
-
-
-def count_records(paths: list[Path]) -> int:
-    n = 0
-    for p in paths:
-        with open(p, "rb") as f:
-            n += sum(1 for line in f if line.strip())
-    return n
-
-
 # --- the stages -------------------------------------------------------------------------------
 def run_teacher(ctx: Context) -> dict:
     d = ctx.dir("teacher")
@@ -159,18 +147,23 @@ def run_quality_filter(ctx: Context) -> dict:
             ctx.gin_args("quality_filter", [f"OUT_DIR = {_q(d)}", f"SOURCE = {_q(ctx.recipe.source)}",
                                             f"data_gen.DecontamStage.extra_bench = [{extra}]"]))
     report = json.loads((d / "report.json").read_text())
-    kept = shard_files(code_dir(ctx))
-    return {"documents": count_records(kept), "shards": len(kept), "stages": len(report.get("stages", []))}
+    kept = runner.shard_files(code_dir(ctx))
+    return {"documents": runner.count_records(kept), "shards": len(kept), "stages": len(report.get("stages", []))}
+
+
+def generation_args(ctx: Context, name: str) -> list[str]:
+    """A generator's flags (the run and its dry run alike): with a served teacher, its model name and
+    base_url None (the env's OPENAI_BASE_URL, which points at it)."""
+    joins = []
+    if ctx.recipe.served_teacher:
+        joins = [f"data_gen.EngineConfig.model = {_q(ctx.teacher_name())}", "data_gen.EngineConfig.base_url = None",
+                 "data_gen.EngineConfig.api_key_env = 'OPENAI_API_KEY'"]
+    return ctx.gin_args(name, joins) + [f"--out_dir={ctx.dir(name)}"]
 
 
 def run_generation(ctx: Context, name: str) -> dict:
     d = ctx.dir(name)
-    joins = []
-    if ctx.recipe.served_teacher:  # base_url None: the env's OPENAI_BASE_URL, i.e. the served teacher
-        joins = [f"data_gen.EngineConfig.model = {_q(ctx.teacher_name())}", "data_gen.EngineConfig.base_url = None",
-                 "data_gen.EngineConfig.api_key_env = 'OPENAI_API_KEY'"]
-    env = ctx.teacher_env()
-    ctx.run(name, GENERATION_MODULES[name], ctx.gin_args(name, joins) + [f"--out_dir={d}"], env=env)
+    ctx.run(name, GENERATION_MODULES[name], generation_args(ctx, name), env=ctx.teacher_env())
     stats = json.loads((d / "stats.json").read_text())
     return {"accepted": stats["n_accepted"], "requests": stats["n_requests"], "rejects": stats["rejects"]}
 
@@ -187,11 +180,11 @@ def decontam_inputs(ctx: Context) -> list[tuple[str, str, list[Path]]]:
     """(name, text field, shard files) of what the decontaminate stage cleans."""
     out = []
     if ctx.enabled("textbooks"):
-        out.append(("textbooks", "text", shard_files(ctx.dir("textbooks") / "shards")))
+        out.append(("textbooks", "text", runner.shard_files(ctx.dir("textbooks") / "shards")))
     if ctx.enabled("exercises"):
-        out.append(("exercises", "prompt+solution", shard_files(ctx.dir("exercises") / "shards")))
+        out.append(("exercises", "prompt+solution", runner.shard_files(ctx.dir("exercises") / "shards")))
     if ctx.enabled("mined_exercises"):
-        out.append(("mined_exercises", "prompt+solution", shard_files(ctx.dir("mined_exercises") / "shards")))
+        out.append(("mined_exercises", "prompt+solution", runner.shard_files(ctx.dir("mined_exercises") / "shards")))
     return out
 
 
@@ -199,7 +192,7 @@ def run_decontaminate(ctx: Context) -> dict:
     d = ctx.dir("decontaminate")
     summary: dict[str, Any] = {}
     for name, field, shards in decontam_inputs(ctx):
-        n = count_records(shards)
+        n = runner.count_records(shards)
         if n == 0:  # nothing to clean: an empty clean set (the report says so)
             (d / name / "clean").mkdir(parents=True, exist_ok=True)
             files.save_json(d / name / "report.json", {"docs": 0, "kept": 0, "removed": 0, "empty_input": True})
@@ -219,20 +212,16 @@ def run_decontaminate(ctx: Context) -> dict:
 def merge_exercises(dirs: list[Path], out: Path) -> int:
     """The fine-tuning set: generated then mined, in shard order, each record naming its source."""
     recs = []
-    for d in dirs:
-        for p in shard_files(d):
-            for line in p.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    r = json.loads(line)
-                    r.setdefault("source", f"generated:{r.get('model', 'teacher')}")
-                    recs.append(r)
+    for r in runner.read_jsonl([p for d in dirs for p in runner.shard_files(d)]):
+        r.setdefault("source", f"generated:{r.get('model', 'teacher')}")
+        recs.append(r)
     files.atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
     return len(recs)
 
 
 def textbook_sources(ctx: Context) -> list[str]:
     d = ctx.dir("decontaminate") / "textbooks" / "clean"
-    return [str(d)] if ctx.enabled("textbooks") and count_records(shard_files(d)) else []
+    return [str(d)] if ctx.enabled("textbooks") and runner.count_records(runner.shard_files(d)) else []
 
 
 def run_pretrain(ctx: Context) -> dict:
@@ -246,7 +235,7 @@ def run_finetune(ctx: Context) -> dict:
 
 def pretrain(ctx: Context, stage: str, cfg: str, model_dir: Path, code: Path, textbooks: list[str]) -> dict:
     """phijax.train with StageConfig `cfg` on the CodeTextbook mixture of `code` + `textbooks`."""
-    if not count_records(shard_files(code)):
+    if not runner.count_records(runner.shard_files(code)):
         raise RecipeError(f"{stage}: no code to pretrain on ({code} is empty): loosen data_gen.FilterConfig or "
                           f"give a larger source")
     joins = [f"MODEL_DIR = {_q(model_dir)}", f"CODE_SOURCES = [{_q(code)}]",
@@ -258,7 +247,7 @@ def pretrain(ctx: Context, stage: str, cfg: str, model_dir: Path, code: Path, te
 
 def finetune(ctx: Context, stage: str, cfg: str, model_dir: Path, exercises: Path, pretrained: Path) -> dict:
     """phijax.train with StageConfig `cfg` on the exercises JSONL, from the `pretrained` export."""
-    if not count_records([exercises]):
+    if not runner.count_records([exercises]):
         raise RecipeError(f"{stage}: no exercises survived generation, mining and decontamination ({exercises} "
                           f"is empty); see the rejects in {ctx.dir('exercises')} and {ctx.dir('mined_exercises')}")
     joins = [f"MODEL_DIR = {_q(model_dir)}", f"EXERCISES = {_q(exercises)}", f"TOKENIZER = {_q(ctx.tokenizer)}",
@@ -268,8 +257,7 @@ def finetune(ctx: Context, stage: str, cfg: str, model_dir: Path, exercises: Pat
 
 
 def _training_summary(d: Path) -> dict:
-    rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    losses = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    losses = [(r["step"], r["loss"]) for r in runner.metrics(d) if "loss" in r]
     return {"first_loss": losses[0][1] if losses else None, "last_loss": losses[-1][1] if losses else None,
             "steps": losses[-1][0] if losses else 0}
 
@@ -362,12 +350,12 @@ def run_pruned(ctx: Context) -> dict:
             code, textbooks, exercises = code_dir(ctx), textbook_sources(ctx), ctx.dir("decontaminate") / EXERCISES_FILE
         else:
             qf = ctx.dir("quality_filter")
-            counts["code"] = decontaminate.prune(shard_files(qf / "filter" / "shards"), "text",
+            counts["code"] = decontaminate.prune(runner.shard_files(qf / "filter" / "shards"), "text",
                                                  qf / "decontaminate" / "flagged.jsonl", data / "code", tau,
                                                  r.prune_benchmarks)
             code, textbooks, ex_dirs = data / "code", [], []
             for name, field, shards in decontam_inputs(ctx):
-                if not count_records(shards):
+                if not runner.count_records(shards):
                     continue
                 counts[name] = decontaminate.prune(shards, field, ctx.dir("decontaminate") / name / "flagged.jsonl",
                                                    data / name, tau, r.prune_benchmarks)
