@@ -300,7 +300,7 @@ def main(argv=None):
     ap.add_argument("--serve_clients", default="64,8,1")  # the target level (64) first: the stage may be cut
     ap.add_argument("--serve_requests", type=int, default=64, help="serve_load --requests (per level)")
     ap.add_argument("--serve_max_tokens", type=int, default=128)
-    ap.add_argument("--serve_args", default="--decode_steps 4", help="more phijax.serve flags")
+    ap.add_argument("--serve_args", default="", help="more phijax.serve flags (default: none, the server's defaults)")
     ap.add_argument("--serve_compile_args", default="--batch 64 --prompt_bucket 256 --new_bucket 1792",
                     help="phijax.bench.decode_compile --serve flags (slots, prefill chunk, the rest of max_len)")
     args = ap.parse_args(argv)

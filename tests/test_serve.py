@@ -8,11 +8,13 @@ phijax.decode and transformers.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx2 as httpx  # what the openai client is built on
@@ -26,7 +28,7 @@ import transformers
 from phijax import checkpoint as ckpt_lib
 from phijax import decode, sharding
 from phijax.serve import server as serve_lib
-from phijax.serve.engine import Engine
+from phijax.serve.engine import Engine, SamplingParams
 from phijax.serve.text import StopScanner
 from test_decode import EOS, _ascii_pair, hf_dir  # noqa: F401  (hf_dir: a fixture)
 
@@ -336,6 +338,54 @@ def test_unrolled_layers_windows_and_multi_step_calls_give_the_same_tokens(model
                 assert got.choices[0].text == want.choices[0].text
                 assert got.usage.completion_tokens == want.usage.completion_tokens
     assert eng.stats["decode_steps"] > 0
+
+
+def _run_alone(engine, ids, params):
+    done, out = threading.Event(), []
+
+    def on_event(seq, event):
+        out.extend(event.tokens)
+        if event.finish_reason:
+            done.set()
+
+    engine.submit([ids], params, 1, on_event)
+    assert done.wait(60)
+    return out
+
+
+def test_slots_freed_and_refilled_while_a_call_is_in_flight(model, engine):
+    """Decode calls are pipelined: a slot whose sequence ends is refilled while the next call (which
+    still ran the ended sequence) is in flight. With 2 slots and 9 sequences of 1-9 tokens (one
+    cancelled in the middle) joining and leaving at every call, each sequence's tokens equal its
+    tokens alone, and the ended sequences' extra tokens reach nobody."""
+    eng = Engine(model, slots=2, max_len=256, prefill_chunk=64, layers="scan")
+    eng.start()
+    try:
+        events: dict[int, list] = collections.defaultdict(list)
+        finished = threading.Event()
+        params = [SamplingParams(max_tokens=1 + i, temperature=0, stop_at_eos=False) for i in range(9)]
+        prompts = [_prompt_ids(6 + 3 * i, 40 + i) for i in range(9)]
+
+        def on_event(seq, event):
+            events[id(seq)].append(event)
+            if sum(any(e.finish_reason for e in evs) for evs in events.values()) == 9:
+                finished.set()
+
+        seqs = [eng.submit([p], sp, 1, on_event)[0] for p, sp in zip(prompts, params)]
+        eng.cancel([seqs[7]])
+        assert finished.wait(120)
+        for i, (s, p, sp) in enumerate(zip(seqs, prompts, params)):
+            evs = events[id(s)]
+            assert sum(e.finish_reason is not None for e in evs) == 1
+            toks = [t for e in evs for t in e.tokens]
+            if i == 7:
+                assert evs[-1].finish_reason == "cancelled"
+                continue
+            assert evs[-1].finish_reason == "length" and toks == s.generated
+            assert toks == _run_alone(engine, p, sp), i
+        assert eng.running == 0 and eng.queued == 0
+    finally:
+        eng.shutdown()
 
 
 @pytest.mark.slow

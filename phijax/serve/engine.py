@@ -21,9 +21,12 @@ How it runs (docs/serving.md):
     row; at most `prefill_chunk` prompt tokens are prefilled between two decode steps while other
     sequences are decoding, so a long prompt delays running requests by one chunk at a time. The
     last chunk samples the first token; the sequence then joins the next decode step.
-  * The host turns tokens into text incrementally, checks stop sequences, end-of-text and
-    `max_tokens` after every step, and frees the slot of a finished (or cancelled) sequence at
-    once; the next waiting sequence takes it at the next step.
+  * Decode calls are pipelined: the next call is dispatched from the previous one's state (token,
+    position, step per row, kept on the device) before the host reads the previous one's tokens.
+    The host turns them into text incrementally, checks stop sequences, end-of-text and
+    `max_tokens`, and frees the slot of a finished (or cancelled) sequence; the call already in
+    flight computes one more token for it, which is dropped, and the next waiting sequence takes
+    the slot for the call after that.
   * Keys: fold_in(fold_in(key(seed), prompt index), choice index), then fold_in(step), as in
     `phijax.decode.Sampler`: the same request with the same seed gives the same tokens.
 """
@@ -185,8 +188,8 @@ class Engine:
         self._programs: dict[tuple, object] = {}  # (kind, bucket, prompt_logprobs) -> compiled
         self.compile_seconds: dict[str, float] = {}
         self.cache = None  # (k, v), allocated by start()
-        # Host-side slot state, sent with every step: token fed, its position (max_len: idle), steps
-        # generated, key data, temperature, top-p.
+        # Host-side slot state: token fed, its position (max_len: idle), steps generated (sent for
+        # the rows in _patch only, below), key data, temperature, top-p (sent with every call).
         self._tok = np.zeros(slots, np.int32)
         self._pos = np.full(slots, self.max_len, np.int32)
         self._step = np.zeros(slots, np.int32)
@@ -194,6 +197,10 @@ class Engine:
         self._temp = np.zeros(slots, np.float32)
         self._top_p = np.ones(slots, np.float32)
         self._want = np.zeros(slots, bool)  # wants logprobs
+        # The decode calls carry token, position and step on the device from one call to the
+        # next; the host sends them only for the rows in _patch (a sequence joined or left).
+        self._patch = np.zeros(slots, bool)
+        self._state = None
         self._owner: list[Seq | None] = [None] * slots
         self._waiting: collections.deque[Seq] = collections.deque()
         self._prefilling: collections.deque[Seq] = collections.deque()
@@ -224,7 +231,7 @@ class Engine:
     def _put(self, *xs):
         """Host arrays onto the device(s) in one call (replicated on a mesh). (jnp.asarray would
         dispatch a conversion per array: a third of the engine thread's time under load.)"""
-        xs = [np.asarray(x) for x in xs]
+        xs = [np.array(x) for x in xs]  # copies: the host arrays change while a call is in flight
         shardings = [self._sharding((None,) * x.ndim, x.shape) for x in xs] if self.mesh is not None else None
         return jax.device_put(xs, shardings)
 
@@ -251,10 +258,9 @@ class Engine:
         with self._context():
             if kind == "decode":
                 fn = jax.jit(self._decode_fn, donate_argnums=(2,), static_argnames=("window",), **self._jit_kw)
-                i32, f32 = self._struct((S,), jnp.int32), self._struct((S,), jnp.float32)
-                lowered = fn.lower(self.params, self.layer_params, cache, i32, i32, i32,
-                                   self._struct(self._keys.shape, jnp.uint32), f32, f32, self._struct((S,), jnp.bool_),
-                                   window=bucket)
+                i32, f32, b = (self._struct((S,), t) for t in (jnp.int32, jnp.float32, jnp.bool_))
+                lowered = fn.lower(self.params, self.layer_params, cache, (i32, i32, i32), b, i32, i32, i32,
+                                   self._struct(self._keys.shape, jnp.uint32), f32, f32, b, window=bucket)
             else:
                 fn = jax.jit(self._prefill_fn, donate_argnums=(2,), static_argnames=("prompt_logprobs",),
                              **self._jit_kw)
@@ -300,13 +306,17 @@ class Engine:
         top_lp, top_ids = jax.lax.top_k(logp, max(self.max_logprobs, 1))
         return jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top_lp
 
-    def _decode_fn(self, params, layer_params, cache, tokens, pos, step, key_data, temperature, top_p, wanted, *,
-                   window):
-        """`decode_steps` tokens per row: outputs [decode_steps, slots, ...]. A row that ends inside
-        the call runs on to its end (the host drops those tokens; idle rows write nothing)."""
+    def _decode_fn(self, params, layer_params, cache, state, patch, tokens, pos, step, key_data, temperature, top_p,
+                   wanted, *, window):
+        """`decode_steps` tokens per row: outputs [decode_steps, slots, ...], and the slots' state
+        (token fed, its position, steps generated) after them, which the next call starts from
+        (no host round trip in between). Rows where `patch` is set start from the host's tokens,
+        pos, step instead: a sequence that joined or left. A row that ends inside the call runs on
+        to its end (the host drops those tokens); idle rows (pos >= max_len) write nothing."""
         model = nnx.merge(self.model.graphdef, params)
         ones = jnp.ones((self.slots, self.max_len), jnp.int32)  # one segment: the causal mask does the rest
         keys = jax.vmap(jax.random.wrap_key_data)(key_data)
+        tokens, pos, step = (jnp.where(patch, h, d) for h, d in zip((tokens, pos, step), state))
 
         def one(carry, _):
             (k, v), tokens, pos, step = carry
@@ -316,8 +326,12 @@ class Engine:
             out = self._choose(logits, keys, step, temperature, top_p, wanted)
             return ((kv.k, kv.v), out[0], pos + 1, step + 1), out
 
-        (cache, *_), outs = jax.lax.scan(one, (cache, tokens, pos, step), None, length=self.decode_steps)
-        return cache, outs
+        (cache, last, end, step), outs = jax.lax.scan(one, (cache, tokens, pos, step), None, length=self.decode_steps)
+        idle = pos >= self.max_len  # stays idle (max_len) until the host patches a sequence in
+        state = (last, jnp.where(idle, self.max_len, jnp.minimum(end, self.max_len)), step)
+        if self.mesh is not None:  # replicated, as the next call's inputs were compiled for
+            state = tuple(jax.lax.with_sharding_constraint(x, self._sharding((None,), x.shape)) for x in state)
+        return cache, outs, state
 
     def _prefill_fn(self, params, layer_params, cache, tokens, next_tokens, slot, start, n_valid, step, key_data,
                     temperature, top_p, wanted, *, prompt_logprobs):
@@ -428,6 +442,11 @@ class Engine:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
     def _loop(self):
+        # Decode calls are pipelined: call N+1 is dispatched (from call N's state, still on the
+        # device) before the host reads call N's tokens, so the device never waits for the host's
+        # text, stop and streaming work. A sequence that ends in call N has run one more call for
+        # nothing, its tokens dropped, and its slot is free for call N+2.
+        in_flight = None
         try:
             while True:
                 with self._cv:
@@ -435,15 +454,17 @@ class Engine:
                     self._admit()
                     if self._stopping and not self._waiting and self.running == 0:
                         return
-                    if not self._prefilling and not self._decoding():
+                    if not self._prefilling and not self._decoding() and in_flight is None:
                         self._cv.wait()
                         continue
                 # Prefill: a chunk's worth of prompt tokens per decode step while others decode.
                 budget = self.prefill_chunk * self.decode_steps if self._decoding() else float("inf")
                 while self._prefilling and budget > 0 and not self._prefilling[0].cancelled:
                     budget -= self._prefill_chunk(self._prefilling[0])
-                if self._decoding():
-                    self._decode_step()
+                dispatched = self._dispatch(pipelined=in_flight is not None) if self._decoding() else None
+                if in_flight is not None:
+                    self._collect(*in_flight)
+                in_flight = dispatched
         except Exception as e:  # a device error: fail every sequence, report through /health
             log.exception("the serving engine stopped")
             with self._cv:
@@ -477,6 +498,7 @@ class Engine:
         if s.slot is not None:
             self._owner[s.slot] = None
             self._pos[s.slot] = self.max_len
+            self._patch[s.slot] = True
             self._temp[s.slot] = 0.0
             self._want[s.slot] = False
             s.slot = None
@@ -532,36 +554,53 @@ class Engine:
         slot = s.slot
         self._temp[slot], self._top_p[slot], self._want[slot] = p.temperature, p.top_p, p.logprobs is not None
         event = Event()
-        if not self._take(s, int(tok[0]), chosen[0], top_ids[0], top_lp[0], position=total, event=event):
+        if not self._take(s, int(tok[0]), chosen[0], top_ids[0], top_lp[0], event=event):
             s.on_event(s, event)
+            # The slot joins the next decode call from here: its first token at the prompt's end.
+            self._tok[slot], self._pos[slot], self._step[slot], self._patch[slot] = int(tok[0]), total, 1, True
         return n
 
-    def _decode_step(self):
-        reach = max(int(self._pos[i]) + self.decode_steps for i, o in enumerate(self._owner)
-                    if o is not None and o.prefilled == o.prompt_tokens)
+    def _dispatch(self, pipelined: bool):
+        """Starts a decode call for the sequences that have their first token; returns what
+        `_collect` needs to read it: (outputs, the sequence of each slot)."""
+        running = [o if o is not None and o.prefilled == o.prompt_tokens else None for o in self._owner]
+        # A window must also cover the call in flight, whose tokens the host has not read yet.
+        ahead = self.decode_steps * (2 if pipelined else 1)
+        reach = max(o.prompt_tokens + o.completion_tokens - 1 + ahead for o in running if o is not None)
         prog = self._program("decode", next((w for w in self.windows if w >= reach), self.max_len))
+        if self._state is None:  # the first call: every row from the host
+            self._patch[:] = True
         with self._context():
-            host = self._put(self._tok, self._pos, self._step, self._keys, self._temp, self._top_p, self._want)
-            self.cache, out = prog(self.params, self.layer_params, self.cache, *host)
-        tok, chosen, top_ids, top_lp = jax.device_get(out)
+            host = self._put(self._patch, self._tok, self._pos, self._step, self._keys, self._temp, self._top_p,
+                             self._want)
+            state = self._state if self._state is not None else tuple(host[1:4])
+            self.cache, out, self._state = prog(self.params, self.layer_params, self.cache, state, *host)
+        self._patch[:] = False
         self.stats["decode_steps"] += self.decode_steps
-        for slot, s in enumerate(self._owner):
-            if s is not None and s.prefilled == s.prompt_tokens and s.generated:
-                event, pos = Event(), int(self._pos[slot])
-                for j in range(self.decode_steps):
-                    if self._take(s, int(tok[j, slot]), chosen[j, slot], top_ids[j, slot], top_lp[j, slot],
-                                  position=pos + j + 1, event=event):
-                        break
-                else:
-                    s.on_event(s, event)
+        return out, running
+
+    def _collect(self, out, running):
+        """The host side of a decode call: each token of each sequence that was running in it and
+        has not finished since (a finished one's slot may already hold another sequence)."""
+        tok, chosen, top_ids, top_lp = jax.device_get(out)
+        for slot, s in enumerate(running):
+            if s is None or s.finish_reason is not None or s.slot != slot:
+                continue
+            event = Event()
+            for j in range(self.decode_steps):
+                if self._take(s, int(tok[j, slot]), chosen[j, slot], top_ids[j, slot], top_lp[j, slot],
+                              event=event):
+                    break
+            else:
+                s.on_event(s, event)
 
     def _logprob(self, token, chosen, top_ids, top_lp, k) -> TokenLogprob:
         k = k or 0
         return TokenLogprob(int(token), float(chosen), [(int(i), float(x)) for i, x in zip(top_ids[:k], top_lp[:k])])
 
-    def _take(self, s: Seq, token: int, chosen, top_ids, top_lp, *, position: int, event: Event) -> bool:
-        """Host side of one generated token: its text, logprobs, stop checks into `event`; the
-        slot's next input. Returns True once s has finished (its last event then sent)."""
+    def _take(self, s: Seq, token: int, chosen, top_ids, top_lp, *, event: Event) -> bool:
+        """Host side of one generated token: its text, logprobs, stop checks into `event`.
+        Returns True once s has finished (its last event then sent)."""
         with self._cv:
             if s.cancelled:
                 self._finish(s, FINISH_CANCELLED, event)
@@ -587,6 +626,4 @@ class Engine:
         if reason is not None:
             self._finish(s, reason, event)
             return True
-        slot = s.slot
-        self._tok[slot], self._pos[slot], self._step[slot] = token, position, s.completion_tokens
         return False
