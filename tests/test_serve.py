@@ -267,10 +267,14 @@ def test_full_queue_gets_429_with_retry_after(url, engine):
     assert _wait(lambda: engine.running == 0 and engine.queued == 0)  # the cancelled clients freed their slots
 
 
-def test_a_client_that_disconnects_frees_its_slot(url, engine):
+def test_a_client_that_disconnects_frees_its_slot(url, engine, monkeypatch):
     body = {"model": NAME, "prompt": PROMPTS["short"], "max_tokens": 240, "temperature": 1.0, "seed": 3,
             "stream": True, "ignore_eos": True}
     cancelled = engine.stats["cancelled"]
+    # 5 ms per decode call, so that 240 tokens take over a second: on an idle machine the tiny
+    # model could otherwise finish them before this thread reads the first chunk.
+    collect = engine._collect
+    monkeypatch.setattr(engine, "_collect", lambda *a: (time.sleep(0.005), collect(*a))[1])
     with httpx.stream("POST", url + "/completions", json=body, timeout=30) as r:
         assert next(line for line in r.iter_lines() if line.startswith("data:"))
         assert engine.running == 1
