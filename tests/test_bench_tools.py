@@ -20,3 +20,13 @@ def test_op_kinds():
     assert profile_step.kind_of("copy_bitcast_fusion.29") == "copy/transpose"
     assert profile_step.kind_of("all-reduce.3") == "collective"
     assert profile_step.kind_of("loop_multiply_fusion") == "fusion"
+
+
+def test_attention_bench_times_both_sides_on_the_same_values(tmp_path):
+    from phijax.bench import attention as attention_bench
+    rows = attention_bench.main(["--batch", "2", "--seq", "256", "--heads", "2", "--head_dim", "16", "--blocks", "1",
+                                 "--rounds", "1", "--json", str(tmp_path / "a.json")])
+    assert [r["side"].split(" ")[0] for r in rows] == ["phijax", "phijax", "pytorch"]
+    assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] >= 0 for r in rows)
+    assert all(r["max_abs_diff"] < 1e-4 for r in rows)  # same attention, same gradients as sdpa
+    assert (tmp_path / "a.json").stat().st_size > 0
