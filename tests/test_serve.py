@@ -344,6 +344,17 @@ def test_unrolled_layers_windows_and_multi_step_calls_give_the_same_tokens(model
     assert eng.stats["decode_steps"] > 0
 
 
+def test_prefill_updates_the_cache_in_place(model):
+    """A prefill call writes its chunk into the cache buffers in place: no copy of a whole
+    per-layer buffer (which cost 41 instead of 9 ms per call with 64 slots on the CPU demo model)."""
+    for layers in ("unrolled", "scan"):
+        eng = Engine(model, slots=8, max_len=256, prefill_chunk=64, layers=layers)
+        hlo = eng._program("prefill", 64).as_text()
+        cache_shapes = {f"[{','.join(map(str, c.shape))}]" for c in eng.cache_struct_leaves()}
+        copies = [line for line in hlo.splitlines() if " copy(" in line and any(s in line for s in cache_shapes)]
+        assert not copies, (layers, copies[:2])
+
+
 def _run_alone(engine, ids, params):
     done, out = threading.Event(), []
 
