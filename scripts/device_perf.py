@@ -165,7 +165,12 @@ def plan(args):
                                  "--torch_device", args.torch_device, "--dtype", args.dtype,
                                  "--serve_args", args.serve_args, "--out", o("serve.json")]),
             ("serve_compile", py + ["phijax.bench.decode_compile", "--config", args.serve_config, "--dtype", args.dtype,
-                                    "--serve", *args.serve_compile_args.split(), "--json", o("serve_compile.json")])],
+                                    "--serve", *args.serve_compile_args.split(), "--json", o("serve_compile.json")]),
+            # Unrolled layers skip the scan's per-token copies of each layer's weights and cache
+            # block (25 GB a step for phi-1 at 64 slots); do their programs compile in <= 15 s here?
+            ("serve_compile_unrolled", py + ["phijax.bench.decode_compile", "--config", args.serve_config, "--dtype",
+                                             args.dtype, "--serve", *args.serve_compile_args.split(), "--layers",
+                                             "unrolled", "--json", o("serve_compile_unrolled.json")])],
         "greedy": lambda best: py + ["phijax.bench.greedy_agreement", "--config", args.greedy_config,
                                      "--dtypes", "float32,bfloat16", "--device", args.torch_device,
                                      *args.greedy_args.split(), "--json", o("greedy.json")],
@@ -254,13 +259,14 @@ def summarize(args, timings):
             if d.get("phijax") and d.get("transformers"):
                 lines.append(f"- {c} client(s): phijax.serve / transformers serve = **{d['phijax'] / d['transformers']:.2f}x**")
         js["serve"] = serve
-    sc = load(os.path.join(args.work, "serve_compile.json"))
-    if sc:
-        each = ", ".join(f"{k} {v:.1f}" for k, v in sc.get("programs", {}).items())
-        lines += ["", f"phijax.serve engine compile ({sc.get('config')}, {sc.get('slots')} slots, max_len "
-                      f"{sc.get('max_len')}, {sc.get('backend')}), s: {each}; slowest {sc.get('slowest_s', 0):.1f}, "
-                      f"all {sc.get('total_s', 0):.1f}"]
-        js["serve_compile"] = sc
+    for name in ("serve_compile", "serve_compile_unrolled"):
+        sc = load(os.path.join(args.work, f"{name}.json"))
+        if sc:
+            each = ", ".join(f"{k} {v:.1f}" for k, v in sc.get("programs", {}).items())
+            lines += ["", f"phijax.serve engine compile ({sc.get('config')}, {sc.get('slots')} slots, max_len "
+                          f"{sc.get('max_len')}, layers {sc.get('layers')}, {sc.get('backend')}), s: {each}; slowest "
+                          f"{sc.get('slowest_s', 0):.1f}, all {sc.get('total_s', 0):.1f}"]
+            js[name] = sc
     lines += ["", "Stage times (s): " + ", ".join(f"{k} {v[1]:.0f} (exit {v[0]})" for k, v in timings.items())]
     js["stages"] = timings
     with open(os.path.join(args.out, "summary.md"), "w") as f:
