@@ -156,3 +156,29 @@ def test_evaluate_endpoint(served, tmp_path, monkeypatch):
         assert decode.cut_at_stop(r.choices[0].text, p.stop)[0] == s["completion"]
         assert r.usage.prompt_tokens == len(tok.encode(p.prompt))
         assert r.usage.completion_tokens <= MAX_TOKENS
+
+
+def test_evaluate_endpoint_fits_max_new_tokens_to_the_context(served, tmp_path, monkeypatch, caplog):
+    """max_new_tokens beyond the context for every prompt (the server answers 400): each generates
+    what fits beside it, as model mode does, learning the context from /v1/models."""
+    import openai
+
+    url, tok = served
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    probs = problems.load_problems("humaneval", limit=2)
+    lengths = [len(tok.encode(p.prompt)) for p in probs]
+    want_new = MAX_LEN - min(lengths) + 8  # too many beside every prompt
+    client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt=probs[0].prompt, max_tokens=want_new)
+    with caplog.at_level("INFO", logger="phijax.evaluate"):
+        summary = eval_run.evaluate(benchmark="humaneval", endpoint=url, endpoint_model=MODEL,
+                                    endpoint_api="completions", limit=2, max_new_tokens=want_new, timeout_s=5.0,
+                                    workers=2, output_dir=str(tmp_path / "eval"))
+    assert summary["problems"] == 2
+    assert f"does not fit beside 2 of 2 prompts in the endpoint's context (max_model_len={MAX_LEN})" in caplog.text
+    samples = [json.loads(x) for x in open(tmp_path / "eval" / "humaneval_humaneval_samples.jsonl")]
+    for p, n, s in zip(probs, lengths, samples):  # the server's greedy text with the tokens that fit
+        r = client.completions.create(model=MODEL, prompt=p.prompt, max_tokens=MAX_LEN - n, temperature=0.0,
+                                      top_p=1.0, seed=0, stop=list(p.stop))
+        assert decode.cut_at_stop(r.choices[0].text, p.stop)[0] == s["completion"]

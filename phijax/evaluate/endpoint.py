@@ -4,6 +4,10 @@ pipeline (prompts, stop sequences, sampling settings, sandbox scoring) is the sa
 
 * api 'completions' (base models): the prompt as is; `stop` is sent and also cut client-side.
 * api 'chat' (chat models): the prompt as one user message; the same stop sequences, sent and cut.
+* A prompt whose max_new_tokens do not fit beside it in the endpoint's context (HTTP 400
+  context_length_exceeded) generates what fits, as model mode does, where the endpoint states its
+  context in /v1/models (`max_model_len`: vLLM, phijax.serve): its prompt tokens come from the
+  `usage` of a 1-token request. Elsewhere the 400 stops the run, naming the prompt.
 
 The API key comes from OPENAI_API_KEY only; it is never logged nor written, and error messages have
 it redacted. The `openai` client is imported only here, when an endpoint is used.
@@ -68,7 +72,8 @@ class EndpointSampler:
         text = str(text).replace(self.endpoint, self.url)
         return text.replace(self._key, "***") if self._key != "EMPTY" else text
 
-    async def _one(self, client, prompt: str, *, seed: int, stop, **sampling) -> str:
+    async def _one(self, client, prompt: str, *, seed: int, stop, usage: bool = False, **sampling):
+        """The completion's text (and with usage=True the response's usage)."""
         if self.api == "chat":
             r = await client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": prompt}],
                                                      seed=seed, stop=stop, **sampling)
@@ -78,7 +83,26 @@ class EndpointSampler:
             text = r.choices[0].text if r.choices else None
         if text is None:
             raise EndpointError(f"{self.url} answered without a completion (model {self.model!r})")
-        return text
+        return (text, r.usage) if usage else text
+
+    async def _context_length(self, client) -> int | None:
+        """The model's context as /v1/models states it (`max_model_len`), or None."""
+        try:
+            page = await client.models.list()
+        except Exception:  # noqa: BLE001 - a server without /v1/models: unknown
+            return None
+        for m in page.data:
+            n = (getattr(m, "model_extra", None) or {}).get("max_model_len")
+            if m.id == self.model and isinstance(n, int) and not isinstance(n, bool) and n > 0:
+                return n
+        return None
+
+    @staticmethod
+    def _context_exceeded(e: Exception) -> bool:
+        import openai
+        if not isinstance(e, openai.BadRequestError):
+            return False
+        return e.code == "context_length_exceeded" or "maximum context length" in str(e.message).lower()
 
     def _error(self, e: Exception, what: str) -> EndpointError:
         import openai
@@ -92,6 +116,9 @@ class EndpointSampler:
             why = f"has no model {self.model!r} or no /{'chat/' if self.api == 'chat' else ''}completions route (404)"
         elif isinstance(e, openai.APIStatusError):
             why = f"answered HTTP {e.status_code}: {e.message}"
+            if self._context_exceeded(e):
+                why += (" (it states no context length, `max_model_len`, in /v1/models, so the completion cannot be "
+                        "fitted to it: lower evaluate.max_new_tokens)")
         else:
             why = f"failed: {type(e).__name__}: {e}"
         return EndpointError(self._redact(f"endpoint {self.endpoint} (evaluate.endpoint_api={self.api!r}) {why} "
@@ -115,17 +142,41 @@ class EndpointSampler:
     def complete(self, prompts: Sequence[str], *, max_new_tokens: int, temperature: float, top_p: float,
                  num_samples: int, seed: int, stop: Sequence[str] = (), fit_context: bool = True) -> list[list[str]]:
         from phijax.decode import cut_at_stop
-        del fit_context  # the endpoint's context is its own business
+        sampling = dict(temperature=temperature, top_p=top_p)
+        room: dict[int, asyncio.Future] = {}  # prompt -> the new tokens that fit beside it (fit_context)
+        context: list = []  # [the endpoint's context length or None], asked once
+
+        async def fit(client, i) -> int | None:
+            if not context:
+                context.append(await self._context_length(client))
+            if context[0] is None:
+                return None
+            _, usage = await self._one(client, prompts[i], seed=0, stop=None, usage=True, max_tokens=1, **sampling)
+            n = getattr(usage, "prompt_tokens", None)
+            return context[0] - n if isinstance(n, int) and context[0] - n >= 1 else None
 
         async def go():
             client = self._client(timeout=self._timeout, max_retries=self._retries)
             gate = asyncio.Semaphore(self.concurrency)
 
+            async def ask(i, j, max_tokens):
+                return await self._one(client, prompts[i], seed=seed + j, stop=list(stop) or None,
+                                       max_tokens=max_tokens, **sampling)
+
             async def one(i, j):
                 async with gate:
                     try:
-                        text = await self._one(client, prompts[i], seed=seed + j, stop=list(stop) or None,
-                                               max_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+                        try:
+                            text = await ask(i, j, max_new_tokens)
+                        except Exception as e:  # noqa: BLE001
+                            if not (fit_context and self._context_exceeded(e)):
+                                raise
+                            if i not in room:
+                                room[i] = asyncio.ensure_future(fit(client, i))
+                            n = await room[i]
+                            if n is None:
+                                raise
+                            text = await ask(i, j, n)
                     except EndpointError:
                         raise
                     except Exception as e:  # noqa: BLE001
@@ -139,4 +190,9 @@ class EndpointSampler:
         log.info("requesting %d x %d completions from %s (model %s, %s API, %d at a time)", len(prompts),
                  num_samples, self.url, self.model, self.api, self.concurrency)
         flat = asyncio.run(go())
+        if room:
+            fits = sorted(f.result() for f in room.values())
+            log.info("max_new_tokens=%d does not fit beside %d of %d prompts in the endpoint's context "
+                     "(max_model_len=%d): those generate at most max_model_len - prompt tokens (%d to %d new tokens)",
+                     max_new_tokens, len(room), len(prompts), context[0], fits[0], fits[-1])
         return [flat[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
