@@ -496,10 +496,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="rerun even if the output is complete")
     p.add_argument("--log_level", default="INFO")
     args = p.parse_args(argv)
-    if not args.gin_file:
-        args.gin_file = [os.path.join(gin_config.REPO_GIN_DIR, "data", "annotate.gin")]
     try:
-        generator.setup(args)  # logging + gin (a bad binding: GeneratorError)
+        generator.setup(args, "data/annotate.gin")  # logging + gin (a bad binding: GeneratorError)
         ecfg = generator.engine_config(args.batch)  # installs key redaction on the log handlers
         overrides = ingest.flag_overrides(args, ("max_parse_retries", "max_doc_chars", "text_field", "shard_size"))
         cfg = dataclasses.replace(AnnotateConfig(), **overrides)

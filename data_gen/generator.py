@@ -173,7 +173,10 @@ def parse_cli(argv: Sequence[str] | None, description: str) -> argparse.Namespac
     return p.parse_args(argv)
 
 
-def setup(args: argparse.Namespace) -> None:
+def setup(args: argparse.Namespace, default_gin: str | None = None) -> None:
+    """Logging, then gin: args.gin_file, or without one `default_gin` (a path under the repo's gin/)."""
+    if not args.gin_file and default_gin:
+        args.gin_file = [os.path.join(gin_config.REPO_GIN_DIR, default_gin)]
     cli.setup_logging(args.log_level)  # httpx / openai per-request lines at WARNING: the engine summarises
     try:
         gin_config.parse(args.gin_file, args.gin_param, args.gin_search_path)

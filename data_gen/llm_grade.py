@@ -364,10 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dry_run", action="store_true", help="estimate tokens and cost; send nothing")
     p.add_argument("--log_level", default="INFO")
     args = p.parse_args(argv)
-    if not args.gin_file:
-        args.gin_file = [os.path.join(gin_config.REPO_GIN_DIR, "eval", "grade.gin")]
     try:
-        generator.setup(args)
+        generator.setup(args, "eval/grade.gin")
         ecfg = generator.engine_config(False)  # installs key redaction on the log handlers
         cfg = dataclasses.replace(GradeConfig(), **ingest.flag_overrides(args, ("max_parse_retries",)))
         res = run(args.results, args.out_dir, config=cfg, engine_config=ecfg, dry_run=args.dry_run)
