@@ -144,16 +144,17 @@ class EndpointSampler:
         from phijax.decode import cut_at_stop
         sampling = dict(temperature=temperature, top_p=top_p)
         room: dict[int, asyncio.Future] = {}  # prompt -> the new tokens that fit beside it (fit_context)
-        context: list = []  # [the endpoint's context length or None], asked once
+        context: list[asyncio.Future] = []  # the endpoint's context length (or None), asked once
 
         async def fit(client, i) -> int | None:
             if not context:
-                context.append(await self._context_length(client))
-            if context[0] is None:
+                context.append(asyncio.ensure_future(self._context_length(client)))
+            limit = await context[0]
+            if limit is None:
                 return None
             _, usage = await self._one(client, prompts[i], seed=0, stop=None, usage=True, max_tokens=1, **sampling)
             n = getattr(usage, "prompt_tokens", None)
-            return context[0] - n if isinstance(n, int) and context[0] - n >= 1 else None
+            return limit - n if isinstance(n, int) and limit - n >= 1 else None
 
         async def go():
             client = self._client(timeout=self._timeout, max_retries=self._retries)
@@ -194,5 +195,5 @@ class EndpointSampler:
             fits = sorted(f.result() for f in room.values())
             log.info("max_new_tokens=%d does not fit beside %d of %d prompts in the endpoint's context "
                      "(max_model_len=%d): those generate at most max_model_len - prompt tokens (%d to %d new tokens)",
-                     max_new_tokens, len(room), len(prompts), context[0], fits[0], fits[-1])
+                     max_new_tokens, len(room), len(prompts), context[0].result(), fits[0], fits[-1])
         return [flat[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]

@@ -200,7 +200,7 @@ class Engine:
         # The decode calls carry token, position and step on the device from one call to the
         # next; the host sends them only for the rows in _patch (a sequence joined or left).
         self._patch = np.zeros(slots, bool)
-        self._state = None
+        self._state = None  # (token, position, step) on the device, set by start()
         self._owner: list[Seq | None] = [None] * slots
         self._waiting: collections.deque[Seq] = collections.deque()
         self._prefilling: collections.deque[Seq] = collections.deque()
@@ -428,6 +428,7 @@ class Engine:
         zeros = jax.jit(lambda: jax.tree.map(lambda c: jnp.zeros(c.shape, c.dtype), self._cache_struct),
                         out_shardings=jax.tree.map(lambda c: c.sharding, self._cache_struct))
         self.cache = (zeros(), zeros())
+        self._state = tuple(self._put(self._tok, self._pos, self._step))  # every slot idle
         self._thread = threading.Thread(target=self._loop, name="phijax-serve-engine", daemon=True)
         self._thread.start()
 
@@ -446,11 +447,7 @@ class Engine:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
     def _loop(self):
-        # Decode calls are pipelined: call N+1 is dispatched (from call N's state, still on the
-        # device) before the host reads call N's tokens, so the device never waits for the host's
-        # text, stop and streaming work. A sequence that ends in call N has run one more call for
-        # nothing, its tokens dropped, and its slot is free for call N+2.
-        in_flight = None
+        in_flight = None  # the decode call whose tokens the host has not read yet (module docstring)
         try:
             while True:
                 with self._cv:
@@ -572,13 +569,10 @@ class Engine:
         ahead = self.decode_steps * (2 if pipelined else 1)
         reach = max(o.prompt_tokens + o.completion_tokens - 1 + ahead for o in running if o is not None)
         prog = self._program("decode", next((w for w in self.windows if w >= reach), self.max_len))
-        if self._state is None:  # the first call: every row from the host
-            self._patch[:] = True
         with self._context():
             host = self._put(self._patch, self._tok, self._pos, self._step, self._keys, self._temp, self._top_p,
                              self._want)
-            state = self._state if self._state is not None else tuple(host[1:4])
-            self.cache, out, self._state = prog(self.params, self.layer_params, self.cache, state, *host)
+            self.cache, out, self._state = prog(self.params, self.layer_params, self.cache, self._state, *host)
         self._patch[:] = False
         self.stats["decode_steps"] += self.decode_steps
         return out, running
