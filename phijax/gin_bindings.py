@@ -17,12 +17,14 @@ values stay in the code, once: gin selects and overrides them.
   with single entries overridable (gin/runs/sharding.gin).
 * `phijax.optim.warmup_linear_decay`, `phijax.optim.adamw`: the schedule and optimizer.
 * `data_source`: phijax.data.pipeline.DataSource, the run's data (`train.data_source = @data_source()`).
+* `%phijax.CPU_ONEDNN_DOTS`: phijax.train_setup.CPU_ONEDNN_DOTS, XLA:CPU options for
+  `train.compiler_options` (gin/experiments/cpu_demo.gin).
 """
 from __future__ import annotations
 
 import gin
 
-from phijax import config, optim, sharding
+from phijax import config, optim, sharding, train_setup
 from phijax.data.pipeline import DataSource
 
 PhiConfig = gin.external_configurable(config.PhiConfig, module="phijax")
@@ -30,6 +32,7 @@ gin.external_configurable(sharding.standard_rules, module="phijax.sharding")
 gin.external_configurable(optim.warmup_linear_decay, module="phijax.optim")
 gin.external_configurable(optim.adamw, module="phijax.optim")
 data_source = gin.external_configurable(DataSource, "data_source")
+gin.constant("phijax.CPU_ONEDNN_DOTS", train_setup.CPU_ONEDNN_DOTS)
 
 
 @gin.configurable("model_preset", module="phijax")

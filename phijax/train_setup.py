@@ -20,6 +20,15 @@ from phijax.config import PhiConfig
 from phijax.data.pipeline import FEATURE_DTYPES, FEATURES, DataSource
 
 
+# XLA:CPU compiles the step's matmuls to oneDNN calls instead of its default GEMM library
+# (YNNPACK), elementwise fusions unchanged: oneDNN reads transposed operands in place, where the
+# default copies them first (the weight gradients contract over the token dim). The tiny config's
+# step: 3-4% faster, losses identical (docs/benchmarks.md). `train.compiler_options` in
+# gin/experiments/cpu_demo.gin (as gin's %phijax.CPU_ONEDNN_DOTS) and the CPU benchmarks use it.
+CPU_ONEDNN_DOTS = {"xla_cpu_use_onednn": True,
+                   "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """A training run's settings: what the gin binding `train.<field>` sets (gin/runs/base.gin)."""
@@ -43,6 +52,9 @@ class RunConfig:
     export_dtype: str | None = "bfloat16"
     peak_flops_per_device: float | None = None
     init_params_from: str | None = None
+    # XLA options for the train step's compile (jax.jit compiler_options), e.g. the CPU GEMM
+    # library in gin/experiments/cpu_demo.gin; checked against the backend before anything runs.
+    compiler_options: dict | None = None
 
     def __post_init__(self):  # gin gives lists where the fields hold tuples
         object.__setattr__(self, "mesh_shape", tuple(self.mesh_shape))
@@ -105,6 +117,18 @@ def validate(cfg: PhiConfig, mesh: Mesh, *, batch_size: int, microbatches: int, 
         raise ValueError("invalid training configuration:\n  - " + "\n  - ".join(problems))
 
 
+def check_compiler_options(options: dict | None, mesh: Mesh) -> None:
+    """Compiles an empty program with `options` on the mesh's platform, so that an unknown option or
+    value fails here with its name, not at the first step. (An AOT compile for devices this
+    process has no backend for is checked when it compiles.)"""
+    if not options or mesh.devices.flat[0].platform != jax.default_backend():
+        return
+    try:
+        jax.jit(lambda x: x, compiler_options=options).lower(np.float32(0)).compile()
+    except Exception as e:  # jax's runtime error: "No such compile option: ..." / "not a valid enum value"
+        raise ValueError(f"train.compiler_options {options} do not compile on {jax.default_backend()}: {e}") from None
+
+
 def shaped_batch(batch_size: int, seq_len: int, batch_shardings: dict[str, NamedSharding]):
     """The global batch as ShapeDtypeStructs (every feature of phijax.data.pipeline.FEATURES)."""
     return {k: jax.ShapeDtypeStruct((batch_size, seq_len), FEATURE_DTYPES[k], sharding=batch_shardings[k])
@@ -118,6 +142,7 @@ def setup(run: RunConfig, *, devices=None, process_count: int | None = None) -> 
     mesh = sharding.make_mesh(run.mesh_shape, devices=devices)
     validate(cfg, mesh, batch_size=run.batch_size, microbatches=run.microbatches, seq_len=run.seq_len,
              train_steps=run.train_steps, process_count=process_count)
+    check_compiler_options(run.compiler_options, mesh)
     rules = tuple(run.sharding_rules)
     schedule = run.schedule if run.schedule is not None else optim.warmup_linear_decay(1e-4, 10, 10_000)
     tx = run.optimizer(schedule)
@@ -125,7 +150,7 @@ def setup(run: RunConfig, *, devices=None, process_count: int | None = None) -> 
     batch_shardings = train_step.batch_shardings(FEATURES, mesh, rules)
     step = train_step.make_train_step(graphdef, cfg, tx, schedule, mesh=mesh, rules=rules,
                                       microbatches=run.microbatches, shardings=state_shardings,
-                                      batch_sharding=batch_shardings)
+                                      batch_sharding=batch_shardings, compiler_options=run.compiler_options)
     return TrainSetup(run=run, cfg=cfg, mesh=mesh, rules=rules, schedule=schedule, tx=tx, graphdef=graphdef,
                       abstract_state=abstract_state, state_shardings=state_shardings,
                       batch_shardings=batch_shardings,

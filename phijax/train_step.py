@@ -93,7 +93,7 @@ def batch_shardings(features, mesh: Mesh, rules) -> dict[str, NamedSharding]:
 
 
 def make_train_step(graphdef, cfg: PhiConfig, optimizer, schedule, *, mesh: Mesh, rules, microbatches: int,
-                    shardings, batch_sharding: dict[str, NamedSharding]):
+                    shardings, batch_sharding: dict[str, NamedSharding], compiler_options: dict | None = None):
     use_dropout = max(cfg.embd_dropout, cfg.attn_dropout, cfg.resid_dropout) > 0.0
 
     def loss_sums(params, mb, key):
@@ -151,7 +151,7 @@ def make_train_step(graphdef, cfg: PhiConfig, optimizer, schedule, *, mesh: Mesh
 
     rep = sharding.replicated(mesh)
     return jax.jit(step_fn, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, rep),
-                   donate_argnums=(0,))
+                   donate_argnums=(0,), compiler_options=compiler_options or None)
 
 
 def to_global(local_batch: dict[str, Any], batch_sharding: dict[str, NamedSharding]) -> dict[str, jax.Array]:

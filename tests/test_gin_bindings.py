@@ -8,7 +8,7 @@ import os
 import gin
 import pytest
 
-from phijax import config, sharding
+from phijax import config, sharding, train_setup
 from phijax import train  # registers `train` and, through phijax.gin_bindings, the phijax.* gin names
 from phijax.util import gin_config
 
@@ -41,6 +41,7 @@ def test_phiconfig_field_bindings_override_the_preset():
         config.preset("nano", d_mlp=128, dtype="bfloat16")
     # An experiment file's overrides, then a --gin_param on top.
     assert _train_bindings("cpu_demo.gin")["model_config"] == config.preset("tiny", scan_unroll=4, loss_chunk=32)
+    assert _train_bindings("cpu_demo.gin")["compiler_options"] == train_setup.CPU_ONEDNN_DOTS
     assert _train_bindings("cpu_demo.gin", "phijax.PhiConfig.d_mlp = 256")["model_config"] == \
         config.preset("tiny", scan_unroll=4, loss_chunk=32, d_mlp=256)
     assert _train_bindings("phi1_pretrain.gin", "CODE_SOURCES = ['unused']", "TEXTBOOK_SOURCES = None",

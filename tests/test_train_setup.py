@@ -91,3 +91,26 @@ def test_benchmarks_train_on_the_set_up_step():
     assert set(batch) == set(pipeline.FEATURES)
     state, m = step(state, batch)
     assert np.isfinite(float(m["loss"]))
+
+
+def test_compiler_options_reach_the_step_and_bad_ones_fail_before_anything_runs():
+    from phijax.bench import step_timing
+    cfg = preset("tiny", n_layers=2, vocab_size=1024, d_model=128, n_heads=2, d_mlp=512, max_len=64,
+                 scan_unroll=2, loss_chunk=16)
+    losses, programs = {}, {}
+    for name, options in (("default", None), ("onednn", train_setup.CPU_ONEDNN_DOTS)):
+        step, state, batch = step_timing.synthetic_train_step(cfg, 4, 64, devices=jax.devices()[:1],
+                                                              compiler_options=options)
+        programs[name] = step.lower(state, batch).compile().as_text()
+        losses[name] = []
+        for _ in range(3):
+            state, m = step(state, batch)
+            losses[name].append(float(m["loss"]))
+    # The options change the program (its matmuls become oneDNN fusions), not the numerics.
+    assert "__onednn_fusion" in programs["onednn"] and "__onednn_fusion" not in programs["default"]
+    np.testing.assert_allclose(losses["onednn"], losses["default"], rtol=1e-5)
+    assert losses["default"][2] < losses["default"][0]
+    with pytest.raises(ValueError, match="train.compiler_options .*No such compile option: 'xla_cpu_use_onednnn'"):
+        train_setup.setup(_run(compiler_options={"xla_cpu_use_onednnn": True}))
+    with pytest.raises(ValueError, match="'LIBRARY_FUSION_TYPE_DOTS' is not a valid enum value"):
+        train_setup.setup(_run(compiler_options={"xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOTS"}))

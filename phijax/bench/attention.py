@@ -6,9 +6,10 @@
 The CPU train step's largest gap to PyTorch (docs/benchmarks.md): PyTorch runs a fused CPU
 flash-attention kernel, XLA:CPU separate GEMMs and elementwise passes over copied block slices.
 `--blocks` also times phijax's blocked attention with other query-block counts (the default is
-`attention.causal_blocks(seq)`). fp32; both sides alternate rounds, the best counts. The
-backward is of sum(attention(q, k, v) * v) on both sides; each side's output and gradients are
-compared with the first side's before timing (printed).
+`attention.causal_blocks(seq)`). On a CPU phijax is also timed compiled as the CPU train step
+compiles it (its matmuls as oneDNN calls: train_setup.CPU_ONEDNN_DOTS). fp32; both sides
+alternate rounds, the best counts. The backward is of sum(attention(q, k, v) * v) on both sides;
+each side's output and gradients are compared with the first side's before timing (printed).
 """
 from __future__ import annotations
 
@@ -18,16 +19,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phijax import attention
+from phijax import attention, train_setup
 from phijax.bench import save_json
 from phijax.util import cli
 
 
-def _phijax_fns(n_blocks: int | None):
+def _phijax_fns(n_blocks: int | None, compiler_options: dict | None = None):
     fn = attention.xla_attention if n_blocks is None else (
         lambda q, k, v: attention._blocked_attention(q, k, v, None, n_blocks, True))
-    fwd = jax.jit(fn)
-    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * v), argnums=(0, 1, 2)))
+    fwd = jax.jit(fn, compiler_options=compiler_options)
+    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * v), argnums=(0, 1, 2)),
+                   compiler_options=compiler_options)
     return fwd, grad
 
 
@@ -65,6 +67,8 @@ def main(argv=None):
     jq, jk, jv = (jnp.asarray(x) for x in host)
 
     sides = {f"phijax ({attention.causal_blocks(t)} blocks, the default)": (_phijax_fns(None), (jq, jk, jv), True)}
+    if jax.default_backend() == "cpu":
+        sides["phijax (oneDNN dots)"] = (_phijax_fns(None, train_setup.CPU_ONEDNN_DOTS), (jq, jk, jv), True)
     for n in (int(x) for x in args.blocks.split(",") if x):
         sides[f"phijax ({n} blocks)"] = (_phijax_fns(n), (jq, jk, jv), True)
     if not args.no_torch:
@@ -96,8 +100,9 @@ def main(argv=None):
         print(f"  {name:36s} fwd {f:7.1f} ms   fwd+bwd {fb:7.1f} ms   output and gradients within {diffs[name]:.1e}")
     if not args.no_torch:
         ref = rows[-1]
-        print(f"phijax (default) / pytorch time: fwd {rows[0]['fwd_ms'] / ref['fwd_ms']:.2f}x, "
-              f"fwd+bwd {rows[0]['fwd_bwd_ms'] / ref['fwd_bwd_ms']:.2f}x")
+        for row in rows[:-1]:
+            print(f"{row['side']} / pytorch time: fwd {row['fwd_ms'] / ref['fwd_ms']:.2f}x, "
+                  f"fwd+bwd {row['fwd_bwd_ms'] / ref['fwd_bwd_ms']:.2f}x")
     if args.json:
         save_json(args.json, {"shape": [b, t, h, d], "rows": rows})
     return rows

@@ -1,7 +1,8 @@
 """Where a train step's time goes: a jax.profiler trace of the synthetic step, summed per op.
 
     python -m phijax.bench.profile_step --config phi1 --batch 16 --remat save_dots_attn --steps 3
-    python -m phijax.bench.profile_step --config tiny --batch 8 --seq 512 --dtype float32   # CPU
+    python -m phijax.bench.profile_step --config tiny --batch 8 --seq 512 --dtype float32 \
+        --remat none --attention xla --scan_unroll 4 --loss_chunk 32 --compiler_options cpu   # CPU settings
 
 Runs `steps` compiled steps under `jax.profiler.trace(create_perfetto_trace=True)` and reads the
 perfetto trace back: per device (GPU streams, or the XLA:CPU thunk executor threads) the total
@@ -22,14 +23,14 @@ import time
 
 import jax
 
-from phijax import config as config_lib
+from phijax import config as config_lib, train_setup
 from phijax.bench import save_json, step_timing
 from phijax.util import cli
 
 KINDS = (  # first match wins; names as XLA:GPU (cuBLAS/cuDNN/Triton) and XLA:CPU report them
     ("attention kernel", re.compile(r"cudnn|flash|fmha|dot_product_attention|splash|pallas", re.I)),
     # XLA:GPU names its cuBLAS calls custom-call.N (the cuDNN ones are matched above)
-    ("matmul", re.compile(r"gemm|cublas|dot|matmul|sm90_xmma|cutlass|ynn|xnn|custom-call", re.I)),
+    ("matmul", re.compile(r"gemm|cublas|dot|matmul|sm90_xmma|cutlass|ynn|xnn|onednn|custom-call", re.I)),
     ("collective", re.compile(r"all-reduce|all-gather|reduce-scatter|all-to-all|nccl|collective", re.I)),
     ("copy/transpose", re.compile(r"copy|transpose|memcpy|memset|dynamic-update-slice|dynamic-slice", re.I)),
     ("reduction", re.compile(r"reduce", re.I)),
@@ -91,6 +92,8 @@ def main(argv=None):
     p.add_argument("--attention", default="auto")
     p.add_argument("--scan_unroll", type=int, default=1)
     p.add_argument("--loss_chunk", type=int, default=0)
+    p.add_argument("--compiler_options", default=None,
+                   help="the step's XLA options as JSON, or 'cpu': train_setup.CPU_ONEDNN_DOTS (the CPU settings)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--keep_trace", default=None, help="directory to keep the trace in")
@@ -99,7 +102,10 @@ def main(argv=None):
     cli.setup_logging()
     cfg = config_lib.preset(args.config, dtype=args.dtype, remat_policy=args.remat, attention=args.attention,
                             scan_unroll=args.scan_unroll, loss_chunk=args.loss_chunk)
-    step, state, batch = step_timing.synthetic_train_step(cfg, args.batch, args.seq, mesh_shape=(1, -1, 1))
+    options = (train_setup.CPU_ONEDNN_DOTS if args.compiler_options == "cpu"
+               else json.loads(args.compiler_options) if args.compiler_options else None)
+    step, state, batch = step_timing.synthetic_train_step(cfg, args.batch, args.seq, mesh_shape=(1, -1, 1),
+                                                          compiler_options=options)
     for _ in range(2):  # compile + warm up, untraced
         state, m = step(state, batch)
     jax.block_until_ready(m)
@@ -114,7 +120,8 @@ def main(argv=None):
             state, m = step(state, batch)
         jax.block_until_ready(m)
     summary = summarize(load_trace(trace_dir), args.steps)
-    print(f"{args.config} batch {args.batch} x {args.seq} {args.dtype} remat={args.remat} unroll={args.scan_unroll}: "
+    print(f"{args.config} batch {args.batch} x {args.seq} {args.dtype} remat={args.remat} unroll={args.scan_unroll} "
+          f"compiler_options={options}: "
           f"untraced step {dt * 1e3:.1f} ms; {jax.devices()[0].device_kind}")
     for dev, s in summary.items():
         print(f"\n{dev}: busy {s['busy_ms']:.1f} ms per step")

@@ -19,11 +19,13 @@ def synthetic_batch(vocab_size: int, batch: int, seq: int, seed: int = 0) -> dic
     return SYNTHETIC.make(seq_len=seq, global_batch_size=batch, seed=seed, model_vocab_size=vocab_size).global_batch(0)
 
 
-def synthetic_train_step(cfg, global_batch: int, seq: int, mesh_shape=(1, -1, 1), devices=None, seed: int = 0):
+def synthetic_train_step(cfg, global_batch: int, seq: int, mesh_shape=(1, -1, 1), devices=None, seed: int = 0,
+                         compiler_options: dict | None = None):
     """(jitted step, fresh state, global batch) for `cfg` on a mesh over `devices` (default: all),
     built by phijax.train_setup exactly as a training run builds them."""
     run = train_setup.RunConfig(model_config=cfg, batch_size=global_batch, seq_len=seq, seed=seed,
-                                mesh_shape=tuple(mesh_shape), data_source=SYNTHETIC)
+                                mesh_shape=tuple(mesh_shape), data_source=SYNTHETIC,
+                                compiler_options=compiler_options)
     s = train_setup.setup(run, devices=devices)
     return s.step, s.init_state(), s.to_global(synthetic_batch(cfg.vocab_size, global_batch, seq, seed))
 

@@ -7,9 +7,9 @@ machine's CPU; the script prints tokens/s, the ratio phijax/PyTorch, and each on
 against a fp32 matmul peak measured in this run (the better of jax's and torch's
 1024^3 matmul). FLOPs per token: PhiConfig.flops_per_token (docs/benchmarks.md).
 
-phijax runs twice: with the PhiConfig defaults, and with the CPU settings
-(`CPU_SETTINGS`: every layer unrolled in the scan, the fused chunked LM-head loss), which
-gin/experiments/cpu_demo.gin also uses. Both sides are timed in alternating rounds (compiled /
+phijax runs twice: with the PhiConfig defaults, and with the CPU settings (`cpu_settings`: every
+layer unrolled in the scan, the fused chunked LM-head loss, the matmuls compiled to oneDNN calls,
+train_setup.CPU_ONEDNN_DOTS), which gin/experiments/cpu_demo.gin also uses. Both sides are timed in alternating rounds (compiled /
 warmed up once); each reports its best round, so a burst of load on the shared machine does
 not decide the ratio.
 """
@@ -20,7 +20,7 @@ import time
 
 import jax
 
-from phijax import config as config_lib, metrics
+from phijax import config as config_lib, metrics, train_setup
 from phijax.bench import save_json, step_timing
 from phijax.util import cli
 
@@ -34,13 +34,15 @@ CONFIGS = {
 
 
 def cpu_settings(cfg):
-    """phijax's execution settings for a CPU (the model and its numerics are unchanged)."""
-    return cfg.replace(scan_unroll=cfg.n_layers, loss_chunk=32)
+    """phijax's execution settings for a CPU (the model and its numerics are unchanged): the
+    config, and the step's XLA compiler options."""
+    return cfg.replace(scan_unroll=cfg.n_layers, loss_chunk=32), train_setup.CPU_ONEDNN_DOTS
 
 
-def bench_phijax(cfg, batch, seq, steps, warmup=2):
+def bench_phijax(cfg, batch, seq, steps, warmup=2, compiler_options=None):
     """A function that times `steps` more steps: (tokens/s, loss). Compiled and warmed up here."""
-    step, state, b = step_timing.synthetic_train_step(cfg, batch, seq, mesh_shape=(1, 1, 1), devices=jax.devices()[:1])
+    step, state, b = step_timing.synthetic_train_step(cfg, batch, seq, mesh_shape=(1, 1, 1), devices=jax.devices()[:1],
+                                                      compiler_options=compiler_options)
     box = {"state": state}
     for _ in range(warmup):
         box["state"], m = step(box["state"], b)
@@ -98,7 +100,8 @@ def main(argv=None):
     for name in args.configs.split(","):
         cfg, batch, seq = CONFIGS[name]
         fpt = cfg.flops_per_token(seq)
-        runners = {"phijax": bench_phijax(cpu_settings(cfg), batch, seq, args.steps),
+        cpu_cfg, cpu_options = cpu_settings(cfg)
+        runners = {"phijax": bench_phijax(cpu_cfg, batch, seq, args.steps, compiler_options=cpu_options),
                    "phijax_defaults": bench_phijax(cfg, batch, seq, args.steps),
                    "torch": bench_torch(cfg, batch, seq, args.steps)}
         best = {k: 0.0 for k in runners}
