@@ -38,3 +38,18 @@ def test_attention_bench_times_both_sides_on_the_same_values(tmp_path):
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] >= 0 for r in rows)
     assert all(r["max_abs_diff"] < 1e-4 for r in rows)  # same attention, same gradients as sdpa
     assert (tmp_path / "a.json").stat().st_size > 0
+
+
+def test_cpu_gemms_bench_times_every_step_matmul_on_three_sides(tmp_path):
+    from phijax.bench import cpu_gemms
+    rows = cpu_gemms.main(["--config", "nano", "--batch", "2", "--seq", "32", "--loss_chunk", "8", "--reps", "1",
+                           "--rounds", "1", "--json", str(tmp_path / "g.json")])
+    # 5 matmuls (qkv, attention out, fc1, fc2, LM-head chunk) x (forward, input grad, weight grad);
+    # each side's values were checked against numpy's before timing
+    assert len(rows) == 15 and {r["form"] for r in rows} == {"x@W", "g@W^T", "x^T@g"}
+    assert [r["per_step"] for r in rows if r["gemm"].startswith("lm head")] == [4, 4, 4]  # 32 / 8 chunks
+    assert {r["per_step"] for r in rows if not r["gemm"].startswith("lm head")} == {2}  # nano's layers
+    qkv_dw = next(r for r in rows if r["gemm"] == "qkv dW")
+    assert (qkv_dw["m"], qkv_dw["k"], qkv_dw["n"]) == (64, 64, 3 * 64)  # d_model x tokens x 3 heads*head_dim
+    assert all(r[f"{s}_gflops"] > 0 for r in rows for s in ("xla", "xla_onednn", "torch"))
+    assert (tmp_path / "g.json").stat().st_size > 0
