@@ -271,13 +271,22 @@ def test_a_client_that_disconnects_frees_its_slot(url, engine, monkeypatch):
     body = {"model": NAME, "prompt": PROMPTS["short"], "max_tokens": 240, "temperature": 1.0, "seed": 3,
             "stream": True, "ignore_eos": True}
     cancelled = engine.stats["cancelled"]
-    # 5 ms per decode call, so that 240 tokens take over a second: on an idle machine the tiny
-    # model could otherwise finish them before this thread reads the first chunk.
-    collect = engine._collect
-    monkeypatch.setattr(engine, "_collect", lambda *a: (time.sleep(0.005), collect(*a))[1])
+    # The tiny model could finish 240 tokens before this thread reads the first chunk: the engine's
+    # second decode call waits until it has, and every call takes 20 ms more, so that the rest
+    # takes over a second.
+    collect, seen, calls = engine._collect, threading.Event(), []
+
+    def slow_collect(*a):
+        if calls:
+            seen.wait(10)
+        calls.append(1)
+        time.sleep(0.02)
+        return collect(*a)
+    monkeypatch.setattr(engine, "_collect", slow_collect)
     with httpx.stream("POST", url + "/completions", json=body, timeout=30) as r:
         assert next(line for line in r.iter_lines() if line.startswith("data:"))
         assert engine.running == 1
+        seen.set()
     # The stream is closed mid-way: the slot is free within a few steps, long before 240 tokens.
     assert _wait(lambda: engine.running == 0, 5) and engine.stats["cancelled"] == cancelled + 1
     with pytest.raises(httpx.ReadTimeout):  # the same for a plain request whose client gives up
