@@ -6,8 +6,8 @@ settings compile them) against PyTorch on the same shapes, in the same process.
 Every matmul of a layer and of the fused LM-head loss (phijax.loss: `loss_chunk` positions of
 every row at a time) in its three forms: the forward x @ W, the input gradient g @ Wᵀ and the
 weight gradient xᵀ @ g, which contracts over the tokens (the leading dim of both operands). fp32,
-each side's best of `--rounds` alternating rounds; GFLOP/s and the ratio PyTorch time / phijax
-time per shape. It says how far the step's GEMMs alone leave phijax from PyTorch's oneDNN/MKL
+each side's best of `--rounds` alternating rounds; GFLOP/s per shape and how many times faster
+PyTorch is (XLA time / PyTorch time). It says how far the step's GEMMs alone leave phijax from PyTorch's oneDNN/MKL
 calls (docs/benchmarks.md).
 """
 from __future__ import annotations
