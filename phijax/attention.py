@@ -3,8 +3,10 @@
 Every backend takes q [batch, q_len, heads, head_dim], k/v [batch, kv_len, kv_heads,
 head_dim] and returns [batch, q_len, heads, head_dim]. Masking is causal plus, when
 `segment_ids` is given, block-diagonal so packed examples never attend to each other.
-Fused kernels: 'cudnn' (GPU, jax.nn.dot_product_attention) and 'splash' (TPU, Pallas;
-phijax/kernels/splash.py). 'auto' picks the one the compile target can run, else 'xla'.
+Fused kernels: 'cudnn' (GPU, jax.nn.dot_product_attention), 'splash' (TPU, Pallas;
+phijax/kernels/splash.py) and 'cpu' (XLA:CPU, an FFI custom call built with the host's C++
+compiler; phijax/kernels/cpu_attention.py). 'auto' picks cudnn or splash where the compile target
+can run them, else 'xla' ('cpu' only when asked for: it needs a compiler and fp32).
 """
 from __future__ import annotations
 
@@ -194,6 +196,14 @@ def splash_attention(q, k, v, *, segment_ids=None, causal=True, dropout_rate=0.0
                                    dropout_key=dropout_key)
 
 
+def cpu_attention(q, k, v, *, segment_ids=None, causal=True, dropout_rate=0.0, dropout_key=None, rotary=None):
+    """The XLA:CPU FFI kernel (built with the host's C++ compiler on first use). With rotary=(cos,
+    sin) it applies RoPE to q and k itself. See phijax/kernels/cpu_attention.py."""
+    from phijax.kernels import cpu_attention as kernel  # builds/loads a shared library: only when asked for
+    return kernel.cpu_attention(q, k, v, segment_ids=segment_ids, causal=causal, dropout_rate=dropout_rate,
+                                dropout_key=dropout_key, rotary=rotary)
+
+
 def auto_choice(q_shape, kv_shape, dtype, *, dropout: bool) -> str:
     """The backend 'auto' runs for these shapes on the current compile target (see kernels.target_platform)."""
     platform = target_platform()
@@ -215,10 +225,26 @@ def auto_attention(q, k, v, *, segment_ids=None, causal=True, dropout_rate=0.0, 
 
 
 BACKENDS: dict[str, Callable] = {"xla": xla_attention, "cudnn": cudnn_attention, "splash": splash_attention,
-                                 "auto": auto_attention}
+                                 "cpu": cpu_attention, "auto": auto_attention}
+
+
+# Backends that take q and k unrotated with rotary=(cos, sin) and apply RoPE inside the kernel.
+ROTARY_IN_KERNEL = frozenset({"cpu"})
 
 
 def get_backend(name: str) -> Callable:
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; known: {sorted(BACKENDS)}")
     return BACKENDS[name]
+
+
+def prepare_backend(name: str, platform: str) -> None:
+    """Fails now, naming the problem, if backend `name` cannot run on `platform` ('cpu', 'gpu',
+    'tpu'), rather than at the first step's compile; builds the CPU kernel if it is the one."""
+    get_backend(name)
+    if name == "cpu":
+        if platform != "cpu":
+            raise ValueError(f"attention='cpu' is an XLA:CPU kernel; this run's devices are {platform} "
+                             "(use 'auto', or 'xla')")
+        from phijax.kernels import cpu_attention as kernel
+        kernel.build()

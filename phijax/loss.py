@@ -130,41 +130,39 @@ def _local_operands(kernel, targets, dtype, ax):
     return kernel, targets
 
 
-def _local_fwd(h, kernel, bias, targets, weights, chunk, ax):
-    c = chunk_size(h.shape[1], chunk)
-    kernel, targets = _local_operands(kernel, targets, h.dtype, ax)
-
-    def body(total, xs):
-        h_c, t_c, w_c = xs
-        logits = _head(h_c, kernel, bias)
-        lse, picked = _lse_and_target_logit(logits.astype(F32), t_c, ax.vocab)
-        return total + jnp.sum((lse - picked) * w_c), (logits, lse)
-
-    total, (logits, lse) = jax.lax.scan(body, F32(0), (_chunks(h, c), _chunks(targets, c), _chunks(weights, c)))
-    return _psum(total, ax.rows), logits, lse
-
-
-def _local_bwd(h, kernel, targets, weights, logits, lse, g, chunk, ax):
+def _local_loss(h, kernel, bias, targets, weights, chunk, ax, with_grads):
+    """This device's loss sum; with_grads: and the loss's gradients wrt h, kernel and bias for a
+    cotangent of 1, formed chunk by chunk while the chunk's logits are at hand (the loss is the
+    last op of the step, so its cotangent is a scalar and the gradients are linear in it)."""
     c = chunk_size(h.shape[1], chunk)
     k, targets = _local_operands(kernel, targets, h.dtype, ax)
 
     def body(carry, xs):
-        dk, db = carry
-        h_c, t_c, w_c, l_c, lse_c = xs
-        d = _softmax_grad(l_c, lse_c, t_c, g * w_c).astype(h.dtype)  # a target in another slice: no onehot here
+        total, dk, db = carry
+        h_c, t_c, w_c = xs
+        logits = _head(h_c, k, bias)
+        lse, picked = _lse_and_target_logit(logits.astype(F32), t_c, ax.vocab)
+        total = total + jnp.sum((lse - picked) * w_c)
+        if not with_grads:
+            return (total, dk, db), None
+        d = _softmax_grad(logits, lse, t_c, w_c).astype(h.dtype)  # a target in another slice: no onehot here
         dk = dk + jnp.einsum("bcd,bcv->dv", h_c, d, preferred_element_type=F32)
         db = db + jnp.sum(d.astype(F32), axis=(0, 1))
-        return (dk, db), _psum(jnp.einsum("bcv,dv->bcd", d, k), ax.vocab)  # every vocab slice adds to dh
+        dh = jnp.einsum("bcv,dv->bcd", d, k, preferred_element_type=F32)  # fp32 until the cotangent is applied
+        return (total, dk, db), _psum(dh, ax.vocab)  # every vocab slice adds to dh
 
-    (dk, db), dh = jax.lax.scan(
-        body, (jnp.zeros(k.shape, F32), jnp.zeros(k.shape[1:], F32)),
-        (_chunks(h, c), _chunks(targets, c), _chunks(weights, c), logits, lse))
+    zeros = (jnp.zeros(k.shape, F32), jnp.zeros(k.shape[1:], F32)) if with_grads else (F32(0), F32(0))
+    (total, dk, db), dh = jax.lax.scan(body, (F32(0), *zeros),
+                                       (_chunks(h, c), _chunks(targets, c), _chunks(weights, c)))
+    total = _psum(total, ax.rows)
+    if not with_grads:
+        return total
     # The weight/bias gradients are reduced over the rows once, here, not once per chunk; the
     # kernel's goes back to its FSDP shard on the way (a reduce-scatter).
     if ax.embed:
         dk = jax.lax.psum_scatter(dk, ax.embed, scatter_dimension=0, tiled=True)
     dk = _psum(dk, tuple(a for a in ax.rows if a not in ax.embed))
-    return _unchunk(dh), dk, _psum(db, ax.rows)
+    return total, _unchunk(dh), dk, _psum(db, ax.rows)
 
 
 class _Layout(NamedTuple):
@@ -175,8 +173,6 @@ class _Layout(NamedTuple):
     rows: P  # targets, weights [batch, len]
     kernel: P  # [d_model, vocab]
     bias: P  # [vocab]
-    logits: P  # forward residuals: logits [chunks, batch, c, vocab]
-    lse: P  # and lse [chunks, batch, c]
 
     def map(self, fn, in_specs, out_specs):
         # The collectives are written out and nothing is differentiated through the shard_maps
@@ -204,29 +200,32 @@ def _layout(h, kernel) -> _Layout | None:
     vocab = tuple(a for a in _mesh_axes(k_spec[1]) if a not in rows) or None
     b, t = h_spec[:2]
     return _Layout(mesh, _Axes(rows, _mesh_axes(embed), _mesh_axes(vocab)), h=h_spec, rows=P(b, t),
-                   kernel=P(embed, vocab), bias=P(vocab), logits=P(None, b, t, vocab), lse=P(None, b, t))
+                   kernel=P(embed, vocab), bias=P(vocab))
+
+
+def _sharded_loss(h, kernel, bias, targets, weights, chunk, lo, with_grads):
+    fn = functools.partial(_local_loss, chunk=chunk, ax=lo.ax if lo is not None else _Axes(), with_grads=with_grads)
+    if lo is not None:
+        fn = lo.map(fn, (lo.h, lo.kernel, lo.bias, lo.rows, lo.rows),
+                    (P(), lo.h, lo.kernel, lo.bias) if with_grads else P())
+    return fn(h, kernel, bias, targets, weights)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _fused_nll_sum(h, kernel, bias, targets, weights, chunk, layout):
-    return _fused_fwd(h, kernel, bias, targets, weights, chunk, layout)[0]
+    return _sharded_loss(h, kernel, bias, targets, weights, chunk, layout, with_grads=False)
 
 
 def _fused_fwd(h, kernel, bias, targets, weights, chunk, lo):
-    fwd = functools.partial(_local_fwd, chunk=chunk, ax=lo.ax if lo is not None else _Axes())
-    if lo is not None:
-        fwd = lo.map(fwd, (lo.h, lo.kernel, lo.bias, lo.rows, lo.rows), (P(), lo.logits, lo.lse))
-    total, logits, lse = fwd(h, kernel, bias, targets, weights)
-    return total, (h, kernel, bias, targets, weights, logits, lse)
+    total, dh, dk, db = _sharded_loss(h, kernel, bias, targets, weights, chunk, lo, with_grads=True)
+    zeros = tuple(jnp.zeros((0,), x.dtype) for x in (h, kernel, bias))  # the dtypes the gradients go back in
+    return total, (dh, dk, db, zeros)
 
 
 def _fused_bwd(chunk, lo, res, g):
-    h, kernel, bias, targets, weights, logits, lse = res
-    bwd = functools.partial(_local_bwd, chunk=chunk, ax=lo.ax if lo is not None else _Axes())
-    if lo is not None:
-        bwd = lo.map(bwd, (lo.h, lo.kernel, lo.rows, lo.rows, lo.logits, lo.lse, P()), (lo.h, lo.kernel, lo.bias))
-    dh, dk, db = bwd(h, kernel, targets, weights, logits, lse, g)
-    return dh, dk.astype(kernel.dtype), db.astype(bias.dtype), None, None
+    *grads, zeros = res  # fp32, for a cotangent of 1
+    dh, dk, db = ((x * g).astype(z.dtype) for x, z in zip(grads, zeros))
+    return dh, dk, db, None, None
 
 
 _fused_nll_sum.defvjp(_fused_fwd, _fused_bwd)

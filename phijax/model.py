@@ -12,6 +12,8 @@ the mesh. No tensorflow here.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -36,12 +38,44 @@ class LayerNorm(nnx.Module):
         self.bias = _param(rngs, nnx.initializers.zeros, (dim,), (axis_name,), stack, dtype)
 
     def __call__(self, x):
-        # Statistics in fp32 whatever the compute dtype.
-        xf = x.astype(jnp.float32)
-        mean = xf.mean(-1, keepdims=True)
-        var = jnp.square(xf - mean).mean(-1, keepdims=True)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+        return layer_norm(x, self.scale[...], self.bias[...], self.eps)
+
+
+def _ln_stats(x, eps):
+    # Statistics in fp32 whatever the compute dtype.
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    return xf, mean, jax.lax.rsqrt(var + eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x, scale, bias, eps):
+    """LayerNorm over the last dim, statistics in fp32, output in x's dtype."""
+    xf, mean, rstd = _ln_stats(x, eps)
+    return ((xf - mean) * rstd * scale + bias).astype(x.dtype)
+
+
+def _ln_fwd(x, scale, bias, eps):
+    xf, mean, rstd = _ln_stats(x, eps)
+    return ((xf - mean) * rstd * scale + bias).astype(x.dtype), (x, mean, rstd, scale, bias)
+
+
+def _ln_bwd(eps, res, g):
+    # The textbook gradient in one pass over x and g (with the normalised x recomputed from the
+    # kept statistics), where autodiff keeps x - mean and walks the mean/variance chain.
+    x, mean, rstd, scale, bias = res
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    gf = g.astype(jnp.float32)
+    lead = tuple(range(g.ndim - scale.ndim))
+    dscale = jnp.sum(gf * xhat, axis=lead).astype(scale.dtype)
+    dbias = jnp.sum(gf, axis=lead).astype(bias.dtype)
+    gx = gf * scale.astype(jnp.float32)
+    dx = rstd * (gx - gx.mean(-1, keepdims=True) - xhat * (gx * xhat).mean(-1, keepdims=True))
+    return dx.astype(x.dtype), dscale, dbias
+
+
+layer_norm.defvjp(_ln_fwd, _ln_bwd)
 
 
 class Dense(nnx.Module):
@@ -60,9 +94,28 @@ class Dense(nnx.Module):
         return y + self.bias[...].astype(x.dtype)
 
 
+@jax.custom_vjp
 def gelu_new(x):
     """The tanh approximation of GELU (transformers' `gelu_new`)."""
     return 0.5 * x * (1.0 + jnp.tanh(jnp.sqrt(2.0 / jnp.pi) * (x + 0.044715 * jnp.power(x, 3.0))))
+
+
+def _gelu_fwd(x):
+    return gelu_new(x), x
+
+
+def _gelu_bwd(x, g):
+    # Only the input is kept (it is the fc1 output, kept anyway); tanh is recomputed in the one
+    # elementwise pass that forms the gradient. Autodiff keeps tanh's output and its inputs' powers
+    # too: two more [tokens, d_mlp] arrays per layer.
+    xf = x.astype(jnp.float32)
+    c = math.sqrt(2.0 / math.pi)
+    t = jnp.tanh(c * (xf + 0.044715 * xf * xf * xf))
+    d = 0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * xf * xf)
+    return ((g.astype(jnp.float32) * d).astype(g.dtype),)
+
+
+gelu_new.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 def rotary_tables(positions, rotary_dim, base):
@@ -209,8 +262,10 @@ class Attention(nnx.Module):
         v = constrain(self.v_proj(x), ("activation_batch", "activation_length", "activation_kv_heads", None))
         if cfg.qk_layernorm:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
-        q = apply_rotary(q, cos, sin, cfg.rotary_dim)
-        k = apply_rotary(k, cos, sin, cfg.rotary_dim)
+        rotary_in_kernel = cache is None and cfg.rotary_dim > 0 and cfg.attention in attention.ROTARY_IN_KERNEL
+        if not rotary_in_kernel:
+            q = apply_rotary(q, cos, sin, cfg.rotary_dim)
+            k = apply_rotary(k, cos, sin, cfg.rotary_dim)
         if cache is not None:
             cache = cache.write(k, v)
             k_layer, v_layer = cache.read()
@@ -219,8 +274,8 @@ class Attention(nnx.Module):
             out = constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
             return self.dense(out), cache
         out = attention.get_backend(cfg.attention)(
-            q, k, v, segment_ids=segment_ids, causal=True,
-            dropout_rate=cfg.attn_dropout, dropout_key=dropout_key)
+            q, k, v, segment_ids=segment_ids, causal=True, dropout_rate=cfg.attn_dropout, dropout_key=dropout_key,
+            **({"rotary": (cos, sin)} if rotary_in_kernel else {}))
         out = constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
         return self.dense(checkpoint_name(out, "attn_context"))  # the dense input: save_attn_mlp keeps it
 

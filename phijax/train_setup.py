@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from phijax import optim, sharding, train_step
+from phijax import attention, kernels, optim, sharding, train_step
 from phijax.config import PhiConfig
 from phijax.data.pipeline import FEATURE_DTYPES, FEATURES, DataSource
 
@@ -143,6 +143,7 @@ def setup(run: RunConfig, *, devices=None, process_count: int | None = None) -> 
     validate(cfg, mesh, batch_size=run.batch_size, microbatches=run.microbatches, seq_len=run.seq_len,
              train_steps=run.train_steps, process_count=process_count)
     check_compiler_options(run.compiler_options, mesh)
+    attention.prepare_backend(cfg.attention, kernels.device_platform(mesh.devices.flat[0]))
     rules = tuple(run.sharding_rules)
     schedule = run.schedule if run.schedule is not None else optim.warmup_linear_decay(1e-4, 10, 10_000)
     tx = run.optimizer(schedule)

@@ -99,6 +99,37 @@ def test_rotary_gradient_is_the_inverse_rotation():
     np.testing.assert_allclose(model.apply_rotary(x, cos, sin, 4)[..., 4:], x[..., 4:])  # only rotary_dim rotates
 
 
+def test_gelu_and_layer_norm_gradients_equal_autodiff_of_their_forward():
+    """The written-out VJPs (they keep less and recompute in one pass) against autodiff of the
+    same forward, in fp32 and bf16."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(3, 7, 32)) * 3, jnp.float32)
+    g = jnp.asarray(rng.normal(size=(3, 7, 32)), jnp.float32)
+    scale, bias = (jnp.asarray(rng.normal(size=32), jnp.float32) for _ in range(2))
+
+    def plain_gelu(x):
+        return 0.5 * x * (1.0 + jnp.tanh(jnp.sqrt(2.0 / jnp.pi) * (x + 0.044715 * jnp.power(x, 3.0))))
+
+    def plain_ln(x, scale, bias):
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + 1e-5)
+        return (y * scale + bias).astype(x.dtype)
+
+    ln = lambda x, s, b: model.layer_norm(x, s, b, 1e-5)
+    for dtype, atol in ((jnp.float32, 2e-5), (jnp.bfloat16, 5e-2)):
+        xd, gd = x.astype(dtype), g.astype(dtype)
+        for fn, ref, args in ((model.gelu_new, plain_gelu, (xd,)), (ln, plain_ln, (xd, scale, bias))):
+            out, vjp = jax.vjp(fn, *args)
+            ref_out, ref_vjp = jax.vjp(ref, *args)
+            assert out.dtype == dtype
+            np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref_out, np.float32))
+            for a, b in zip(vjp(gd), ref_vjp(gd)):
+                assert a.dtype == b.dtype
+                np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=atol,
+                                           rtol=atol)
+
+
 def _loss_and_grads(cfg, params, graphdef, key=None):
     rng = np.random.default_rng(2)
     w = rng.integers(0, cfg.vocab_size, (2, 17)).astype(np.int32)

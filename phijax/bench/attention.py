@@ -7,7 +7,8 @@ The CPU train step's largest gap to PyTorch (docs/benchmarks.md): PyTorch runs a
 flash-attention kernel, XLA:CPU separate GEMMs and elementwise passes over copied block slices.
 `--blocks` also times phijax's blocked attention with other query-block counts (the default is
 `attention.causal_blocks(seq)`). On a CPU phijax is also timed compiled as the CPU train step
-compiles it (its matmuls as oneDNN calls: train_setup.CPU_ONEDNN_DOTS). fp32; both sides
+compiles it (its matmuls as oneDNN calls: train_setup.CPU_ONEDNN_DOTS), and its XLA:CPU FFI kernel
+(attention='cpu', phijax/kernels/cpu_attention.py) is timed too. fp32; both sides
 alternate rounds, the best counts. The backward is of sum(attention(q, k, v) * v) on both sides;
 each side's output and gradients are compared with the first side's before timing (printed).
 """
@@ -24,9 +25,9 @@ from phijax.bench import save_json
 from phijax.util import cli
 
 
-def _phijax_fns(n_blocks: int | None, compiler_options: dict | None = None):
-    fn = attention.xla_attention if n_blocks is None else (
-        lambda q, k, v: attention._blocked_attention(q, k, v, None, n_blocks, True))
+def _phijax_fns(n_blocks: int | None, compiler_options: dict | None = None, fn=None):
+    fn = fn or (attention.xla_attention if n_blocks is None else (
+        lambda q, k, v: attention._blocked_attention(q, k, v, None, n_blocks, True)))
     fwd = jax.jit(fn, compiler_options=compiler_options)
     grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * v), argnums=(0, 1, 2)),
                    compiler_options=compiler_options)
@@ -69,6 +70,7 @@ def main(argv=None):
     sides = {f"phijax ({attention.causal_blocks(t)} blocks, the default)": (_phijax_fns(None), (jq, jk, jv), True)}
     if jax.default_backend() == "cpu":
         sides["phijax (oneDNN dots)"] = (_phijax_fns(None, train_setup.CPU_ONEDNN_DOTS), (jq, jk, jv), True)
+        sides["phijax cpu kernel (FFI)"] = (_phijax_fns(None, fn=attention.cpu_attention), (jq, jk, jv), True)
     for n in (int(x) for x in args.blocks.split(",") if x):
         sides[f"phijax ({n} blocks)"] = (_phijax_fns(n), (jq, jk, jv), True)
     if not args.no_torch:

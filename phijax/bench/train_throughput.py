@@ -36,7 +36,7 @@ CONFIGS = {
 def cpu_settings(cfg):
     """phijax's execution settings for a CPU (the model and its numerics are unchanged): the
     config, and the step's XLA compiler options."""
-    return cfg.replace(scan_unroll=cfg.n_layers, loss_chunk=32), train_setup.CPU_ONEDNN_DOTS
+    return cfg.replace(scan_unroll=cfg.n_layers, loss_chunk=32, attention="cpu"), train_setup.CPU_ONEDNN_DOTS
 
 
 def bench_phijax(cfg, batch, seq, steps, warmup=2, compiler_options=None):

@@ -13,15 +13,12 @@ Off TPU the same kernel runs in Pallas interpret mode (slow; for tests against t
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as sa
-from jax.sharding import PartitionSpec as P
 
-from phijax import sharding
-from phijax.kernels import target_platform
+from phijax.kernels import per_device_attention, target_platform
 
 LANE = 128  # TPU tiles are multiples of 128 along the sequence
 DEFAULT_BLOCK = 512
@@ -77,17 +74,4 @@ def splash_attention(q, k, v, *, segment_ids=None, causal=True, dropout_rate=0.0
             out = jax.vmap(kernel)(qh, kh, vh, segment_ids=sa.SegmentIds(q=seg, kv=seg))
         return out.transpose(0, 2, 1, 3)
 
-    ctx = sharding._CONTEXT.get()
-    if ctx is None or math.prod(ctx[0].devices.shape) == 1:
-        return local(q, k, v, segment_ids)
-    mesh, rules = ctx
-    q_spec = sharding.logical_to_spec(("activation_batch", None, "activation_heads", None), rules, mesh, q.shape)
-    kv_spec = sharding.logical_to_spec(("activation_batch", None, "activation_kv_heads", None), rules, mesh, k.shape)
-    if q_spec[2] != kv_spec[2]:  # e.g. too few kv heads to split: keep every head group whole per device
-        q_spec, kv_spec = P(q_spec[0], None, None, None), P(kv_spec[0], None, None, None)
-    if segment_ids is None:
-        fn = lambda q, k, v: local(q, k, v, None)
-        return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
-                             check_vma=False)(q, k, v)
-    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(q_spec[0], None)),
-                         out_specs=q_spec, check_vma=False)(q, k, v, segment_ids)
+    return per_device_attention(local, q, k, v, segment_ids)
