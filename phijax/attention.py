@@ -243,8 +243,5 @@ def prepare_backend(name: str, platform: str) -> None:
     'tpu'), rather than at the first step's compile; builds the CPU kernel if it is the one."""
     get_backend(name)
     if name == "cpu":
-        if platform != "cpu":
-            raise ValueError(f"attention='cpu' is an XLA:CPU kernel; this run's devices are {platform} "
-                             "(use 'auto', or 'xla')")
-        from phijax.kernels import cpu_attention as kernel
-        kernel.build()
+        from phijax.kernels import cpu_ffi
+        cpu_ffi.require(platform, "attention='cpu'")

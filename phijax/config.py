@@ -36,6 +36,7 @@ class PhiConfig:
     attention: str = "xla"  # see phijax.attention.BACKENDS
     scan_unroll: int = 1  # layers per iteration of the layer scan (n_layers: fully unrolled)
     loss_chunk: int = 0  # > 0: training fuses the LM head into the loss, this many positions at a time (phijax.loss)
+    loss_kernel: str = "xla"  # 'cpu': the fused loss's softmax cross-entropy in an XLA:CPU FFI kernel (phijax.loss)
 
     def __post_init__(self):
         problems = []
@@ -53,6 +54,10 @@ class PhiConfig:
             problems.append(f"scan_unroll={self.scan_unroll} must be in [1, n_layers={self.n_layers}]")
         if self.loss_chunk < 0:
             problems.append(f"loss_chunk={self.loss_chunk} must be >= 0 (0: unfused)")
+        if self.loss_kernel not in ("xla", "cpu"):
+            problems.append(f"loss_kernel={self.loss_kernel!r} must be 'xla' or 'cpu'")
+        elif self.loss_kernel == "cpu" and self.loss_chunk == 0:
+            problems.append("loss_kernel='cpu' is the fused loss's kernel: set loss_chunk > 0")
         if problems:
             raise ValueError("invalid PhiConfig: " + "; ".join(problems))
 

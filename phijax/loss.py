@@ -130,22 +130,42 @@ def _local_operands(kernel, targets, dtype, ax):
     return kernel, targets
 
 
-def _local_loss(h, kernel, bias, targets, weights, chunk, ax, with_grads):
+def _cpu_xent(h_c, k, bias, t_c, w_c):
+    """(weighted NLL sum, gradient d of it wrt the logits) of one chunk, the softmax cross-entropy in
+    the XLA:CPU FFI kernel (phijax/kernels/cpu/xent.cc): one pass per vocabulary row, in cache."""
+    from phijax.kernels import cpu_ffi
+    cpu_ffi.register()
+    b, c = t_c.shape
+    logits = jnp.einsum("bcd,dv->bcv", h_c, k).astype(F32).reshape(b * c, -1)
+    d, nll = jax.ffi.ffi_call("phijax_cpu_xent", (jax.ShapeDtypeStruct(logits.shape, F32),
+                                                  jax.ShapeDtypeStruct((b * c,), F32)))(
+        logits, bias.astype(F32), t_c.reshape(-1), w_c.reshape(-1))
+    return jnp.sum(nll * w_c.reshape(-1)), d.reshape(b, c, -1)
+
+
+def _local_loss(h, kernel, bias, targets, weights, chunk, ax, with_grads, impl="xla"):
     """This device's loss sum; with_grads: and the loss's gradients wrt h, kernel and bias for a
     cotangent of 1, formed chunk by chunk while the chunk's logits are at hand (the loss is the
-    last op of the step, so its cotangent is a scalar and the gradients are linear in it)."""
+    last op of the step, so its cotangent is a scalar and the gradients are linear in it).
+    impl='cpu': the chunk's softmax cross-entropy and its gradient in the XLA:CPU kernel, where
+    the vocab is whole on the device (a split vocab combines its log-sum-exp across devices here)."""
     c = chunk_size(h.shape[1], chunk)
     k, targets = _local_operands(kernel, targets, h.dtype, ax)
+    in_kernel = impl == "cpu" and with_grads and not ax.vocab
 
     def body(carry, xs):
         total, dk, db = carry
         h_c, t_c, w_c = xs
-        logits = _head(h_c, k, bias)
-        lse, picked = _lse_and_target_logit(logits.astype(F32), t_c, ax.vocab)
-        total = total + jnp.sum((lse - picked) * w_c)
-        if not with_grads:
-            return (total, dk, db), None
-        d = _softmax_grad(logits, lse, t_c, w_c).astype(h.dtype)  # a target in another slice: no onehot here
+        if in_kernel:
+            nll, d = _cpu_xent(h_c, k, bias, t_c, w_c)
+            total, d = total + nll, d.astype(h.dtype)
+        else:
+            logits = _head(h_c, k, bias)
+            lse, picked = _lse_and_target_logit(logits.astype(F32), t_c, ax.vocab)
+            total = total + jnp.sum((lse - picked) * w_c)
+            if not with_grads:
+                return (total, dk, db), None
+            d = _softmax_grad(logits, lse, t_c, w_c).astype(h.dtype)  # a target in another slice: no onehot here
         dk = dk + jnp.einsum("bcd,bcv->dv", h_c, d, preferred_element_type=F32)
         db = db + jnp.sum(d.astype(F32), axis=(0, 1))
         dh = jnp.einsum("bcv,dv->bcd", d, k, preferred_element_type=F32)  # fp32 until the cotangent is applied
@@ -197,32 +217,34 @@ def _layout(h, kernel) -> _Layout | None:
     k_spec = sharding.logical_to_spec(("embed", "vocab"), rules, mesh, kernel.shape)
     rows = _mesh_axes(h_spec[0]) + _mesh_axes(h_spec[1])
     embed = tuple(a for a in _mesh_axes(k_spec[0]) if a in rows) or None
-    vocab = tuple(a for a in _mesh_axes(k_spec[1]) if a not in rows) or None
+    # (A vocab 'split' over size-1 axes is whole: no collectives, and the CPU kernel can run.)
+    vocab = tuple(a for a in _mesh_axes(k_spec[1]) if a not in rows and mesh.shape[a] > 1) or None
     b, t = h_spec[:2]
     return _Layout(mesh, _Axes(rows, _mesh_axes(embed), _mesh_axes(vocab)), h=h_spec, rows=P(b, t),
                    kernel=P(embed, vocab), bias=P(vocab))
 
 
-def _sharded_loss(h, kernel, bias, targets, weights, chunk, lo, with_grads):
-    fn = functools.partial(_local_loss, chunk=chunk, ax=lo.ax if lo is not None else _Axes(), with_grads=with_grads)
+def _sharded_loss(h, kernel, bias, targets, weights, chunk, impl, lo, with_grads):
+    fn = functools.partial(_local_loss, chunk=chunk, ax=lo.ax if lo is not None else _Axes(), with_grads=with_grads,
+                           impl=impl)
     if lo is not None:
         fn = lo.map(fn, (lo.h, lo.kernel, lo.bias, lo.rows, lo.rows),
                     (P(), lo.h, lo.kernel, lo.bias) if with_grads else P())
     return fn(h, kernel, bias, targets, weights)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _fused_nll_sum(h, kernel, bias, targets, weights, chunk, layout):
-    return _sharded_loss(h, kernel, bias, targets, weights, chunk, layout, with_grads=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _fused_nll_sum(h, kernel, bias, targets, weights, chunk, impl, layout):
+    return _sharded_loss(h, kernel, bias, targets, weights, chunk, impl, layout, with_grads=False)
 
 
-def _fused_fwd(h, kernel, bias, targets, weights, chunk, lo):
-    total, dh, dk, db = _sharded_loss(h, kernel, bias, targets, weights, chunk, lo, with_grads=True)
+def _fused_fwd(h, kernel, bias, targets, weights, chunk, impl, lo):
+    total, dh, dk, db = _sharded_loss(h, kernel, bias, targets, weights, chunk, impl, lo, with_grads=True)
     zeros = tuple(jnp.zeros((0,), x.dtype) for x in (h, kernel, bias))  # the dtypes the gradients go back in
     return total, (dh, dk, db, zeros)
 
 
-def _fused_bwd(chunk, lo, res, g):
+def _fused_bwd(chunk, impl, lo, res, g):
     *grads, zeros = res  # fp32, for a cotangent of 1
     dh, dk, db = ((x * g).astype(z.dtype) for x, z in zip(grads, zeros))
     return dh, dk, db, None, None
@@ -231,10 +253,11 @@ def _fused_bwd(chunk, lo, res, g):
 _fused_nll_sum.defvjp(_fused_fwd, _fused_bwd)
 
 
-def fused_lm_head_loss_sums(h, kernel, bias, targets, weights, chunk: int):
+def fused_lm_head_loss_sums(h, kernel, bias, targets, weights, chunk: int, impl: str = "xla"):
     """token_loss_sums(h @ kernel + bias, targets, weights) for final hidden states h
     [batch, len, d_model], computed `chunk` positions at a time; sharded under the trainer's
-    mesh (phijax.sharding.use_mesh_rules). See the module docstring."""
+    mesh (phijax.sharding.use_mesh_rules). impl: 'xla', or 'cpu' (PhiConfig.loss_kernel: the
+    softmax cross-entropy in an XLA:CPU kernel). See the module docstring."""
     w = weights.astype(F32)
     layout = _layout(h, kernel)
-    return _fused_nll_sum(h, kernel, bias, targets.astype(jnp.int32), w, chunk, layout), jnp.sum(w)
+    return _fused_nll_sum(h, kernel, bias, targets.astype(jnp.int32), w, chunk, impl, layout), jnp.sum(w)

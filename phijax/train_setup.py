@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 from phijax import attention, kernels, optim, sharding, train_step
 from phijax.config import PhiConfig
 from phijax.data.pipeline import FEATURE_DTYPES, FEATURES, DataSource
+from phijax.kernels import cpu_ffi
 
 
 # XLA:CPU compiles the step's matmuls to oneDNN calls instead of its default GEMM library
@@ -143,7 +144,10 @@ def setup(run: RunConfig, *, devices=None, process_count: int | None = None) -> 
     validate(cfg, mesh, batch_size=run.batch_size, microbatches=run.microbatches, seq_len=run.seq_len,
              train_steps=run.train_steps, process_count=process_count)
     check_compiler_options(run.compiler_options, mesh)
-    attention.prepare_backend(cfg.attention, kernels.device_platform(mesh.devices.flat[0]))
+    platform = kernels.device_platform(mesh.devices.flat[0])
+    attention.prepare_backend(cfg.attention, platform)
+    if cfg.loss_kernel == "cpu":
+        cpu_ffi.require(platform, "loss_kernel='cpu'")
     rules = tuple(run.sharding_rules)
     schedule = run.schedule if run.schedule is not None else optim.warmup_linear_decay(1e-4, 10, 10_000)
     tx = run.optimizer(schedule)

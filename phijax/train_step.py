@@ -104,7 +104,8 @@ def make_train_step(graphdef, cfg: PhiConfig, optimizer, schedule, *, mesh: Mesh
                 m = model_lib.merge(graphdef, params)
                 h = m.hidden_states(mb["inputs"], **kw)
                 return loss_lib.fused_lm_head_loss_sums(h, m.lm_head.kernel[...], m.lm_head.bias[...],
-                                                        mb["targets"], mb["loss_weights"], cfg.loss_chunk)
+                                                        mb["targets"], mb["loss_weights"], cfg.loss_chunk,
+                                                        impl=cfg.loss_kernel)
             logits = model_lib.apply(graphdef, params, mb["inputs"], **kw)
         return loss_lib.token_loss_sums(logits, mb["targets"], mb["loss_weights"])
 

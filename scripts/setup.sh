@@ -8,6 +8,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[data,test,tpu]"  # tpu: libtpu for the AOT compile test
-# The CPU attention kernel (attention='cpu', bound by gin/experiments/cpu_demo.gin) is compiled with
-# the host's C++ compiler; building it here names a missing compiler now, not at the first step.
-.venv/bin/python -m phijax.kernels.cpu_attention >/dev/null
+# The XLA:CPU kernels (attention and loss_kernel = 'cpu', bound by gin/experiments/cpu_demo.gin) are compiled with
+# the host's C++ compiler; building them here names a missing compiler now, not at the first step.
+.venv/bin/python -m phijax.kernels.cpu_ffi >/dev/null

@@ -1,6 +1,7 @@
-"""attention='cpu': the XLA:CPU FFI kernel (phijax/kernels/cpu_attention.cc) against the reference
-attention, alone, with RoPE applied inside, under the trainer's mesh and in the train step; and its
-build (the host's C++ compiler, a cache keyed by what the library depends on)."""
+"""attention='cpu': the XLA:CPU FFI kernel (phijax/kernels/cpu/attention.cc) against the reference
+attention, alone, with RoPE applied inside, under the trainer's mesh and in the train step; and the
+kernels' build (the host's C++ compiler, a cache keyed by what the library depends on). The loss
+kernel is tested with the fused loss (tests/test_loss.py)."""
 import os
 
 import jax
@@ -10,7 +11,7 @@ import pytest
 
 from phijax import attention, config, model, sharding, train_setup
 from phijax.bench import step_timing
-from phijax.kernels import cpu_attention as ca
+from phijax.kernels import cpu_attention as ca, cpu_ffi
 
 
 def _inputs(b, t, h, kv, d, rd, packed, seed=0):
@@ -117,30 +118,38 @@ def test_what_the_kernel_cannot_do_is_refused_by_name():
 
 def test_build_is_cached_and_failures_name_the_compiler(tmp_path, monkeypatch):
     monkeypatch.setenv("PHIJAX_KERNEL_CACHE", str(tmp_path / "cache"))
-    lib = ca.build()
+    lib = cpu_ffi.build()
     assert lib.parent == tmp_path / "cache" and lib.exists()
     mtime = lib.stat().st_mtime_ns
-    assert ca.build() == lib and lib.stat().st_mtime_ns == mtime  # built once
+    assert cpu_ffi.build() == lib and lib.stat().st_mtime_ns == mtime  # built once
     assert [p.name for p in lib.parent.iterdir()] == [lib.name]  # no temporary left behind
 
-    bad = tmp_path / "cpu_attention.cc"
-    bad.write_text(ca.SOURCE.read_text() + "\nthis is not C++;\n")
-    monkeypatch.setattr(ca, "SOURCE", bad)
-    assert ca.library_path() != lib  # another source, another library
-    with pytest.raises(ca.KernelBuildError, match="building the CPU attention kernel failed"):
-        ca.build()
+    bad = tmp_path / "cpu"
+    bad.mkdir()
+    for src in cpu_ffi.SOURCES.iterdir():
+        (bad / src.name).write_text(src.read_text())
+    (bad / "xent.cc").write_text((bad / "xent.cc").read_text() + "\nthis is not C++;\n")
+    monkeypatch.setattr(cpu_ffi, "SOURCES", bad)
+    assert cpu_ffi.library_path() != lib  # other sources, another library
+    with pytest.raises(cpu_ffi.KernelBuildError, match="building phijax's CPU kernels failed"):
+        cpu_ffi.build()
     assert [p.name for p in lib.parent.iterdir()] == [lib.name]
 
     monkeypatch.setenv("CXX", "no-such-compiler-here")
-    with pytest.raises(ca.KernelBuildError, match="no C\\+\\+ compiler.*no-such-compiler-here.*attention='xla'"):
-        ca.build()
-    # A run that asks for the kernel fails in its set-up, before any state or data exists.
-    run = train_setup.RunConfig(model_config=config.preset("nano", attention="cpu"), batch_size=2, seq_len=16,
-                                mesh_shape=(1, 1, 1), data_source=step_timing.SYNTHETIC)
-    with pytest.raises(ca.KernelBuildError, match="no-such-compiler-here"):
-        train_setup.setup(run, devices=jax.devices()[:1])
+    with pytest.raises(cpu_ffi.KernelBuildError, match="no C\\+\\+ compiler.*no-such-compiler-here.*'xla' needs none"):
+        cpu_ffi.build()
+    # A run that asks for a kernel fails in its set-up, before any state or data exists.
+    for field in ("attention", "loss_kernel"):
+        run = train_setup.RunConfig(model_config=config.preset("nano", loss_chunk=8, **{field: "cpu"}), batch_size=2,
+                                    seq_len=16, mesh_shape=(1, 1, 1), data_source=step_timing.SYNTHETIC)
+        with pytest.raises(cpu_ffi.KernelBuildError, match="no-such-compiler-here"):
+            train_setup.setup(run, devices=jax.devices()[:1])
 
 
-def test_the_kernel_is_refused_off_the_cpu():
+def test_the_kernels_are_refused_off_the_cpu():
     with pytest.raises(ValueError, match="attention='cpu' is an XLA:CPU kernel; this run's devices are tpu"):
         attention.prepare_backend("cpu", "tpu")
+    with pytest.raises(ValueError, match="loss_kernel='cpu' is an XLA:CPU kernel; this run's devices are gpu"):
+        cpu_ffi.require("gpu", "loss_kernel='cpu'")
+    with pytest.raises(ValueError, match="loss_kernel='cpu' is the fused loss's kernel: set loss_chunk > 0"):
+        config.preset("nano", loss_kernel="cpu")

@@ -41,10 +41,11 @@ def test_phiconfig_field_bindings_override_the_preset():
         config.preset("nano", d_mlp=128, dtype="bfloat16")
     # An experiment file's overrides, then a --gin_param on top.
     assert _train_bindings("cpu_demo.gin")["model_config"] == \
-        config.preset("tiny", scan_unroll=4, loss_chunk=32, attention="cpu")
+        config.preset("tiny", scan_unroll=4, loss_chunk=32, attention="cpu", loss_kernel="cpu")
     assert _train_bindings("cpu_demo.gin")["compiler_options"] == train_setup.CPU_ONEDNN_DOTS
     assert _train_bindings("cpu_demo.gin", "phijax.PhiConfig.d_mlp = 256")["model_config"] == \
-        config.preset("tiny", scan_unroll=4, loss_chunk=32, attention="cpu", d_mlp=256)
+        config.preset("tiny", scan_unroll=4, loss_chunk=32, attention="cpu", loss_kernel="cpu",
+                      d_mlp=256)
     assert _train_bindings("phi1_pretrain.gin", "CODE_SOURCES = ['unused']", "TEXTBOOK_SOURCES = None",
                            "TOKENIZER = None")["model_config"] == config.preset(
         "phi1", attn_dropout=0.1, resid_dropout=0.1, dtype="bfloat16", remat_policy="save_dots_no_batch",

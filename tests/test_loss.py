@@ -38,11 +38,12 @@ def _value_and_grads(fn, h, k, bias, tgt, w):
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(h, k, bias)
 
 
+@pytest.mark.parametrize("impl", ["xla", "cpu"])  # cpu: the softmax cross-entropy in the XLA:CPU kernel
 @pytest.mark.parametrize("chunk", [1, 10, 100])  # 10: falls back to 8, the largest divisor of 24
-def test_fused_loss_and_gradients_equal_the_unfused_ones(chunk):
-    data = _data()
-    (l1, g1), (l2, g2) = _value_and_grads(lambda *a: loss.fused_lm_head_loss_sums(*a, chunk=chunk), *data), \
-        _value_and_grads(_unfused, *data)
+def test_fused_loss_and_gradients_equal_the_unfused_ones(chunk, impl):
+    data = _data(v=CFG.vocab_size + 5)  # not a multiple of the kernel's 16 lanes
+    (l1, g1), (l2, g2) = _value_and_grads(lambda *a: loss.fused_lm_head_loss_sums(*a, chunk=chunk, impl=impl),
+                                          *data), _value_and_grads(_unfused, *data)
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
     for a, b in zip(g1, g2):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -61,10 +62,10 @@ def _on_mesh(mesh, rules, h, k, bias, tgt, w):
     return (put(h, H_AXES), put(k, K_AXES), put(bias, B_AXES), put(tgt, ROW_AXES), put(w, ROW_AXES))
 
 
-def _sharded_fused(mesh, rules, chunk):
+def _sharded_fused(mesh, rules, chunk, impl="xla"):
     def fn(*a):
         with sharding.use_mesh_rules(mesh, rules):
-            return loss.fused_lm_head_loss_sums(*a, chunk)
+            return loss.fused_lm_head_loss_sums(*a, chunk, impl=impl)
     return fn
 
 
@@ -96,11 +97,13 @@ def test_the_sharded_layout_follows_the_rules():
         assert loss._layout(h, k) is None
 
 
-@pytest.mark.parametrize("mesh_shape, dims, rules", CASES)
-def test_sharded_fused_loss_and_gradients_equal_the_unfused_ones(mesh_shape, dims, rules):
+@pytest.mark.parametrize("mesh_shape, dims, rules, impl", [pytest.param(*c.values, "xla", id=c.id) for c in CASES] + [
+    pytest.param((8, 1, 1), {}, RULES, "cpu", id="cpu-kernel"),  # the vocab whole per device: the kernel runs
+    pytest.param((2, 2, 2), {}, RULES, "cpu", id="cpu-kernel-vocab-split")])  # split: XLA combines the lse
+def test_sharded_fused_loss_and_gradients_equal_the_unfused_ones(mesh_shape, dims, rules, impl):
     data = _data(**{"b": 8, "t": 16, **dims})
     mesh = sharding.make_mesh(mesh_shape)
-    (l1, g1) = _value_and_grads(_sharded_fused(mesh, rules, 4), *_on_mesh(mesh, rules, *data))
+    (l1, g1) = _value_and_grads(_sharded_fused(mesh, rules, 4, impl), *_on_mesh(mesh, rules, *data))
     (l2, g2) = _value_and_grads(_unfused, *data)
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
     for a, b in zip(g1, g2):
@@ -153,7 +156,7 @@ def test_the_weight_gradient_is_reduced_once_not_per_chunk():
     assert two == eight and two[0] >= 1 and two[1] == 0, (two, eight)
     # The check sees the per-chunk reduction it guards against: the one-device loop as XLA
     # partitions it by itself reduces the weight gradient inside the loop.
-    one_device_loop = lambda h, k, b, t, w: (loss._fused_nll_sum(h, k, b, t, w, 2, None),)
+    one_device_loop = lambda h, k, b, t, w: (loss._fused_nll_sum(h, k, b, t, w, 2, "xla", None),)
     assert _vocab_reductions(hlo(one_device_loop), vocab_sizes)[1] >= 1
 
 
@@ -166,10 +169,11 @@ def _losses(step, state, batch, steps=2):
     return out, float(m["grad_norm"])
 
 
-def test_train_step_with_the_fused_loss_matches_the_unfused_one():
+@pytest.mark.parametrize("impl", ["xla", "cpu"])
+def test_train_step_with_the_fused_loss_matches_the_unfused_one(impl):
     one = jax.devices()[:1]
     plain, fused = (_losses(*step_timing.synthetic_train_step(cfg, 4, 16, mesh_shape=(1, -1, 1), devices=one))
-                    for cfg in (CFG, CFG.replace(loss_chunk=8)))
+                    for cfg in (CFG, CFG.replace(loss_chunk=8, loss_kernel=impl)))
     np.testing.assert_allclose(fused[0], plain[0], rtol=1e-6)
     assert fused[1] == pytest.approx(plain[1], rel=1e-5)
 

@@ -1,64 +1,24 @@
-// Causal/segment-masked attention forward and backward for XLA:CPU, as XLA FFI handlers.
-//
-// Built on first use by phijax/kernels/cpu_attention.py (g++ -O3 -march=native); see that module
-// for why it exists and how it is checked. Flash-attention style: per (batch, kv head) work item,
-// query blocks of 64 rows see only the keys the causal mask lets them see; the forward keeps the
-// log-sum-exp per row instead of the probabilities, and the backward recomputes them. Every
-// block's scores live in a per-thread scratch of 64 x len floats, so they stay in L2.
+// Causal/segment-masked attention (with rotate-half RoPE applied inside, optionally), forward and
+// backward, as XLA FFI handlers for XLA:CPU. phijax/kernels/cpu_attention.py says why and how it is
+// checked. Flash-attention style: per (batch, kv head) work item, query blocks of 64 rows see only
+// the keys the causal mask lets them see; the forward keeps the log-sum-exp per row instead of the
+// probabilities, and the backward recomputes them. Every block's scores live in a per-thread
+// scratch of 64 x len floats, so they stay in L2.
 //
 // Layouts (row-major): q, o, dq [b, t, h, d]; k, v, dk, dv [b, t, kv, d]; lse [b, h, t]; segment
-// ids [b, t] (int32). Queries of head i read kv head i / (h / kv) (grouped-query attention).
-// The GEMMs are one 8x32 register-tile micro-kernel written with GCC vector extensions, so
-// -march=native picks the vector width (AVX-512: one register per 16 lanes).
+// ids [b, t] (int32); rotary tables [b, t, rd]. Queries of head i read kv head i / (h / kv)
+// (grouped-query attention). The GEMMs are one 8x32 register-tile micro-kernel.
 
-#include <algorithm>
-#include <atomic>
-#include <cmath>
-#include <condition_variable>
-#include <cstdint>
-#include <cstring>
-#include <memory>
-#include <mutex>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "common.h"
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));  // unaligned loads/stores
-typedef int32_t vi16 __attribute__((vector_size(64), aligned(4)));
+using namespace phijax_cpu;
 
 constexpr int64_t kBlock = 64;  // query rows per block
 constexpr float kNegInf = -INFINITY;
-
-inline v16 splat(float x) { return v16{} + x; }
-
-// exp for x <= 0 (scores minus their row max); 0 below the fp32 range. Cephes' expf polynomial
-// after reduction by ln 2, about 1 ulp.
-inline v16 vexp(v16 x) {
-  const v16 lo = splat(-87.0f);
-  vi16 under = x < lo;
-  x = x < lo ? lo : x;
-  v16 n = x * 1.44269504088896341f + 12582912.0f;  // round to nearest by the 1.5 * 2^23 trick
-  n = n - 12582912.0f;
-  v16 r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  v16 p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  v16 y = p * r * r + r + 1.0f;
-  vi16 e = (__builtin_convertvector(n, vi16) + 127) << 23;
-  y = y * (v16)e;
-  return under ? splat(0.0f) : y;
-}
-
-inline v16 load(const float* p) { return *reinterpret_cast<const v16*>(p); }
-inline void store(float* p, v16 x) { *reinterpret_cast<v16*>(p) = x; }
 
 // C[i, j] (+)= sum_k A[i * ars + k * acs] * B[k * ldb + j], for i < m, j < n.
 template <int R, int NV>
@@ -138,34 +98,6 @@ Rows rotated(const Dims& dm, int64_t bi, const float* x, int64_t ld, std::vector
   if (dm.rd == 0) return {x, ld};
   rotate_rows(dm, bi, 0, x, ld, buf.data(), dm.d, dm.t, 1.0f);
   return {buf.data(), dm.d};
-}
-
-// Runs fn(item) for item in [0, n) on the caller and the FFI thread pool. The caller works too
-// and waits only for items that started, so a pool busy with the caller's own siblings cannot
-// deadlock it.
-template <typename Fn>
-void parallel_for(ffi::ThreadPool& pool, int64_t n, Fn fn) {
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto st = std::make_shared<State>();
-  auto work = [st, n, fn]() {
-    for (int64_t i; (i = st->next.fetch_add(1)) < n;) {
-      fn(i);
-      if (st->done.fetch_add(1) + 1 == n) {
-        std::lock_guard<std::mutex> lock(st->mu);
-        st->cv.notify_all();
-      }
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));  // a copy per task
-  work();
-  std::unique_lock<std::mutex> lock(st->mu);
-  st->cv.wait(lock, [&] { return st->done.load() == n; });
 }
 
 // The number of keys query block [r0, r1) can see, and the mask of one score.

@@ -1,0 +1,80 @@
+// The softmax cross-entropy of one chunk of LM-head logits and its gradient, in one pass per row,
+// as an XLA FFI handler for XLA:CPU; phijax/loss.py calls it between the chunk's GEMMs (with
+// loss_kernel='cpu'). A row of the vocabulary stays in L1 across its passes (max, sum of exp,
+// scale), where XLA's fusions stream the chunk through memory several times.
+//
+// logits [r, v] (the GEMM's output, without the bias), bias [v], targets [r] (int32; outside
+// [0, v): no target), weights [r] ->
+//   d [r, v] = (softmax(logits + bias) - onehot(target)) * weight: the gradient of the weighted NLL
+//   nll [r] = logsumexp(logits + bias) - (logits + bias)[target], unweighted.
+
+#include "common.h"
+
+namespace {
+
+using namespace phijax_cpu;
+
+constexpr int64_t kRowsPerItem = 8;
+
+void xent_row(const float* x, const float* bias, int64_t v, int32_t target, float weight, float* d, float* nll) {
+  v16 m = splat(-INFINITY);
+  int64_t j = 0;
+  for (; j + 16 <= v; j += 16) {
+    const v16 y = load(x + j) + load(bias + j);
+    store(d + j, y);
+    m = y > m ? y : m;
+  }
+  float mx = -INFINITY;
+  for (int k = 0; k < 16; ++k) mx = std::max(mx, m[k]);
+  for (; j < v; ++j) {
+    d[j] = x[j] + bias[j];
+    mx = std::max(mx, d[j]);
+  }
+  v16 acc = splat(0.0f);
+  for (j = 0; j + 16 <= v; j += 16) {
+    const v16 e = vexp(load(d + j) - mx);
+    store(d + j, e);
+    acc += e;
+  }
+  float s = 0.0f;
+  for (int k = 0; k < 16; ++k) s += acc[k];
+  for (; j < v; ++j) {
+    d[j] = std::exp(d[j] - mx);
+    s += d[j];
+  }
+  const bool has_target = target >= 0 && target < v;
+  *nll = mx + std::log(s) - (has_target ? x[target] + bias[target] : 0.0f);
+  const float scale = weight / s;
+  const v16 sc = splat(scale);
+  for (j = 0; j + 16 <= v; j += 16) store(d + j, load(d + j) * sc);
+  for (; j < v; ++j) d[j] *= scale;
+  if (has_target) d[target] -= weight;
+}
+
+ffi::Error Xent(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::F32> bias,
+                ffi::Buffer<ffi::S32> targets, ffi::Buffer<ffi::F32> weights, ffi::ResultBuffer<ffi::F32> d,
+                ffi::ResultBuffer<ffi::F32> nll) {
+  const int64_t v = bias.element_count(), rows = targets.element_count();
+  if (logits.element_count() != static_cast<size_t>(rows * v) || weights.element_count() != static_cast<size_t>(rows))
+    return ffi::Error::InvalidArgument("cpu xent: logits [r, v], bias [v], targets [r], weights [r]");
+  const float *lp = logits.typed_data(), *bp = bias.typed_data(), *wp = weights.typed_data();
+  const int32_t* tp = targets.typed_data();
+  float *dp = d->typed_data(), *np = nll->typed_data();
+  parallel_for(pool, (rows + kRowsPerItem - 1) / kRowsPerItem, [=](int64_t item) {
+    for (int64_t r = item * kRowsPerItem; r < std::min(rows, (item + 1) * kRowsPerItem); ++r)
+      xent_row(lp + r * v, bp, v, tp[r], wp[r], dp + r * v, np + r);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PhijaxXent, Xent,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
