@@ -131,16 +131,18 @@ def _local_operands(kernel, targets, dtype, ax):
 
 
 def _cpu_xent(h_c, k, bias, t_c, w_c):
-    """(weighted NLL sum, gradient d of it wrt the logits) of one chunk, the softmax cross-entropy in
-    the XLA:CPU FFI kernel (phijax/kernels/cpu/xent.cc): one pass per vocabulary row, in cache."""
+    """(weighted NLL sum, gradient d of it wrt the logits, d summed over the rows) of one chunk: the
+    softmax cross-entropy in the XLA:CPU FFI kernel (phijax/kernels/cpu/xent.cc), one pass per
+    vocabulary row, in cache."""
     from phijax.kernels import cpu_ffi
     cpu_ffi.register()
     b, c = t_c.shape
     logits = jnp.einsum("bcd,dv->bcv", h_c, k).astype(F32).reshape(b * c, -1)
-    d, nll = jax.ffi.ffi_call("phijax_cpu_xent", (jax.ShapeDtypeStruct(logits.shape, F32),
-                                                  jax.ShapeDtypeStruct((b * c,), F32)))(
+    d, nll, db = jax.ffi.ffi_call("phijax_cpu_xent", (jax.ShapeDtypeStruct(logits.shape, F32),
+                                                      jax.ShapeDtypeStruct((b * c,), F32),
+                                                      jax.ShapeDtypeStruct(bias.shape, F32)))(
         logits, bias.astype(F32), t_c.reshape(-1), w_c.reshape(-1))
-    return jnp.sum(nll * w_c.reshape(-1)), d.reshape(b, c, -1)
+    return jnp.sum(nll * w_c.reshape(-1)), d.reshape(b, c, -1), db
 
 
 def _local_loss(h, kernel, bias, targets, weights, chunk, ax, with_grads, impl="xla"):
@@ -157,7 +159,7 @@ def _local_loss(h, kernel, bias, targets, weights, chunk, ax, with_grads, impl="
         total, dk, db = carry
         h_c, t_c, w_c = xs
         if in_kernel:
-            nll, d = _cpu_xent(h_c, k, bias, t_c, w_c)
+            nll, d, db_c = _cpu_xent(h_c, k, bias, t_c, w_c)
             total, d = total + nll, d.astype(h.dtype)
         else:
             logits = _head(h_c, k, bias)
@@ -166,8 +168,9 @@ def _local_loss(h, kernel, bias, targets, weights, chunk, ax, with_grads, impl="
             if not with_grads:
                 return (total, dk, db), None
             d = _softmax_grad(logits, lse, t_c, w_c).astype(h.dtype)  # a target in another slice: no onehot here
+            db_c = jnp.sum(d.astype(F32), axis=(0, 1))
         dk = dk + jnp.einsum("bcd,bcv->dv", h_c, d, preferred_element_type=F32)
-        db = db + jnp.sum(d.astype(F32), axis=(0, 1))
+        db = db + db_c
         dh = jnp.einsum("bcv,dv->bcd", d, k, preferred_element_type=F32)  # fp32 until the cotangent is applied
         return (total, dk, db), _psum(dh, ax.vocab)  # every vocab slice adds to dh
 

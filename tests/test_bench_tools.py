@@ -24,6 +24,7 @@ def test_op_kinds():
     assert profile_step.kind_of("cudnn$fmha_fwd") == "attention kernel"
     assert profile_step.kind_of("ynn_fusion.74") == "matmul"
     assert profile_step.kind_of("onednn_fusion.12") == "matmul"
+    assert profile_step.kind_of("ffi_call.40") == "cpu kernel (FFI)"
     assert profile_step.kind_of("copy_bitcast_fusion.29") == "copy/transpose"
     assert profile_step.kind_of("all-reduce.3") == "collective"
     assert profile_step.kind_of("loop_multiply_fusion") == "fusion"

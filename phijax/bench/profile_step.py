@@ -2,7 +2,8 @@
 
     python -m phijax.bench.profile_step --config phi1 --batch 16 --remat save_dots_attn --steps 3
     python -m phijax.bench.profile_step --config tiny --batch 8 --seq 512 --dtype float32 \
-        --remat none --attention xla --scan_unroll 4 --loss_chunk 32 --compiler_options cpu   # CPU settings
+        --remat none --attention cpu --scan_unroll 4 --loss_chunk 32 --loss_kernel cpu --compiler_options cpu
+        # ^ the CPU settings (bench.train_throughput.cpu_settings)
 
 Runs `steps` compiled steps under `jax.profiler.trace(create_perfetto_trace=True)` and reads the
 perfetto trace back: per device (GPU streams, or the XLA:CPU thunk executor threads) the total
@@ -29,6 +30,7 @@ from phijax.util import cli
 
 KINDS = (  # first match wins; names as XLA:GPU (cuBLAS/cuDNN/Triton) and XLA:CPU report them
     ("attention kernel", re.compile(r"cudnn|flash|fmha|dot_product_attention|splash|pallas", re.I)),
+    ("cpu kernel (FFI)", re.compile(r"ffi_call", re.I)),  # phijax/kernels/cpu: attention, the loss's xent
     # XLA:GPU names its cuBLAS calls custom-call.N (the cuDNN ones are matched above)
     ("matmul", re.compile(r"gemm|cublas|dot|matmul|sm90_xmma|cutlass|ynn|xnn|onednn|custom-call", re.I)),
     ("collective", re.compile(r"all-reduce|all-gather|reduce-scatter|all-to-all|nccl|collective", re.I)),
@@ -92,6 +94,7 @@ def main(argv=None):
     p.add_argument("--attention", default="auto")
     p.add_argument("--scan_unroll", type=int, default=1)
     p.add_argument("--loss_chunk", type=int, default=0)
+    p.add_argument("--loss_kernel", default="xla", help="'cpu': the fused loss's XLA:CPU kernel")
     p.add_argument("--compiler_options", default=None,
                    help="the step's XLA options as JSON, or 'cpu': train_setup.CPU_ONEDNN_DOTS (the CPU settings)")
     p.add_argument("--steps", type=int, default=3)
@@ -101,7 +104,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     cli.setup_logging()
     cfg = config_lib.preset(args.config, dtype=args.dtype, remat_policy=args.remat, attention=args.attention,
-                            scan_unroll=args.scan_unroll, loss_chunk=args.loss_chunk)
+                            scan_unroll=args.scan_unroll, loss_chunk=args.loss_chunk, loss_kernel=args.loss_kernel)
     options = (train_setup.CPU_ONEDNN_DOTS if args.compiler_options == "cpu"
                else json.loads(args.compiler_options) if args.compiler_options else None)
     step, state, batch = step_timing.synthetic_train_step(cfg, args.batch, args.seq, mesh_shape=(1, -1, 1),

@@ -72,8 +72,8 @@ def cpu_attention(q, k, v, *, segment_ids=None, causal=True, dropout_rate=0.0, d
     to their gradients), which saves XLA's passes over q and k in both directions."""
     reason = unsupported_reason(q.shape, k.shape, dropout=dropout_rate > 0.0 and dropout_key is not None)
     if rotary is not None and (rotary[0].shape != rotary[1].shape or rotary[0].shape[:2] != q.shape[:2]
-                               or rotary[0].shape[2] % 2 or not 0 < rotary[0].shape[2] <= min(q.shape[3], 256)):
-        reason = f"rotary tables must be [batch, len, even rotary_dim <= head_dim, 256], got {rotary[0].shape}"
+                               or rotary[0].shape[2] % 2 or not 0 < rotary[0].shape[2] <= q.shape[3]):
+        reason = f"rotary tables must be [batch, len, even rotary_dim <= head_dim], got {rotary[0].shape}"
     if reason:
         raise NotImplementedError(f"cpu attention: {reason}; use attention='xla'")
     cpu_ffi.register()

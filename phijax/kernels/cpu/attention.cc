@@ -79,12 +79,19 @@ void rotate_rows(const Dims& dm, int64_t bi, int64_t i0, const float* x, int64_t
     const int64_t at = (bi * dm.t + i0 + i) * dm.rd;
     const float *xr = x + i * ldx, *c = dm.cos + at, *sn = dm.sin + at;
     float* yr = y + i * ldy;
-    float tmp[256];  // rd <= 256 (checked)
-    for (int64_t j = 0; j < half; ++j) tmp[j] = xr[j] * c[j] - sign * xr[j + half] * sn[j];
-    for (int64_t j = half; j < dm.rd; ++j) tmp[j] = xr[j] * c[j] + sign * xr[j - half] * sn[j];
+    int64_t j = 0;  // feature j pairs with j + half; both are read before either is written
+    for (; j + 16 <= half; j += 16) {
+      const v16 a = load(xr + j), b = load(xr + j + half);
+      store(yr + j, a * load(c + j) - sign * b * load(sn + j));
+      store(yr + j + half, b * load(c + j + half) + sign * a * load(sn + j + half));
+    }
+    for (; j < half; ++j) {
+      const float a = xr[j], b = xr[j + half];
+      yr[j] = a * c[j] - sign * b * sn[j];
+      yr[j + half] = b * c[j + half] + sign * a * sn[j + half];
+    }
     if (y != x)
-      for (int64_t j = dm.rd; j < dm.d; ++j) yr[j] = xr[j];
-    for (int64_t j = 0; j < dm.rd; ++j) yr[j] = tmp[j];
+      for (j = dm.rd; j < dm.d; ++j) yr[j] = xr[j];
   }
 }
 
@@ -299,8 +306,8 @@ ffi::Error dims_of(F32Buf& q, F32Buf& k, F32Buf& cos, F32Buf& sin, bool causal, 
     return ffi::Error::InvalidArgument("cpu attention: q [b, t, h, d] and k/v [b, t, kv, d] with h % kv == 0");
   const bool rotary = cd.size() == 3 && cd[0] == qd[0] && cd[1] == qd[1];
   const int64_t rd = rotary ? cd[2] : 0;
-  if (rd % 2 || rd > qd[3] || rd > 256 || cos.element_count() != sin.element_count())
-    return ffi::Error::InvalidArgument("cpu attention: rotary tables [b, t, rd] with rd even, <= head_dim, <= 256");
+  if (rd % 2 || rd > qd[3] || cos.element_count() != sin.element_count())
+    return ffi::Error::InvalidArgument("cpu attention: rotary tables [b, t, rd] with rd even and <= head_dim");
   *dm = Dims{qd[0], qd[1], qd[2], kd[2], qd[3], qd[2] * qd[3], kd[2] * kd[3], qd[2] / kd[2], causal,
              1.0f / std::sqrt(static_cast<float>(qd[3])), rd, cos.typed_data(), sin.typed_data()};
   return ffi::Error::Success();

@@ -6,7 +6,10 @@
 // logits [r, v] (the GEMM's output, without the bias), bias [v], targets [r] (int32; outside
 // [0, v): no target), weights [r] ->
 //   d [r, v] = (softmax(logits + bias) - onehot(target)) * weight: the gradient of the weighted NLL
-//   nll [r] = logsumexp(logits + bias) - (logits + bias)[target], unweighted.
+//   nll [r] = logsumexp(logits + bias) - (logits + bias)[target], unweighted
+//   db [v] = sum of d over the rows (the bias gradient), added up while each row is in L1.
+
+#include <vector>
 
 #include "common.h"
 
@@ -14,7 +17,7 @@ namespace {
 
 using namespace phijax_cpu;
 
-constexpr int64_t kRowsPerItem = 8;
+constexpr int64_t kRowsPerItem = 32;
 
 void xent_row(const float* x, const float* bias, int64_t v, int32_t target, float weight, float* d, float* nll) {
   v16 m = splat(-INFINITY);
@@ -51,19 +54,33 @@ void xent_row(const float* x, const float* bias, int64_t v, int32_t target, floa
   if (has_target) d[target] -= weight;
 }
 
+// sum[j] += x[j] for j < v
+void add_row(const float* x, int64_t v, float* sum) {
+  int64_t j = 0;
+  for (; j + 16 <= v; j += 16) store(sum + j, load(sum + j) + load(x + j));
+  for (; j < v; ++j) sum[j] += x[j];
+}
+
 ffi::Error Xent(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::F32> bias,
                 ffi::Buffer<ffi::S32> targets, ffi::Buffer<ffi::F32> weights, ffi::ResultBuffer<ffi::F32> d,
-                ffi::ResultBuffer<ffi::F32> nll) {
+                ffi::ResultBuffer<ffi::F32> nll, ffi::ResultBuffer<ffi::F32> db) {
   const int64_t v = bias.element_count(), rows = targets.element_count();
   if (logits.element_count() != static_cast<size_t>(rows * v) || weights.element_count() != static_cast<size_t>(rows))
     return ffi::Error::InvalidArgument("cpu xent: logits [r, v], bias [v], targets [r], weights [r]");
   const float *lp = logits.typed_data(), *bp = bias.typed_data(), *wp = weights.typed_data();
   const int32_t* tp = targets.typed_data();
-  float *dp = d->typed_data(), *np = nll->typed_data();
-  parallel_for(pool, (rows + kRowsPerItem - 1) / kRowsPerItem, [=](int64_t item) {
-    for (int64_t r = item * kRowsPerItem; r < std::min(rows, (item + 1) * kRowsPerItem); ++r)
+  float *dp = d->typed_data(), *np = nll->typed_data(), *dbp = db->typed_data();
+  const int64_t items = (rows + kRowsPerItem - 1) / kRowsPerItem;
+  std::vector<float> partial(items * v, 0.0f);  // each item's share of db, summed in item order below
+  float* pp = partial.data();
+  parallel_for(pool, items, [=](int64_t item) {
+    for (int64_t r = item * kRowsPerItem; r < std::min(rows, (item + 1) * kRowsPerItem); ++r) {
       xent_row(lp + r * v, bp, v, tp[r], wp[r], dp + r * v, np + r);
+      add_row(dp + r * v, v, pp + item * v);
+    }
   });
+  std::fill(dbp, dbp + v, 0.0f);
+  for (int64_t item = 0; item < items; ++item) add_row(pp + item * v, v, dbp);
   return ffi::Error::Success();
 }
 
@@ -76,5 +93,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PhijaxXent, Xent,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
