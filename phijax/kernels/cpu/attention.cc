@@ -342,34 +342,30 @@ ffi::Error Backward(ffi::ThreadPool pool, F32Buf q, F32Buf k, F32Buf v, ffi::Buf
   return ffi::Error::Success();
 }
 
+// Both handlers' leading operands: q, k, v, segment ids, cos, sin.
+auto bind_inputs() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<F32Buf>()
+      .Arg<F32Buf>()
+      .Arg<F32Buf>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<F32Buf>()
+      .Arg<F32Buf>();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PhijaxAttentionForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("causal"));
+                              bind_inputs().Ret<F32Buf>().Ret<F32Buf>().Attr<bool>("causal"));
 
+// o, lse, dout -> dq, dk, dv
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PhijaxAttentionBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                              bind_inputs()
+                                  .Arg<F32Buf>()
+                                  .Arg<F32Buf>()
+                                  .Arg<F32Buf>()
+                                  .Ret<F32Buf>()
+                                  .Ret<F32Buf>()
+                                  .Ret<F32Buf>()
                                   .Attr<bool>("causal"));
