@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from phijax import sharding
+from phijax.kernels import cpu_ffi
 
 F32 = jnp.float32
 
@@ -140,7 +141,6 @@ def _cpu_xent(h_c, k, bias, t_c, w_c):
     """(weighted NLL sum, gradient d of it wrt the logits, d summed over the rows) of one chunk: the
     softmax cross-entropy in the XLA:CPU FFI kernel (phijax/kernels/cpu/xent.cc), one pass per
     vocabulary row, in cache."""
-    from phijax.kernels import cpu_ffi
     cpu_ffi.register()
     b, c = t_c.shape
     logits = jnp.einsum("bcd,dv->bcv", h_c, k).astype(F32).reshape(b * c, -1)

@@ -41,24 +41,21 @@ inline void tile(int64_t kd, const float* a, int64_t ars, int64_t acs, const flo
 
 void gemm(int64_t m, int64_t n, int64_t kd, const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb,
           float* c, int64_t ldc, bool acc) {
+  auto one = [&](int64_t r, int64_t j) {  // C[r, j] alone: the edges the tiles leave
+    float s = acc ? c[r * ldc + j] : 0.0f;
+    for (int64_t k = 0; k < kd; ++k) s += a[r * ars + k * acs] * b[k * ldb + j];
+    c[r * ldc + j] = s;
+  };
   int64_t i = 0;
   for (; i + 8 <= m; i += 8) {
     int64_t j = 0;
     for (; j + 32 <= n; j += 32) tile<8, 2>(kd, a + i * ars, ars, acs, b + j, ldb, c + i * ldc + j, ldc, acc);
     for (; j + 16 <= n; j += 16) tile<8, 1>(kd, a + i * ars, ars, acs, b + j, ldb, c + i * ldc + j, ldc, acc);
     for (; j < n; ++j)
-      for (int64_t r = i; r < i + 8; ++r) {
-        float s = acc ? c[r * ldc + j] : 0.0f;
-        for (int64_t k = 0; k < kd; ++k) s += a[r * ars + k * acs] * b[k * ldb + j];
-        c[r * ldc + j] = s;
-      }
+      for (int64_t r = i; r < i + 8; ++r) one(r, j);
   }
   for (; i < m; ++i)
-    for (int64_t j = 0; j < n; ++j) {
-      float s = acc ? c[i * ldc + j] : 0.0f;
-      for (int64_t k = 0; k < kd; ++k) s += a[i * ars + k * acs] * b[k * ldb + j];
-      c[i * ldc + j] = s;
-    }
+    for (int64_t j = 0; j < n; ++j) one(i, j);
 }
 
 struct Dims {
@@ -107,7 +104,7 @@ Rows rotated(const Dims& dm, int64_t bi, const float* x, int64_t ld, std::vector
   return {buf.data(), dm.d};
 }
 
-// The number of keys query block [r0, r1) can see, and the mask of one score.
+// The number of keys a query block ending at row r1 can see.
 inline int64_t visible_keys(const Dims& dm, int64_t r1) { return dm.causal ? r1 : dm.t; }
 
 // Masks the scores of block rows [r0, r0 + rows) x keys [0, len) in place (to -inf).
@@ -131,37 +128,6 @@ void mask_scores(const Dims& dm, float* s, int64_t ld, int64_t r0, int64_t rows,
 void scores(const Dims& dm, Rows q, const float* kt, int64_t ldt, float* s, int64_t ld, int64_t r0, int64_t rows,
             int64_t len) {
   gemm(rows, len, dm.d, q.p + r0 * q.ld, q.ld, 1, kt, ldt, s, ld, false);
-}
-
-// x[j] = exp(x[j] * scale - sub) for j < len; returns the sum.
-float exp_row(float* x, int64_t len, float scale, float sub) {
-  v16 acc = splat(0.0f);
-  int64_t j = 0;
-  for (; j + 16 <= len; j += 16) {
-    v16 e = vexp(load(x + j) * scale - sub);
-    store(x + j, e);
-    acc += e;
-  }
-  float total = 0.0f;
-  for (int v = 0; v < 16; ++v) total += acc[v];
-  for (; j < len; ++j) {
-    x[j] = x[j] == kNegInf ? 0.0f : std::exp(x[j] * scale - sub);
-    total += x[j];
-  }
-  return total;
-}
-
-float row_max(const float* x, int64_t len) {
-  v16 m = splat(kNegInf);
-  int64_t j = 0;
-  for (; j + 16 <= len; j += 16) {
-    v16 y = load(x + j);
-    m = y > m ? y : m;
-  }
-  float r = kNegInf;
-  for (int v = 0; v < 16; ++v) r = std::max(r, m[v]);
-  for (; j < len; ++j) r = std::max(r, x[j]);
-  return r;
 }
 
 // The leading dim of [*, t] scratch rows: t rounded up to 16 plus 16, so that rows are not 4 KiB
@@ -226,17 +192,6 @@ void forward_item(const Dims& dm, int64_t item, const float* q, const float* k, 
         for (int64_t j = 0; j < dm.d; ++j) ob[i * dm.ld_q + j] *= inv[i];
     }
   }
-}
-
-// sum_j x[j] * y[j]
-inline float dot(const float* x, const float* y, int64_t n) {
-  v16 acc = splat(0.0f);
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) acc += load(x + j) * load(y + j);
-  float s = 0.0f;
-  for (int v = 0; v < 16; ++v) s += acc[v];
-  for (; j < n; ++j) s += x[j] * y[j];
-  return s;
 }
 
 void backward_item(const Dims& dm, int64_t item, const float* q, const float* k, const float* v, const int32_t* seg,

@@ -47,6 +47,47 @@ inline v16 vexp(v16 x) {
 inline v16 load(const float* p) { return *reinterpret_cast<const v16*>(p); }
 inline void store(float* p, v16 x) { *reinterpret_cast<v16*>(p) = x; }
 
+// Row helpers over x[0, n): 16 lanes at a time, then the tail.
+
+inline float row_max(const float* x, int64_t n) {
+  v16 m = splat(-INFINITY);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const v16 y = load(x + j);
+    m = y > m ? y : m;
+  }
+  float r = -INFINITY;
+  for (int v = 0; v < 16; ++v) r = std::max(r, m[v]);
+  for (; j < n; ++j) r = std::max(r, x[j]);
+  return r;
+}
+
+// x[j] = exp(x[j] * scale - sub) in place (sub >= every x[j] * scale); returns their sum.
+inline float exp_row(float* x, int64_t n, float scale, float sub) {
+  v16 acc = splat(0.0f);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const v16 e = vexp(load(x + j) * scale - sub);
+    store(x + j, e);
+    acc += e;
+  }
+  float total = 0.0f;
+  for (int v = 0; v < 16; ++v) total += acc[v];
+  for (; j < n; ++j) total += (x[j] = std::exp(x[j] * scale - sub));
+  return total;
+}
+
+// sum_j x[j] * y[j]
+inline float dot(const float* x, const float* y, int64_t n) {
+  v16 acc = splat(0.0f);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) acc += load(x + j) * load(y + j);
+  float s = 0.0f;
+  for (int v = 0; v < 16; ++v) s += acc[v];
+  for (; j < n; ++j) s += x[j] * y[j];
+  return s;
+}
+
 // Runs fn(item) for item in [0, n) on the caller and the FFI thread pool. The caller works too
 // and waits only for items that started, so a pool busy with the caller's own siblings cannot
 // deadlock it.

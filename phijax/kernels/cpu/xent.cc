@@ -20,31 +20,10 @@ using namespace phijax_cpu;
 constexpr int64_t kRowsPerItem = 32;
 
 void xent_row(const float* x, const float* bias, int64_t v, int32_t target, float weight, float* d, float* nll) {
-  v16 m = splat(-INFINITY);
   int64_t j = 0;
-  for (; j + 16 <= v; j += 16) {
-    const v16 y = load(x + j) + load(bias + j);
-    store(d + j, y);
-    m = y > m ? y : m;
-  }
-  float mx = -INFINITY;
-  for (int k = 0; k < 16; ++k) mx = std::max(mx, m[k]);
-  for (; j < v; ++j) {
-    d[j] = x[j] + bias[j];
-    mx = std::max(mx, d[j]);
-  }
-  v16 acc = splat(0.0f);
-  for (j = 0; j + 16 <= v; j += 16) {
-    const v16 e = vexp(load(d + j) - mx);
-    store(d + j, e);
-    acc += e;
-  }
-  float s = 0.0f;
-  for (int k = 0; k < 16; ++k) s += acc[k];
-  for (; j < v; ++j) {
-    d[j] = std::exp(d[j] - mx);
-    s += d[j];
-  }
+  for (; j + 16 <= v; j += 16) store(d + j, load(x + j) + load(bias + j));
+  for (; j < v; ++j) d[j] = x[j] + bias[j];
+  const float mx = row_max(d, v), s = exp_row(d, v, 1.0f, mx);
   const bool has_target = target >= 0 && target < v;
   *nll = mx + std::log(s) - (has_target ? x[target] + bias[target] : 0.0f);
   const float scale = weight / s;
